@@ -1,0 +1,247 @@
+//! Configuration: a TOML file (`serve --config FILE`) and command-line flags, merged into one
+//! validated [`ServeConfig`]. Every option has a key; an unknown key or a bad value is an error
+//! that names the key and the reason.
+
+use crate::device::EngineKind;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("config key `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key, reason: reason.into() }
+}
+
+/// A byte size written as an integer or a string with a binary suffix ("64M", "1GiB", "4096").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(ByteSize(n)),
+            Raw::Str(s) => parse_size(&s).map(ByteSize).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Parses "512", "4K", "64M", "1G", "2T", with optional "B"/"iB" ("1GiB"); powers of 1024.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, suffix) = t.split_at(digits_end);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size (expected e.g. 4096, 64M, 1G)"))?;
+    let shift = match suffix.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        other => return Err(format!("unknown size suffix {other:?} in {s:?} (use K, M, G or T)")),
+    };
+    n.checked_mul(1u64 << shift).ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// The file format. `deny_unknown_fields` makes a typo an error rather than a silently ignored key.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub backing: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub unix: Option<PathBuf>,
+    pub unix_mode: Option<String>,
+    pub export: Option<String>,
+    pub description: Option<String>,
+    pub read_only: Option<bool>,
+    pub io_engine: Option<String>,
+    pub direct: Option<bool>,
+    pub max_connections: Option<u64>,
+    pub max_inflight_bytes_per_connection: Option<ByteSize>,
+    pub handshake_timeout_secs: Option<u64>,
+    pub idle_timeout_secs: Option<u64>,
+    pub log_level: Option<String>,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.display().to_string(), message: e.to_string() })
+    }
+}
+
+/// Everything `serve` needs, validated.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    pub backing: PathBuf,
+    pub listen: Option<SocketAddr>,
+    pub unix: Option<PathBuf>,
+    pub unix_mode: u32,
+    pub export: String,
+    pub description: String,
+    pub read_only: bool,
+    pub io_engine: EngineKind,
+    pub direct: Option<bool>,
+    pub max_connections: usize,
+    pub max_inflight_bytes_per_connection: usize,
+    pub handshake_timeout_secs: u64,
+    pub idle_timeout_secs: u64,
+    pub log_level: String,
+}
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
+pub const DEFAULT_EXPORT: &str = "superdisk";
+
+impl ServeConfig {
+    /// Validates a merged file config (command-line flags already written over it).
+    pub fn from_file_config(f: FileConfig) -> Result<Self, ConfigError> {
+        let backing = f.backing.ok_or_else(|| invalid("backing", "is required (the durable device or image file)"))?;
+        let listen = match f.listen.as_deref() {
+            None => Some(DEFAULT_LISTEN.parse().expect("valid default")),
+            // An empty string turns TCP off (Unix socket only).
+            Some("") => None,
+            Some(s) => Some(parse_listen(s).map_err(|r| invalid("listen", r))?),
+        };
+        let unix_mode = match f.unix_mode.as_deref() {
+            None => 0o660,
+            Some(s) => u32::from_str_radix(s.trim_start_matches("0o"), 8)
+                .ok()
+                .filter(|m| *m <= 0o777)
+                .ok_or_else(|| invalid("unix_mode", format!("{s:?} is not an octal permission such as \"0660\"")))?,
+        };
+        let export = f.export.unwrap_or_else(|| DEFAULT_EXPORT.to_owned());
+        if export.len() > 4096 || export.contains('\0') {
+            return Err(invalid("export", "must be at most 4096 bytes with no NUL"));
+        }
+        let description = f.description.unwrap_or_default();
+        if description.len() > 4096 {
+            return Err(invalid("description", "must be at most 4096 bytes"));
+        }
+        let io_engine = match f.io_engine.as_deref() {
+            None => EngineKind::Uring,
+            Some(s) => s.parse().map_err(|r: String| invalid("io_engine", r))?,
+        };
+        let max_connections = f.max_connections.unwrap_or(256);
+        if max_connections == 0 || max_connections > 65536 {
+            return Err(invalid("max_connections", format!("{max_connections} is outside 1..=65536")));
+        }
+        let inflight = f.max_inflight_bytes_per_connection.map_or(64 << 20, |b| b.0);
+        if !(1 << 20..=1 << 32).contains(&inflight) {
+            return Err(invalid(
+                "max_inflight_bytes_per_connection",
+                format!("{inflight} is outside 1 MiB ..= 4 GiB (it must admit one 32 MiB request to be useful)"),
+            ));
+        }
+        let handshake_timeout_secs = f.handshake_timeout_secs.unwrap_or(30);
+        if handshake_timeout_secs == 0 || handshake_timeout_secs > 3600 {
+            return Err(invalid("handshake_timeout_secs", "must be between 1 and 3600"));
+        }
+        let log_level = f.log_level.unwrap_or_else(|| "info".to_owned());
+        if !["error", "warn", "info", "debug", "trace"].contains(&log_level.as_str()) {
+            return Err(invalid("log_level", format!("{log_level:?} is not one of error, warn, info, debug, trace")));
+        }
+        if listen.is_none() && f.unix.is_none() {
+            return Err(invalid("listen", "is empty and no `unix` socket is set: nothing to serve on"));
+        }
+        Ok(ServeConfig {
+            backing,
+            listen,
+            unix: f.unix,
+            unix_mode,
+            export,
+            description,
+            read_only: f.read_only.unwrap_or(false),
+            io_engine,
+            direct: f.direct,
+            max_connections: max_connections as usize,
+            max_inflight_bytes_per_connection: inflight as usize,
+            handshake_timeout_secs,
+            idle_timeout_secs: f.idle_timeout_secs.unwrap_or(0),
+            log_level,
+        })
+    }
+}
+
+fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    // "PORT" alone and ":PORT" mean loopback: never expose a block device to the network by accident.
+    let with_host = if let Some(port) = s.strip_prefix(':') {
+        format!("127.0.0.1:{port}")
+    } else if s.chars().all(|c| c.is_ascii_digit()) {
+        format!("127.0.0.1:{s}")
+    } else {
+        s.to_owned()
+    };
+    with_host
+        .to_socket_addrs()
+        .map_err(|e| format!("{s:?} is not HOST:PORT ({e})"))?
+        .next()
+        .ok_or_else(|| format!("{s:?} resolves to no address"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<ServeConfig, ConfigError> {
+        let f: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse { path: "t".into(), message: e.to_string() })?;
+        ServeConfig::from_file_config(f)
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("2t"), Ok(2 << 40));
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("M").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse("backing = \"/tmp/x\"").unwrap();
+        assert_eq!(c.listen, Some("127.0.0.1:10809".parse().unwrap()));
+        assert_eq!(c.export, "superdisk");
+        assert_eq!(c.io_engine, EngineKind::Uring);
+        assert_eq!(c.max_inflight_bytes_per_connection, 64 << 20);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = parse("backing = \"/x\"\nlisten = \"nonsense\"").unwrap_err().to_string();
+        assert!(e.contains("`listen`"), "{e}");
+        let e = parse("backing = \"/x\"\nio_engine = \"aio\"").unwrap_err().to_string();
+        assert!(e.contains("`io_engine`") && e.contains("aio"), "{e}");
+        let e = parse("backing = \"/x\"\nlisten_addr = \"1.2.3.4:5\"").unwrap_err().to_string();
+        assert!(e.contains("listen_addr"), "{e}");
+        let e = parse("backing = \"/x\"\nmax_connections = \"many\"").unwrap_err().to_string();
+        assert!(e.contains("max_connections"), "{e}");
+        let e = parse("listen = \"1.2.3.4:5\"").unwrap_err().to_string();
+        assert!(e.contains("`backing`"), "{e}");
+        let e = parse("backing = \"/x\"\nmax_inflight_bytes_per_connection = \"12Q\"").unwrap_err().to_string();
+        assert!(e.contains("max_inflight_bytes_per_connection"), "{e}");
+    }
+
+    #[test]
+    fn port_only_means_loopback() {
+        assert_eq!(parse_listen(":7000"), Ok("127.0.0.1:7000".parse().unwrap()));
+        assert_eq!(parse_listen("7000"), Ok("127.0.0.1:7000".parse().unwrap()));
+    }
+}

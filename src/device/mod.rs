@@ -1,0 +1,403 @@
+//! Block devices: where the bytes live (a regular file or a block device) times how the syscalls
+//! are issued (io_uring or plain pread/pwrite). The mirror engine and the NBD front end only see the
+//! [`BlockDevice`] trait.
+//!
+//! ```text
+//!   BlockDevice (trait: read, write, flush, discard, write_zeroes, allocation, size)
+//!        │
+//!        └── FileDevice: fd + geometry + alignment handling (bounce buffers, read-modify-write)
+//!               └── Engine: Uring(ring thread)  |  Sync(pread/pwrite on the blocking pool)
+//! ```
+
+pub mod buf;
+mod engine_sync;
+mod engine_uring;
+mod rangelock;
+
+pub use buf::AlignedBuf;
+pub use engine_uring::UringEngine;
+pub use rangelock::RangeLocks;
+
+use engine_uring::UringOp;
+use std::future::Future;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// One extent of `base:allocation` information: `hole` means unallocated and reading as zeroes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    pub length_bytes: u64,
+    pub hole: bool,
+}
+
+/// The capability every device offers. All methods are cancellation-safe in the sense that a
+/// dropped future never leaves memory owned by the kernel: buffers travel with the operation.
+pub trait BlockDevice: Send + Sync + 'static {
+    fn size_bytes(&self) -> u64;
+    /// The smallest unit the device can write without read-modify-write.
+    fn logical_block_bytes(&self) -> u32;
+    /// Whether write_zeroes is cheaper than writing zeroes (so NBD FAST_ZERO may succeed).
+    fn fast_zero(&self) -> bool;
+    /// Fills `buf` from `offset`; always returns the buffer.
+    fn read(&self, offset: u64, buf: AlignedBuf) -> impl Future<Output = (AlignedBuf, io::Result<()>)> + Send;
+    /// Writes `buf` at `offset`; with `fua` the data is durable when this returns Ok.
+    fn write(&self, offset: u64, buf: AlignedBuf, fua: bool) -> impl Future<Output = (AlignedBuf, io::Result<()>)> + Send;
+    /// Makes every completed write durable.
+    fn flush(&self) -> impl Future<Output = io::Result<()>> + Send;
+    /// Afterwards the range reads as zeroes. `may_unmap` lets the device deallocate it.
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> impl Future<Output = io::Result<()>> + Send;
+    /// Allocation map of `[offset, offset+len)`, possibly covering only a prefix of it.
+    fn allocation(&self, offset: u64, len: u64) -> impl Future<Output = io::Result<Vec<Extent>>> + Send;
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// io_uring, falling back to psync if the kernel refuses it.
+    #[default]
+    Uring,
+    Psync,
+}
+
+impl std::str::FromStr for EngineKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "uring" | "io_uring" => Ok(EngineKind::Uring),
+            "psync" | "sync" => Ok(EngineKind::Psync),
+            _ => Err(format!("unknown I/O engine {s:?}: expected \"uring\" or \"psync\"")),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct OpenOptions {
+    pub read_only: bool,
+    /// None: O_DIRECT for block devices, buffered for regular files.
+    pub direct: Option<bool>,
+    pub engine: EngineKind,
+}
+
+enum Engine {
+    Uring(UringEngine),
+    Sync,
+}
+
+pub struct FileDevice {
+    path: PathBuf,
+    fd: Arc<OwnedFd>,
+    size_bytes: u64,
+    logical_block_bytes: u32,
+    is_block_device: bool,
+    direct: bool,
+    engine: Engine,
+    /// Serialises read-modify-write cycles on shared edge blocks (O_DIRECT only).
+    rmw_locks: RangeLocks,
+}
+
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+const BLKSSZGET: libc::c_ulong = 0x1268;
+const BLKROTATIONAL: libc::c_ulong = 0x127e;
+const ZERO_CHUNK_BYTES: usize = 1 << 20;
+const MAX_EXTENTS: usize = 4096;
+
+fn annotate(path: &Path, what: &str, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("{}: {what}: {e}", path.display()))
+}
+
+impl FileDevice {
+    pub fn open(path: &Path, opts: &OpenOptions) -> io::Result<Self> {
+        let meta = std::fs::metadata(path).map_err(|e| annotate(path, "cannot stat", e))?;
+        let ft = meta.file_type();
+        let is_block_device = ft.is_block_device();
+        if !is_block_device && !ft.is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{}: not a regular file or a block device", path.display()),
+            ));
+        }
+        let direct = opts.direct.unwrap_or(is_block_device);
+        let mut flags = libc::O_CLOEXEC;
+        if direct {
+            flags |= libc::O_DIRECT;
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!opts.read_only)
+            .custom_flags(flags)
+            .open(path)
+            .map_err(|e| annotate(path, "cannot open", e))?;
+        let fd: OwnedFd = file.into();
+        let raw = fd.as_raw_fd();
+        // An exclusive advisory lock: two daemons writing one device would corrupt it silently.
+        // SAFETY: plain syscall on our descriptor.
+        if unsafe { libc::flock(raw, libc::LOCK_EX | libc::LOCK_NB) } < 0 {
+            let e = io::Error::last_os_error();
+            return Err(annotate(path, "already in use by another process (flock)", e));
+        }
+        let (size_bytes, logical_block_bytes) = if is_block_device {
+            let mut size: u64 = 0;
+            let mut ssz: libc::c_int = 0;
+            // SAFETY: ioctls that write one integer into the pointed-to variable.
+            unsafe {
+                if libc::ioctl(raw, BLKGETSIZE64, &mut size) < 0 {
+                    return Err(annotate(path, "BLKGETSIZE64", io::Error::last_os_error()));
+                }
+                if libc::ioctl(raw, BLKSSZGET, &mut ssz) < 0 {
+                    return Err(annotate(path, "BLKSSZGET", io::Error::last_os_error()));
+                }
+            }
+            (size, u32::try_from(ssz).unwrap_or(512).max(512))
+        } else {
+            // For files, O_DIRECT alignment is the filesystem's; 4096 satisfies every common one.
+            (meta.len(), if direct { 4096 } else { 1 })
+        };
+        let engine = match opts.engine {
+            EngineKind::Psync => Engine::Sync,
+            EngineKind::Uring => match UringEngine::new(&path.file_name().unwrap_or_default().to_string_lossy()) {
+                Ok(u) => Engine::Uring(u),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "io_uring unavailable; using psync");
+                    Engine::Sync
+                }
+            },
+        };
+        Ok(FileDevice {
+            path: path.to_owned(),
+            fd: Arc::new(fd),
+            size_bytes,
+            logical_block_bytes,
+            is_block_device,
+            direct,
+            engine,
+            rmw_locks: RangeLocks::default(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn is_block_device(&self) -> bool {
+        self.is_block_device
+    }
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+    pub fn engine_name(&self) -> &'static str {
+        match self.engine {
+            Engine::Uring(_) => "uring",
+            Engine::Sync => "psync",
+        }
+    }
+
+    pub fn rotational(&self) -> bool {
+        if !self.is_block_device {
+            return false;
+        }
+        let mut rot: libc::c_ushort = 0;
+        // SAFETY: ioctl writing one short.
+        unsafe { libc::ioctl(self.fd.as_raw_fd(), BLKROTATIONAL, &mut rot) >= 0 && rot != 0 }
+    }
+
+    fn align(&self) -> u64 {
+        u64::from(if self.direct { self.logical_block_bytes } else { 1 })
+    }
+
+    async fn raw_read(&self, offset: u64, buf: AlignedBuf) -> (AlignedBuf, io::Result<()>) {
+        let len = buf.len();
+        let (b, r) = match &self.engine {
+            Engine::Uring(u) => u.submit(UringOp::Read { fd: self.fd.clone(), buf, offset }).await,
+            Engine::Sync => engine_sync::read(self.fd.clone(), buf, offset).await,
+        };
+        (b.unwrap_or_else(|| AlignedBuf::zeroed(len)), r)
+    }
+
+    async fn raw_write(&self, offset: u64, buf: AlignedBuf, fua: bool) -> (AlignedBuf, io::Result<()>) {
+        let len = buf.len();
+        let (b, r) = match &self.engine {
+            Engine::Uring(u) => u.submit(UringOp::Write { fd: self.fd.clone(), buf, offset, dsync: fua }).await,
+            Engine::Sync => engine_sync::write(self.fd.clone(), buf, offset, fua).await,
+        };
+        (b.unwrap_or_else(|| AlignedBuf::zeroed(len)), r)
+    }
+
+    async fn fallocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+        match &self.engine {
+            Engine::Uring(u) => u.submit(UringOp::Fallocate { fd: self.fd.clone(), mode, offset, len }).await.1,
+            Engine::Sync => {
+                let fd = self.fd.clone();
+                engine_sync::blocking(move || engine_sync::fallocate(fd.as_raw_fd(), mode, offset, len)).await?
+            }
+        }
+    }
+
+    /// Writes zeroes by plain writes, for devices without a zeroing primitive.
+    async fn write_zeroes_slow(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut done = 0u64;
+        let mut zero = AlignedBuf::zeroed(ZERO_CHUNK_BYTES);
+        while done < len {
+            let n = (len - done).min(ZERO_CHUNK_BYTES as u64) as usize;
+            if zero.len() != n {
+                zero = AlignedBuf::zeroed(n);
+            }
+            let (b, r) = self.write(offset + done, zero, false).await;
+            r?;
+            zero = b;
+            done += n as u64;
+        }
+        Ok(())
+    }
+}
+
+impl BlockDevice for FileDevice {
+    fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+
+    fn logical_block_bytes(&self) -> u32 {
+        self.logical_block_bytes
+    }
+
+    fn fast_zero(&self) -> bool {
+        true
+    }
+
+    async fn read(&self, offset: u64, mut buf: AlignedBuf) -> (AlignedBuf, io::Result<()>) {
+        let a = self.align();
+        let len = buf.len() as u64;
+        if len == 0 {
+            return (buf, Ok(()));
+        }
+        if offset % a == 0 && len % a == 0 {
+            return self.raw_read(offset, buf).await;
+        }
+        // O_DIRECT with an unaligned request: read the covering aligned span and copy out.
+        let start = offset / a * a;
+        let end = (offset + len).div_ceil(a) * a;
+        let bounce = AlignedBuf::uninit_for_fill((end - start) as usize);
+        let (bounce, r) = self.raw_read(start, bounce).await;
+        if r.is_ok() {
+            let skip = (offset - start) as usize;
+            buf.copy_from_slice(&bounce[skip..skip + len as usize]);
+        }
+        (buf, r)
+    }
+
+    async fn write(&self, offset: u64, buf: AlignedBuf, fua: bool) -> (AlignedBuf, io::Result<()>) {
+        let a = self.align();
+        let len = buf.len() as u64;
+        if len == 0 {
+            return (buf, Ok(()));
+        }
+        if offset % a == 0 && len % a == 0 {
+            return self.raw_write(offset, buf, fua).await;
+        }
+        // Read-modify-write of the covering aligned span. Two unaligned writes that share an edge
+        // block but not a byte are both legal in flight at once; the range lock keeps one from
+        // writing back the other's block with stale bytes.
+        let start = offset / a * a;
+        let end = (offset + len).div_ceil(a) * a;
+        let _guard = self.rmw_locks.lock(start, end).await;
+        let bounce = AlignedBuf::uninit_for_fill((end - start) as usize);
+        let (mut bounce, r) = self.raw_read(start, bounce).await;
+        if let Err(e) = r {
+            return (buf, Err(e));
+        }
+        let skip = (offset - start) as usize;
+        bounce[skip..skip + len as usize].copy_from_slice(&buf);
+        let (_, r) = self.raw_write(start, bounce, fua).await;
+        (buf, r)
+    }
+
+    async fn flush(&self) -> io::Result<()> {
+        match &self.engine {
+            Engine::Uring(u) => u.submit(UringOp::Fsync { fd: self.fd.clone() }).await.1,
+            Engine::Sync => {
+                let fd = self.fd.clone();
+                engine_sync::blocking(move || engine_sync::fdatasync(fd.as_raw_fd())).await?
+            }
+        }
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        // Block devices need aligned fallocate ranges; zero the unaligned edges by writing.
+        let a = u64::from(if self.is_block_device { self.logical_block_bytes } else { 1 });
+        let mid_start = offset.div_ceil(a) * a;
+        let mid_end = ((offset + len) / a * a).max(mid_start);
+        if mid_start > offset {
+            self.write_zeroes_slow(offset, (mid_start - offset).min(len)).await?;
+        }
+        if mid_end > mid_start {
+            let mode = libc::FALLOC_FL_KEEP_SIZE
+                | if may_unmap { libc::FALLOC_FL_PUNCH_HOLE } else { libc::FALLOC_FL_ZERO_RANGE };
+            match self.fallocate(mode, mid_start, mid_end - mid_start).await {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                    let alt = libc::FALLOC_FL_KEEP_SIZE
+                        | if may_unmap { libc::FALLOC_FL_ZERO_RANGE } else { libc::FALLOC_FL_PUNCH_HOLE };
+                    // PUNCH_HOLE when NO_HOLE was asked would break the client's request, so only
+                    // the unmap→zero-range direction is a valid substitute.
+                    let alt_ok = may_unmap && self.fallocate(alt, mid_start, mid_end - mid_start).await.is_ok();
+                    if !alt_ok {
+                        self.write_zeroes_slow(mid_start, mid_end - mid_start).await?;
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if offset + len > mid_end && mid_end >= mid_start && mid_end > offset {
+            self.write_zeroes_slow(mid_end, offset + len - mid_end).await?;
+        }
+        Ok(())
+    }
+
+    async fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        if self.is_block_device || len == 0 {
+            return Ok(vec![Extent { length_bytes: len, hole: false }]);
+        }
+        let fd = self.fd.clone();
+        engine_sync::blocking(move || seek_extents(fd.as_raw_fd(), offset, offset + len)).await?
+    }
+}
+
+/// Walks SEEK_DATA/SEEK_HOLE over `[start, end)`. Filesystems without hole support report one
+/// data extent, which is correct (allocated-or-unknown).
+fn seek_extents(fd: i32, start: u64, end: u64) -> io::Result<Vec<Extent>> {
+    let mut out: Vec<Extent> = Vec::new();
+    let mut pos = start;
+    let seek = |whence: i32, at: u64| -> io::Result<Option<u64>> {
+        // SAFETY: lseek on our fd.
+        let r = unsafe { libc::lseek(fd, at as libc::off_t, whence) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            // ENXIO: no data (or hole) at or after `at`.
+            return if e.raw_os_error() == Some(libc::ENXIO) { Ok(None) } else { Err(e) };
+        }
+        Ok(Some(r as u64))
+    };
+    while pos < end && out.len() < MAX_EXTENTS {
+        let data = match seek(libc::SEEK_DATA, pos) {
+            Ok(d) => d.unwrap_or(end).min(end),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                return Ok(vec![Extent { length_bytes: end - start, hole: false }]);
+            }
+            Err(e) => return Err(e),
+        };
+        if data > pos {
+            out.push(Extent { length_bytes: data - pos, hole: true });
+            pos = data;
+            continue;
+        }
+        let hole = seek(libc::SEEK_HOLE, pos)?.unwrap_or(end).min(end);
+        let hole = hole.max(pos + 1);
+        out.push(Extent { length_bytes: hole - pos, hole: false });
+        pos = hole;
+    }
+    Ok(out)
+}

@@ -1,0 +1,75 @@
+//! Byte-range locks for async code: a holder of `[start, end)` excludes every overlapping holder.
+//! Used for read-modify-write of shared edge blocks, and by the mirror to keep overlapping writes
+//! in one order on both devices.
+
+use std::sync::Mutex;
+use tokio::sync::Notify;
+
+#[derive(Default)]
+pub struct RangeLocks {
+    held: Mutex<Vec<(u64, u64)>>,
+    released: Notify,
+}
+
+pub struct RangeGuard<'a> {
+    locks: &'a RangeLocks,
+    range: (u64, u64),
+}
+
+impl RangeLocks {
+    pub async fn lock(&self, start: u64, end: u64) -> RangeGuard<'_> {
+        debug_assert!(start < end);
+        loop {
+            // Register interest before checking, so a release between the check and the await is
+            // not missed.
+            let notified = self.released.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut held = self.held.lock().expect("range lock poisoned");
+                if !held.iter().any(|&(s, e)| s < end && start < e) {
+                    held.push((start, end));
+                    return RangeGuard { locks: self, range: (start, end) };
+                }
+            }
+            notified.await;
+        }
+    }
+
+    pub fn held_count(&self) -> usize {
+        self.held.lock().expect("range lock poisoned").len()
+    }
+}
+
+impl Drop for RangeGuard<'_> {
+    fn drop(&mut self) {
+        let mut held = self.locks.held.lock().expect("range lock poisoned");
+        if let Some(i) = held.iter().position(|&r| r == self.range) {
+            held.swap_remove(i);
+        }
+        drop(held);
+        self.locks.released.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn overlapping_ranges_exclude_and_disjoint_ones_do_not() {
+        let locks = Arc::new(RangeLocks::default());
+        let g = locks.lock(0, 4096).await;
+        let _disjoint = locks.lock(4096, 8192).await;
+        let l2 = locks.clone();
+        let waiter = tokio::spawn(async move {
+            let _g = l2.lock(100, 200).await;
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished(), "overlapping lock must wait");
+        drop(g);
+        tokio::time::timeout(Duration::from_secs(5), waiter).await.unwrap().unwrap();
+    }
+}

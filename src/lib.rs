@@ -1,0 +1,9 @@
+//! superdisk: a block-device daemon that serves a virtual disk over NBD, reads from a local-SSD
+//! mirror and writes through to a durable network disk. See docs/ARCHITECTURE.md.
+
+pub mod config;
+pub mod device;
+pub mod meta;
+pub mod nbd;
+pub mod server;
+pub mod volume;

@@ -1,0 +1,244 @@
+//! The superblock: 4 KiB, little-endian, CRC32C-protected, two slots at the end of the device.
+
+use std::io;
+
+pub const SUPERBLOCK_BYTES: usize = 4096;
+pub const MAGIC: [u8; 8] = *b"SPRDISK\x01";
+pub const VERSION: u32 = 1;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum DeviceRole {
+    Backing = 1,
+    Cache = 2,
+}
+
+/// Set while a daemon has the device open; a superblock that still has it at start-up means the
+/// previous run did not stop cleanly.
+pub const FLAG_OPEN: u32 = 1 << 0;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Superblock {
+    pub role: DeviceRole,
+    /// Bumped on every superblock write; picks the newer slot and orders updates.
+    pub generation: u64,
+    /// Identifies the exported disk; every device of one superdisk carries the same value.
+    pub array_uuid: [u8; 16],
+    /// Identifies this device.
+    pub device_uuid: [u8; 16],
+    pub data_size_bytes: u64,
+    /// Size of the device when the superblock was written: a device that shrank is refused.
+    pub device_size_bytes: u64,
+    pub meta_bytes: u64,
+    pub region_bytes: u32,
+    pub flags: u32,
+    /// Advanced whenever the backing disk is written without a cache attached, so that a cache
+    /// from an older epoch is known to have missed writes.
+    pub epoch: u64,
+    pub created_unix_s: u64,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SuperblockError {
+    #[error("no superdisk superblock (magic mismatch)")]
+    NoMagic,
+    #[error("superblock checksum mismatch (torn or corrupted write)")]
+    BadChecksum,
+    #[error("superblock version {0} is not supported by this superdisk (expects {VERSION})")]
+    UnsupportedVersion(u32),
+    #[error("superblock field {field} is invalid: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+const CRC_OFFSET: usize = SUPERBLOCK_BYTES - 4;
+
+impl Superblock {
+    pub fn encode(&self) -> [u8; SUPERBLOCK_BYTES] {
+        let mut b = [0u8; SUPERBLOCK_BYTES];
+        let mut w = Writer { buf: &mut b, pos: 0 };
+        w.put(&MAGIC);
+        w.put(&VERSION.to_le_bytes());
+        w.put(&(self.role as u32).to_le_bytes());
+        w.put(&self.generation.to_le_bytes());
+        w.put(&self.array_uuid);
+        w.put(&self.device_uuid);
+        w.put(&self.data_size_bytes.to_le_bytes());
+        w.put(&self.device_size_bytes.to_le_bytes());
+        w.put(&self.meta_bytes.to_le_bytes());
+        w.put(&self.region_bytes.to_le_bytes());
+        w.put(&self.flags.to_le_bytes());
+        w.put(&self.epoch.to_le_bytes());
+        w.put(&self.created_unix_s.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..CRC_OFFSET]);
+        b[CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self, SuperblockError> {
+        if b.len() < SUPERBLOCK_BYTES || b[..8] != MAGIC {
+            return Err(SuperblockError::NoMagic);
+        }
+        let crc = u32::from_le_bytes(b[CRC_OFFSET..SUPERBLOCK_BYTES].try_into().expect("4 bytes"));
+        if crc32c::crc32c(&b[..CRC_OFFSET]) != crc {
+            return Err(SuperblockError::BadChecksum);
+        }
+        let mut r = Reader { buf: b, pos: 8 };
+        let version = r.u32();
+        if version != VERSION {
+            return Err(SuperblockError::UnsupportedVersion(version));
+        }
+        let role = match r.u32() {
+            1 => DeviceRole::Backing,
+            2 => DeviceRole::Cache,
+            other => return Err(SuperblockError::Invalid { field: "role", reason: format!("unknown role {other}") }),
+        };
+        let sb = Superblock {
+            role,
+            generation: r.u64(),
+            array_uuid: r.array(),
+            device_uuid: r.array(),
+            data_size_bytes: r.u64(),
+            device_size_bytes: r.u64(),
+            meta_bytes: r.u64(),
+            region_bytes: r.u32(),
+            flags: r.u32(),
+            epoch: r.u64(),
+            created_unix_s: r.u64(),
+        };
+        if !sb.region_bytes.is_power_of_two() || sb.region_bytes < 4096 {
+            return Err(SuperblockError::Invalid {
+                field: "region_bytes",
+                reason: format!("{} is not a power of two ≥ 4096", sb.region_bytes),
+            });
+        }
+        if sb.data_size_bytes.checked_add(sb.meta_bytes).is_none_or(|end| end > sb.device_size_bytes) {
+            return Err(SuperblockError::Invalid {
+                field: "data_size_bytes",
+                reason: "data and metadata do not fit the recorded device size".into(),
+            });
+        }
+        Ok(sb)
+    }
+
+    /// Offsets of the two slots on a device of `device_bytes`.
+    pub fn slot_offsets(device_bytes: u64) -> [u64; 2] {
+        let s = SUPERBLOCK_BYTES as u64;
+        [device_bytes - 2 * s, device_bytes - s]
+    }
+
+    /// Picks the newest valid slot. `Err` is the first slot's error when neither is valid (so a
+    /// blank device reports NoMagic rather than a checksum error from stale bytes).
+    pub fn pick(a: Result<Self, SuperblockError>, b: Result<Self, SuperblockError>) -> Result<Self, SuperblockError> {
+        match (a, b) {
+            (Ok(x), Ok(y)) => Ok(if y.generation > x.generation { y } else { x }),
+            (Ok(x), Err(_)) | (Err(_), Ok(x)) => Ok(x),
+            (Err(SuperblockError::NoMagic), Err(e)) | (Err(e), Err(_)) => Err(e),
+        }
+    }
+}
+
+pub fn to_io(e: SuperblockError) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+}
+
+struct Writer<'a> {
+    buf: &'a mut [u8],
+    pos: usize,
+}
+impl Writer<'_> {
+    fn put(&mut self, v: &[u8]) {
+        self.buf[self.pos..self.pos + v.len()].copy_from_slice(v);
+        self.pos += v.len();
+    }
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+impl Reader<'_> {
+    fn array<const N: usize>(&mut self) -> [u8; N] {
+        let v: [u8; N] = self.buf[self.pos..self.pos + N].try_into().expect("within superblock");
+        self.pos += N;
+        v
+    }
+    fn u32(&mut self) -> u32 {
+        u32::from_le_bytes(self.array())
+    }
+    fn u64(&mut self) -> u64 {
+        u64::from_le_bytes(self.array())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn arb_sb() -> impl Strategy<Value = Superblock> {
+        (any::<u64>(), any::<[u8; 16]>(), any::<[u8; 16]>(), 0u64..1 << 50, 12u32..30, any::<u32>(), any::<u64>(), any::<bool>())
+            .prop_map(|(generation, a, d, data, shift, flags, epoch, cache)| Superblock {
+                role: if cache { DeviceRole::Cache } else { DeviceRole::Backing },
+                generation,
+                array_uuid: a,
+                device_uuid: d,
+                data_size_bytes: data,
+                device_size_bytes: data + (8 << 20),
+                meta_bytes: 8 << 20,
+                region_bytes: 1 << shift,
+                flags,
+                epoch,
+                created_unix_s: 1_700_000_000,
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip(sb in arb_sb()) {
+            prop_assert_eq!(Superblock::decode(&sb.encode()), Ok(sb));
+        }
+
+        // Any single corrupted byte is caught (CRC32C detects all single-byte errors).
+        #[test]
+        fn corruption_is_detected(sb in arb_sb(), at in 8usize..SUPERBLOCK_BYTES, x in 1u8..=255) {
+            let mut b = sb.encode();
+            b[at] ^= x;
+            prop_assert!(Superblock::decode(&b).is_err());
+        }
+
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..SUPERBLOCK_BYTES + 8)) {
+            let _ = Superblock::decode(&bytes);
+        }
+    }
+
+    #[test]
+    fn newest_valid_slot_wins() {
+        let mut a = Superblock::decode(&arb_sb_fixed().encode()).unwrap();
+        let mut b = a.clone();
+        a.generation = 5;
+        b.generation = 6;
+        assert_eq!(Superblock::pick(Ok(a.clone()), Ok(b.clone())).unwrap().generation, 6);
+        assert_eq!(Superblock::pick(Ok(a.clone()), Err(SuperblockError::BadChecksum)).unwrap().generation, 5);
+        assert_eq!(
+            Superblock::pick(Err(SuperblockError::NoMagic), Err(SuperblockError::NoMagic)),
+            Err(SuperblockError::NoMagic)
+        );
+    }
+
+    fn arb_sb_fixed() -> Superblock {
+        Superblock {
+            role: DeviceRole::Backing,
+            generation: 1,
+            array_uuid: [1; 16],
+            device_uuid: [2; 16],
+            data_size_bytes: 1 << 30,
+            device_size_bytes: (1 << 30) + (1 << 20),
+            meta_bytes: 1 << 20,
+            region_bytes: 1 << 20,
+            flags: 0,
+            epoch: 0,
+            created_unix_s: 0,
+        }
+    }
+}

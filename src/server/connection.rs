@@ -1,0 +1,397 @@
+//! One NBD connection: the handshake, then the transmission loop.
+
+use crate::device::AlignedBuf;
+use crate::nbd::consts::*;
+use crate::nbd::handshake::{self, Handshake, Next, MAX_OPTION_DATA_BYTES};
+use crate::nbd::request::{self, Op, RequestHeader};
+use crate::nbd::{reply, ExportParams, NbdError, Session};
+use crate::volume::Volume;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+
+pub(crate) struct ConnLimits {
+    pub export: ExportParams,
+    pub max_inflight_bytes: usize,
+    pub handshake_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// In-flight accounting unit: budgets are counted in 4 KiB pages so a u32 permit count covers
+/// budgets far above any sane setting.
+const BUDGET_UNIT_BYTES: usize = 4096;
+/// Replies are batched into writes of about this much before the socket sees them.
+const WRITE_BUFFER_BYTES: usize = 256 * 1024;
+/// A block-status reply is capped at this many extents (spec SHOULD NOT exceed 2^20).
+const MAX_STATUS_EXTENTS: usize = 1024;
+
+/// One whole reply: a header (and small payloads) plus, for reads, the data buffer. It also carries
+/// the in-flight budget it holds, released only once the bytes are handed to the socket.
+struct Reply {
+    head: Vec<u8>,
+    data: Option<AlignedBuf>,
+    _budget: Option<OwnedSemaphorePermit>,
+}
+
+pub(crate) async fn serve_connection<R, W, V>(
+    id: u64,
+    peer: String,
+    reader: R,
+    writer: W,
+    volume: Arc<V>,
+    limits: Arc<ConnLimits>,
+    shutdown: watch::Receiver<bool>,
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+    V: Volume,
+{
+    let span = tracing::info_span!("conn", id, peer = %peer);
+    let _e = span.enter();
+    drop(_e);
+    let mut reader = BufReader::with_capacity(64 * 1024, reader);
+    let mut writer = BufWriter::with_capacity(WRITE_BUFFER_BYTES, writer);
+    let negotiated = tokio::time::timeout(
+        limits.handshake_timeout,
+        negotiate(&mut reader, &mut writer, &limits.export, shutdown.clone()),
+    )
+    .await;
+    let session = match negotiated {
+        Ok(Ok(Some(s))) => s,
+        Ok(Ok(None)) => {
+            tracing::debug!(parent: &span, "client ended negotiation");
+            return;
+        }
+        Ok(Err(e)) => {
+            tracing::info!(parent: &span, error = %e, "handshake failed; closing");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(parent: &span, timeout_s = limits.handshake_timeout.as_secs(), "handshake timed out; closing");
+            return;
+        }
+    };
+    tracing::info!(parent: &span, structured = session.structured_replies, base_allocation = session.base_allocation, "client connected");
+    let result = transmission(reader, writer, session, volume, limits, shutdown).await;
+    match result {
+        Ok(()) => tracing::info!(parent: &span, "client disconnected"),
+        Err(e) => tracing::info!(parent: &span, error = %e, "connection closed"),
+    }
+}
+
+fn protocol_error(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+/// Runs option haggling. Ok(None): the client aborted (or we refused it cleanly).
+async fn negotiate<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    export: &ExportParams,
+    shutdown: watch::Receiver<bool>,
+) -> io::Result<Option<Session>>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    writer.write_all(&handshake::greeting()).await?;
+    writer.flush().await?;
+    let flags = reader.read_u32().await?;
+    let no_zeroes = handshake::client_flags(flags).map_err(|e| protocol_error(e.to_string()))?;
+    let mut hs = Handshake::new(export, no_zeroes);
+    let mut out = Vec::with_capacity(256);
+    loop {
+        let mut hdr = [0u8; OPTION_HEADER_BYTES];
+        reader.read_exact(&mut hdr).await?;
+        let (option, len) =
+            handshake::decode_option_header(&hdr).map_err(|m| protocol_error(format!("bad option magic {m:#x}")))?;
+        if len > MAX_OPTION_DATA_BYTES {
+            return Err(protocol_error(format!("option {option} claims {len} bytes of data; limit is {MAX_OPTION_DATA_BYTES}")));
+        }
+        let mut data = vec![0u8; len as usize];
+        reader.read_exact(&mut data).await?;
+        if *shutdown.borrow() {
+            hs.shutting_down();
+        }
+        out.clear();
+        let next = hs.option(option, &data, &mut out);
+        writer.write_all(&out).await?;
+        writer.flush().await?;
+        match next {
+            Next::Continue => {}
+            Next::Transmission(s) => return Ok(Some(s)),
+            Next::Close => return Ok(None),
+            Next::HardDisconnect(why) => return Err(protocol_error(why)),
+        }
+    }
+}
+
+async fn transmission<R, W, V>(
+    mut reader: BufReader<R>,
+    writer: BufWriter<W>,
+    session: Session,
+    volume: Arc<V>,
+    limits: Arc<ConnLimits>,
+    mut shutdown: watch::Receiver<bool>,
+) -> io::Result<()>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+    V: Volume,
+{
+    let (tx, rx) = mpsc::unbounded_channel::<Reply>();
+    let writer_task = tokio::spawn(write_replies(writer, rx));
+    let budget_units = (limits.max_inflight_bytes / BUDGET_UNIT_BYTES).max(1);
+    // The budget must admit the largest single request, or such a request would wait forever.
+    let budget_units = budget_units.max((limits.export.max_payload_bytes as usize).div_ceil(BUDGET_UNIT_BYTES) + 1);
+    let budget = Arc::new(Semaphore::new(budget_units));
+    let session = Arc::new(session);
+    let structured = session.structured_replies;
+    let read_result: io::Result<()> = async {
+        loop {
+            let mut hdr = [0u8; REQUEST_HEADER_BYTES];
+            // Cancelling a half-read header is fine: we only cancel to close the connection.
+            let got = tokio::select! {
+                biased;
+                r = read_header(&mut reader, &mut hdr, limits.idle_timeout) => r,
+                _ = shutdown.wait_for(|s| *s) => {
+                    tracing::debug!("shutdown: no more requests on this connection");
+                    return Ok(());
+                }
+            };
+            if !got? {
+                return Ok(()); // EOF between requests: the client hung up
+            }
+            let h = request::decode_header(&hdr).map_err(|e| protocol_error(e.to_string()))?;
+            let validated = request::validate(&h, &limits.export, &session);
+            let op = match validated {
+                Ok(Op::Disconnect) => return Ok(()),
+                Ok(op) => op,
+                Err(err) => {
+                    // The payload of a refused write is still on the wire: skip it without buffering.
+                    drain(&mut reader, u64::from(h.payload_bytes())).await?;
+                    let mut head = Vec::with_capacity(64);
+                    reply::error(&mut head, h.cookie, structured, err, &refusal_message(&h, err));
+                    let _ = tx.send(Reply { head, data: None, _budget: None });
+                    continue;
+                }
+            };
+            let units = match op {
+                Op::Read { length, .. } | Op::Write { length, .. } => (length as usize).div_ceil(BUDGET_UNIT_BYTES).max(1),
+                _ => 1,
+            };
+            let permit = budget
+                .clone()
+                .acquire_many_owned(u32::try_from(units).unwrap_or(u32::MAX))
+                .await
+                .expect("budget semaphore is never closed");
+            let payload = match op {
+                Op::Write { length, .. } => {
+                    let mut buf = AlignedBuf::uninit_for_fill(length as usize);
+                    reader.read_exact(&mut buf).await?;
+                    Some(buf)
+                }
+                _ => None,
+            };
+            let (volume, tx, session) = (volume.clone(), tx.clone(), session.clone());
+            tokio::spawn(async move {
+                let mut r = execute(&*volume, &session, h.cookie, op, payload).await;
+                r._budget = Some(permit);
+                let _ = tx.send(r);
+            });
+        }
+    }
+    .await;
+    // Every spawned request holds a sender; the writer ends once the last reply is written, which
+    // is how DISC and shutdown "finish outstanding requests, then close".
+    drop(tx);
+    let write_result = writer_task.await.map_err(|e| io::Error::other(format!("writer task failed: {e}")))?;
+    read_result.and(write_result)
+}
+
+/// Reads one request header; Ok(false) on a clean EOF before its first byte.
+async fn read_header<R: AsyncRead + Unpin>(reader: &mut R, hdr: &mut [u8; REQUEST_HEADER_BYTES], idle: Duration) -> io::Result<bool> {
+    let first = if idle.is_zero() {
+        reader.read(&mut hdr[..1]).await?
+    } else {
+        match tokio::time::timeout(idle, reader.read(&mut hdr[..1])).await {
+            Ok(r) => r?,
+            Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")),
+        }
+    };
+    if first == 0 {
+        return Ok(false);
+    }
+    reader.read_exact(&mut hdr[1..]).await?;
+    Ok(true)
+}
+
+async fn drain<R: AsyncRead + Unpin>(reader: &mut R, mut bytes: u64) -> io::Result<()> {
+    let mut scratch = [0u8; 16 * 1024];
+    while bytes > 0 {
+        let n = (bytes as usize).min(scratch.len());
+        reader.read_exact(&mut scratch[..n]).await?;
+        bytes -= n as u64;
+    }
+    Ok(())
+}
+
+fn refusal_message(h: &RequestHeader, err: NbdError) -> String {
+    format!(
+        "request refused: command {} flags {:#x} offset {} length {}: {}",
+        h.command,
+        h.flags,
+        h.offset,
+        h.length,
+        err.message()
+    )
+}
+
+fn io_failure(what: &str, e: &io::Error) -> (NbdError, String) {
+    let err = NbdError::from_io(e);
+    tracing::warn!(op = what, error = %e, "I/O failed");
+    (err, format!("{what} failed: {e}"))
+}
+
+/// Runs one validated request against the volume and builds its whole reply.
+async fn execute<V: Volume>(volume: &V, session: &Session, cookie: u64, op: Op, payload: Option<AlignedBuf>) -> Reply {
+    let structured = session.structured_replies;
+    let mut head = Vec::with_capacity(64);
+    let outcome: Result<Option<AlignedBuf>, (NbdError, String)> = match op {
+        Op::Read { offset, length } => {
+            let (buf, r) = volume.read(offset, AlignedBuf::uninit_for_fill(length as usize)).await;
+            r.map(|()| Some(buf)).map_err(|e| io_failure("read", &e))
+        }
+        Op::Write { offset, fua, .. } => {
+            let buf = payload.expect("write carries its payload");
+            let (_, r) = volume.write(offset, buf, fua).await;
+            r.map(|()| None).map_err(|e| io_failure("write", &e))
+        }
+        Op::Flush => volume.flush().await.map(|()| None).map_err(|e| io_failure("flush", &e)),
+        Op::Trim { offset, length, fua } => {
+            volume.trim(offset, u64::from(length), fua).await.map(|()| None).map_err(|e| io_failure("trim", &e))
+        }
+        Op::WriteZeroes { offset, length, fua, may_trim, fast_only: _ } => volume
+            .write_zeroes(offset, u64::from(length), may_trim, fua)
+            .await
+            .map(|()| None)
+            .map_err(|e| io_failure("write zeroes", &e)),
+        Op::Cache { offset, length } => {
+            volume.cache(offset, u64::from(length)).await.map(|()| None).map_err(|e| io_failure("cache", &e))
+        }
+        Op::BlockStatus { offset, length, req_one } => {
+            if length == 0 {
+                Err((NbdError::Inval, "block status of zero bytes".into()))
+            } else {
+                match volume.allocation(offset, u64::from(length)).await {
+                    Ok(extents) => {
+                        let list = status_extents(&extents, length, req_one);
+                        reply::block_status(&mut head, cookie, META_BASE_ALLOCATION_ID, &list, true);
+                        return Reply { head, data: None, _budget: None };
+                    }
+                    Err(e) => Err(io_failure("block status", &e)),
+                }
+            }
+        }
+        Op::Disconnect => unreachable!("DISC is handled by the reader"),
+    };
+    match outcome {
+        Ok(Some(data)) => {
+            if structured {
+                if data.is_empty() {
+                    // OFFSET_DATA must carry at least one byte; an empty read is just "done".
+                    reply::none_done(&mut head, cookie);
+                    return Reply { head, data: None, _budget: None };
+                }
+                let offset = match op {
+                    Op::Read { offset, .. } => offset,
+                    _ => unreachable!(),
+                };
+                reply::offset_data_header(&mut head, cookie, offset, data.len() as u32, true);
+            } else {
+                reply::simple(&mut head, cookie, None);
+            }
+            Reply { head, data: Some(data), _budget: None }
+        }
+        Ok(None) => {
+            reply::ok(&mut head, cookie, structured);
+            Reply { head, data: None, _budget: None }
+        }
+        Err((err, msg)) => {
+            reply::error(&mut head, cookie, structured, err, &msg);
+            Reply { head, data: None, _budget: None }
+        }
+    }
+}
+
+/// Converts device extents to wire descriptors: clipped to the request, adjacent equal states
+/// merged, at most one with REQ_ONE, never more than MAX_STATUS_EXTENTS.
+fn status_extents(extents: &[crate::device::Extent], length: u32, req_one: bool) -> Vec<(u32, u32)> {
+    let mut out: Vec<(u32, u32)> = Vec::new();
+    let mut left = u64::from(length);
+    for e in extents {
+        if left == 0 || out.len() >= MAX_STATUS_EXTENTS {
+            break;
+        }
+        let len = e.length_bytes.min(left);
+        if len == 0 {
+            continue;
+        }
+        let state = if e.hole { STATE_HOLE | STATE_ZERO } else { 0 };
+        let len32 = len as u32; // len ≤ left ≤ u32 length
+        match out.last_mut() {
+            Some(last) if last.1 == state => last.0 += len32,
+            _ => out.push((len32, state)),
+        }
+        left -= len;
+    }
+    if out.is_empty() {
+        // A device that could not say anything: "allocated, contents unknown" is always true.
+        out.push((length, 0));
+    }
+    if req_one {
+        out.truncate(1);
+    }
+    out
+}
+
+async fn write_replies<W: AsyncWrite + Unpin>(mut writer: BufWriter<W>, mut rx: mpsc::UnboundedReceiver<Reply>) -> io::Result<()> {
+    while let Some(r) = rx.recv().await {
+        write_one(&mut writer, r).await?;
+        // Batch whatever else is ready into the same flush: one syscall for many small replies.
+        while let Ok(r) = rx.try_recv() {
+            write_one(&mut writer, r).await?;
+        }
+        writer.flush().await?;
+    }
+    writer.flush().await?;
+    writer.shutdown().await
+}
+
+async fn write_one<W: AsyncWrite + Unpin>(writer: &mut BufWriter<W>, r: Reply) -> io::Result<()> {
+    writer.write_all(&r.head).await?;
+    if let Some(d) = &r.data {
+        writer.write_all(d).await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::Extent;
+
+    #[test]
+    fn status_extents_clip_merge_and_req_one() {
+        let ex = [
+            Extent { length_bytes: 4096, hole: false },
+            Extent { length_bytes: 4096, hole: false },
+            Extent { length_bytes: 1 << 40, hole: true },
+        ];
+        assert_eq!(status_extents(&ex, 10000, false), vec![(8192, 0), (1808, STATE_HOLE | STATE_ZERO)]);
+        assert_eq!(status_extents(&ex, 10000, true), vec![(8192, 0)]);
+        assert_eq!(status_extents(&[], 512, false), vec![(512, 0)]);
+    }
+}

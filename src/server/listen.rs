@@ -1,0 +1,150 @@
+//! Listeners and the server's life cycle: accept until shutdown, then wait for every connection to
+//! finish its in-flight requests.
+
+use super::connection::{serve_connection, ConnLimits};
+use crate::nbd::ExportParams;
+use crate::volume::Volume;
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub listen: Option<SocketAddr>,
+    pub unix: Option<PathBuf>,
+    /// Permission bits of the Unix socket (only root and the group by default).
+    pub unix_mode: u32,
+    pub export: ExportParams,
+    pub max_connections: usize,
+    pub max_inflight_bytes_per_connection: usize,
+    pub handshake_timeout: Duration,
+    /// Zero disables it: see `tune_tcp` for why half-open detection uses keepalive instead.
+    pub idle_timeout: Duration,
+}
+
+/// Serves until `shutdown` turns true, then drains and returns. `ready` is called once every
+/// listener is bound (for the service manager and for tests).
+pub async fn run<V: Volume>(
+    volume: Arc<V>,
+    cfg: ServerConfig,
+    mut shutdown: watch::Receiver<bool>,
+    ready: impl FnOnce(&[String]),
+) -> io::Result<()> {
+    let tcp = match cfg.listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?,
+        ),
+        None => None,
+    };
+    let unix = match &cfg.unix {
+        Some(path) => {
+            // A stale socket from a killed daemon would make bind fail; only remove sockets.
+            if std::fs::symlink_metadata(path).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())) {
+                let _ = std::fs::remove_file(path);
+            }
+            let l = UnixListener::bind(path)
+                .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {}: {e}", path.display())))?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(cfg.unix_mode))?;
+            Some(l)
+        }
+        None => None,
+    };
+    let mut endpoints = Vec::new();
+    if let Some(l) = &tcp {
+        endpoints.push(format!("nbd://{}", l.local_addr()?));
+    }
+    if let Some(p) = &cfg.unix {
+        endpoints.push(format!("nbd+unix:///?socket={}", p.display()));
+    }
+    if endpoints.is_empty() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "nothing to listen on: give a TCP address or a Unix socket"));
+    }
+    for e in &endpoints {
+        tracing::info!(endpoint = %e, export = %cfg.export.name, size_bytes = cfg.export.size_bytes, "listening");
+    }
+    ready(&endpoints);
+
+    let limits = Arc::new(ConnLimits {
+        export: cfg.export.clone(),
+        max_inflight_bytes: cfg.max_inflight_bytes_per_connection,
+        handshake_timeout: cfg.handshake_timeout,
+        idle_timeout: cfg.idle_timeout,
+    });
+    let slots = Arc::new(Semaphore::new(cfg.max_connections));
+    let mut conns = JoinSet::new();
+    let mut next_id: u64 = 0;
+    loop {
+        // Reap finished connections so the set does not grow without bound.
+        while conns.try_join_next().is_some() {}
+        let accepted = tokio::select! {
+            _ = shutdown.changed() => break,
+            r = accept_tcp(&tcp) => r.map(Accepted::Tcp),
+            r = accept_unix(&unix) => r.map(Accepted::Unix),
+        };
+        let conn = match accepted {
+            Ok(c) => c,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning, keep serving existing clients.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(max = cfg.max_connections, "connection limit reached; refusing a client");
+            continue; // dropping the stream closes it
+        };
+        next_id += 1;
+        let (volume, limits, shutdown, id) = (volume.clone(), limits.clone(), shutdown.clone(), next_id);
+        conns.spawn(async move {
+            let _permit = permit;
+            match conn {
+                Accepted::Tcp((s, peer)) => {
+                    if let Err(e) = super::tune_tcp(&s) {
+                        tracing::warn!(error = %e, "cannot set TCP options");
+                    }
+                    let peer = peer.to_string();
+                    let (r, w) = s.into_split();
+                    serve_connection(id, peer, r, w, volume, limits, shutdown).await
+                }
+                Accepted::Unix(s) => {
+                    let (r, w) = s.into_split();
+                    serve_connection(id, "unix".into(), r, w, volume, limits, shutdown).await
+                }
+            }
+        });
+    }
+    tracing::info!(connections = conns.len(), "stopped accepting; draining connections");
+    while conns.join_next().await.is_some() {}
+    if let Some(p) = &cfg.unix {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(())
+}
+
+enum Accepted {
+    Tcp((tokio::net::TcpStream, SocketAddr)),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn accept_tcp(l: &Option<TcpListener>) -> io::Result<(tokio::net::TcpStream, SocketAddr)> {
+    match l {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn accept_unix(l: &Option<UnixListener>) -> io::Result<tokio::net::UnixStream> {
+    match l {
+        Some(l) => l.accept().await.map(|(s, _)| s),
+        None => std::future::pending().await,
+    }
+}

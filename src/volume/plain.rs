@@ -1,0 +1,97 @@
+//! A volume with only a backing device: every read and write goes to it. This is what superdisk
+//! serves when no cache is configured, and the degraded mode's data path.
+
+use super::Volume;
+use crate::device::{AlignedBuf, BlockDevice, Extent};
+use crate::meta::store::{self, check_backing, read_superblock, update_superblock};
+use crate::meta::superblock::{Superblock, FLAG_OPEN};
+use std::io;
+use tokio::sync::Mutex;
+
+pub struct PlainVolume<D: BlockDevice> {
+    backing: D,
+    data_size_bytes: u64,
+    read_only: bool,
+    superblock: Mutex<Superblock>,
+    /// Whether the previous run ended without a clean shutdown.
+    pub recovered_from_crash: bool,
+}
+
+impl<D: BlockDevice> PlainVolume<D> {
+    /// Opens a backing device prepared by `superdisk create`; marks it open unless read-only.
+    pub async fn open(backing: D, read_only: bool) -> io::Result<Self> {
+        let mut sb = read_superblock(&backing).await?.map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{e}: not prepared for superdisk (run `superdisk create --backing …` first)"),
+            )
+        })?;
+        check_backing(&sb, backing.size_bytes())?;
+        let recovered_from_crash = store::was_open(&sb);
+        if !read_only {
+            sb.flags |= FLAG_OPEN;
+            update_superblock(&backing, &mut sb).await?;
+        }
+        Ok(PlainVolume { data_size_bytes: sb.data_size_bytes, backing, read_only, superblock: Mutex::new(sb), recovered_from_crash })
+    }
+
+    pub fn backing(&self) -> &D {
+        &self.backing
+    }
+}
+
+impl<D: BlockDevice> Volume for PlainVolume<D> {
+    fn size_bytes(&self) -> u64 {
+        self.data_size_bytes
+    }
+
+    fn fast_zero(&self) -> bool {
+        self.backing.fast_zero()
+    }
+
+    async fn read(&self, offset: u64, buf: AlignedBuf) -> (AlignedBuf, io::Result<()>) {
+        self.backing.read(offset, buf).await
+    }
+
+    async fn write(&self, offset: u64, buf: AlignedBuf, fua: bool) -> (AlignedBuf, io::Result<()>) {
+        self.backing.write(offset, buf, fua).await
+    }
+
+    async fn flush(&self) -> io::Result<()> {
+        self.backing.flush().await
+    }
+
+    async fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        // Zeroing (hole punch) rather than a bare discard keeps the contents defined, which the
+        // mirror relies on: both copies must read the same after a trim.
+        self.write_zeroes(offset, len, true, fua).await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool, fua: bool) -> io::Result<()> {
+        self.backing.write_zeroes(offset, len, may_unmap).await?;
+        if fua {
+            self.backing.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn cache(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        // No faster tier to fill without a cache device.
+        Ok(())
+    }
+
+    async fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        let len = len.min(self.data_size_bytes.saturating_sub(offset));
+        self.backing.allocation(offset, len).await
+    }
+
+    async fn shutdown(&self) -> io::Result<()> {
+        self.backing.flush().await?;
+        if !self.read_only {
+            let mut sb = self.superblock.lock().await;
+            sb.flags &= !FLAG_OPEN;
+            update_superblock(&self.backing, &mut sb).await?;
+        }
+        Ok(())
+    }
+}
