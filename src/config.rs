@@ -81,7 +81,8 @@ impl FileConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.display().to_string(), message: e.to_string() })
+        toml::from_str(&text)
+            .map_err(|e| ConfigError::Parse { path: path.display().to_string(), message: e.to_string() })
     }
 }
 
@@ -199,7 +200,8 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<ServeConfig, ConfigError> {
-        let f: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse { path: "t".into(), message: e.to_string() })?;
+        let f: FileConfig =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: "t".into(), message: e.to_string() })?;
         ServeConfig::from_file_config(f)
     }
 

@@ -13,7 +13,11 @@ use superdisk::server::{self, ServerConfig};
 use superdisk::volume::{PlainVolume, Volume};
 
 #[derive(Parser)]
-#[command(name = "superdisk", version, about = "Serve a disk over NBD: reads from a local-SSD mirror, writes through to a durable network disk")]
+#[command(
+    name = "superdisk",
+    version,
+    about = "Serve a disk over NBD: reads from a local-SSD mirror, writes through to a durable network disk"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -213,7 +217,10 @@ fn serve_cmd(args: ServeArgs) -> Result<(), AnyError> {
 }
 
 async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(&[String])) -> Result<(), AnyError> {
-    let dev = FileDevice::open(&cfg.backing, &OpenOptions { read_only: cfg.read_only, direct: cfg.direct, engine: cfg.io_engine })?;
+    let dev = FileDevice::open(
+        &cfg.backing,
+        &OpenOptions { read_only: cfg.read_only, direct: cfg.direct, engine: cfg.io_engine },
+    )?;
     tracing::info!(
         backing = %cfg.backing.display(),
         engine = dev.engine_name(),
@@ -222,7 +229,8 @@ async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(&[String])) -> Result<(),
         "opened backing device"
     );
     let rotational = dev.rotational();
-    let volume = Arc::new(PlainVolume::open(dev, cfg.read_only).await.map_err(|e| format!("{}: {e}", cfg.backing.display()))?);
+    let volume =
+        Arc::new(PlainVolume::open(dev, cfg.read_only).await.map_err(|e| format!("{}: {e}", cfg.backing.display()))?);
     if volume.recovered_from_crash {
         tracing::warn!("the previous run did not shut down cleanly");
     }
@@ -282,7 +290,9 @@ fn demo(dir: Option<PathBuf>, listen: String, size: u64) -> Result<(), AnyError>
         println!("  nbdinfo {uri}");
         println!("  nbdinfo --map {uri}");
         println!("  mkdir -p /tmp/sd && nbdfuse /tmp/sd/disk {uri} &   # then: losetup -f --show /tmp/sd/disk");
-        println!("  fio --name=demo --ioengine=nbd --uri={uri} --rw=randrw --bs=4k --iodepth=16 --size=64M --verify=crc32c");
+        println!(
+            "  fio --name=demo --ioengine=nbd --uri={uri} --rw=randrw --bs=4k --iodepth=16 --size=64M --verify=crc32c"
+        );
         println!("Stop with Ctrl-C (SIGINT) or SIGTERM; it drains, flushes and exits 0.\n");
     }))
 }

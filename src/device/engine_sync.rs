@@ -9,7 +9,8 @@ use std::sync::Arc;
 pub(crate) fn pread_full(fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<()> {
     let mut done = 0usize;
     while done < buf.len() {
-        let off = libc::off_t::try_from(offset + done as u64).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let off =
+            libc::off_t::try_from(offset + done as u64).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         // SAFETY: pointer and length describe the unfilled tail of `buf`.
         let n = unsafe { libc::pread(fd, buf[done..].as_mut_ptr().cast(), buf.len() - done, off) };
         if n < 0 {
@@ -31,7 +32,8 @@ pub(crate) fn pwrite_full(fd: RawFd, buf: &[u8], offset: u64, dsync: bool) -> io
     let mut done = 0usize;
     while done < buf.len() {
         let iov = libc::iovec { iov_base: buf[done..].as_ptr() as *mut _, iov_len: buf.len() - done };
-        let off = libc::off_t::try_from(offset + done as u64).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let off =
+            libc::off_t::try_from(offset + done as u64).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         let flags = if dsync { libc::RWF_DSYNC } else { 0 };
         // SAFETY: one iovec describing the unwritten tail of `buf`.
         let n = unsafe { libc::pwritev2(fd, &iov, 1, off, flags) };
@@ -48,6 +50,28 @@ pub(crate) fn pwrite_full(fd: RawFd, buf: &[u8], offset: u64, dsync: bool) -> io
         done += n as usize;
     }
     Ok(())
+}
+
+/// Tries to complete a buffered read or write without blocking (RWF_NOWAIT): succeeds when the
+/// data is in the page cache, so the common hit costs one syscall on the caller's thread instead of
+/// a hop to the ring or the blocking pool. Returns the bytes transferred (possibly short, possibly
+/// 0); the caller finishes the rest through the engine.
+pub(crate) fn try_nowait(fd: RawFd, buf: *mut u8, len: usize, offset: u64, write: bool) -> Result<usize, i32> {
+    let Ok(off) = libc::off_t::try_from(offset) else { return Ok(0) };
+    let iov = libc::iovec { iov_base: buf.cast(), iov_len: len };
+    // SAFETY: the iovec describes memory the caller owns for the duration of the call.
+    let n = unsafe {
+        if write {
+            libc::pwritev2(fd, &iov, 1, off, libc::RWF_NOWAIT)
+        } else {
+            libc::preadv2(fd, &iov, 1, off, libc::RWF_NOWAIT)
+        }
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO))
+    } else {
+        Ok(n as usize)
+    }
 }
 
 pub(crate) fn fdatasync(fd: RawFd) -> io::Result<()> {

@@ -54,9 +54,8 @@ impl UringEngine {
         let (tx, rx) = mpsc::channel();
         let stopping = Arc::new(AtomicBool::new(false));
         let (w, s) = (wake.clone(), stopping.clone());
-        let thread = std::thread::Builder::new()
-            .name(format!("uring-{name}"))
-            .spawn(move || ring_thread(ring, rx, w, s))?;
+        let thread =
+            std::thread::Builder::new().name(format!("uring-{name}")).spawn(move || ring_thread(ring, rx, w, s))?;
         Ok(UringEngine { tx, wake, stopping, thread: Some(thread) })
     }
 
@@ -105,7 +104,9 @@ fn sqe_for(p: &mut Pending, key: u64) -> io_uring::squeue::Entry {
                 .rw_flags(flags)
                 .build()
         }
-        UringOp::Fsync { fd } => opcode::Fsync::new(types::Fd(fd.as_raw_fd())).flags(types::FsyncFlags::DATASYNC).build(),
+        UringOp::Fsync { fd } => {
+            opcode::Fsync::new(types::Fd(fd.as_raw_fd())).flags(types::FsyncFlags::DATASYNC).build()
+        }
         UringOp::Fallocate { fd, mode, offset, len } => {
             opcode::Fallocate::new(types::Fd(fd.as_raw_fd()), *len).offset(*offset).mode(*mode).build()
         }

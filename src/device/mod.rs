@@ -12,6 +12,8 @@
 pub mod buf;
 mod engine_sync;
 mod engine_uring;
+pub mod fault;
+pub mod mem;
 mod rangelock;
 
 pub use buf::AlignedBuf;
@@ -24,6 +26,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// One extent of `base:allocation` information: `hole` means unallocated and reading as zeroes.
@@ -44,7 +47,12 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// Fills `buf` from `offset`; always returns the buffer.
     fn read(&self, offset: u64, buf: AlignedBuf) -> impl Future<Output = (AlignedBuf, io::Result<()>)> + Send;
     /// Writes `buf` at `offset`; with `fua` the data is durable when this returns Ok.
-    fn write(&self, offset: u64, buf: AlignedBuf, fua: bool) -> impl Future<Output = (AlignedBuf, io::Result<()>)> + Send;
+    fn write(
+        &self,
+        offset: u64,
+        buf: AlignedBuf,
+        fua: bool,
+    ) -> impl Future<Output = (AlignedBuf, io::Result<()>)> + Send;
     /// Makes every completed write durable.
     fn flush(&self) -> impl Future<Output = io::Result<()>> + Send;
     /// Afterwards the range reads as zeroes. `may_unmap` lets the device deallocate it.
@@ -96,6 +104,10 @@ pub struct FileDevice {
     engine: Engine,
     /// Serialises read-modify-write cycles on shared edge blocks (O_DIRECT only).
     rmw_locks: RangeLocks,
+    /// Page-cache fast path (see `engine_sync::try_nowait`); off with O_DIRECT, where every I/O
+    /// reaches the device and would only fail with EAGAIN.
+    nowait_reads: AtomicBool,
+    nowait_writes: AtomicBool,
 }
 
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
@@ -174,6 +186,8 @@ impl FileDevice {
             direct,
             engine,
             rmw_locks: RangeLocks::default(),
+            nowait_reads: AtomicBool::new(!direct),
+            nowait_writes: AtomicBool::new(!direct),
         })
     }
 
@@ -206,8 +220,17 @@ impl FileDevice {
         u64::from(if self.direct { self.logical_block_bytes } else { 1 })
     }
 
-    async fn raw_read(&self, offset: u64, buf: AlignedBuf) -> (AlignedBuf, io::Result<()>) {
+    async fn raw_read(&self, offset: u64, mut buf: AlignedBuf) -> (AlignedBuf, io::Result<()>) {
         let len = buf.len();
+        if self.nowait_reads.load(Ordering::Relaxed) {
+            match engine_sync::try_nowait(self.fd.as_raw_fd(), buf.as_mut_ptr(), len, offset, false) {
+                Ok(n) if n == len => return (buf, Ok(())),
+                Err(libc::EOPNOTSUPP) => self.nowait_reads.store(false, Ordering::Relaxed),
+                _ => {}
+            }
+            // A partial hit still has to be finished; re-reading the whole range is simpler and
+            // the bytes are in the page cache anyway.
+        }
         let (b, r) = match &self.engine {
             Engine::Uring(u) => u.submit(UringOp::Read { fd: self.fd.clone(), buf, offset }).await,
             Engine::Sync => engine_sync::read(self.fd.clone(), buf, offset).await,
@@ -215,8 +238,26 @@ impl FileDevice {
         (b.unwrap_or_else(|| AlignedBuf::zeroed(len)), r)
     }
 
-    async fn raw_write(&self, offset: u64, buf: AlignedBuf, fua: bool) -> (AlignedBuf, io::Result<()>) {
+    async fn raw_write(&self, offset: u64, mut buf: AlignedBuf, fua: bool) -> (AlignedBuf, io::Result<()>) {
         let len = buf.len();
+        if !self.direct && !fua {
+            if self.nowait_writes.load(Ordering::Relaxed) {
+                match engine_sync::try_nowait(self.fd.as_raw_fd(), buf.as_mut_ptr(), len, offset, true) {
+                    Ok(n) if n == len => return (buf, Ok(())),
+                    // The filesystem cannot do non-blocking buffered writes (ext4): stop asking.
+                    Err(libc::EOPNOTSUPP) => self.nowait_writes.store(false, Ordering::Relaxed),
+                    _ => {}
+                }
+            } else {
+                // Without NOWAIT support, io_uring would punt every buffered write to a kernel
+                // worker thread (a hop each way). A buffered write is a copy into the page cache
+                // and blocks only under dirty-page throttling, so do it here, as nbdkit's worker
+                // threads do. Block devices and O_DIRECT files never take this path.
+                let r = engine_sync::pwrite_full(self.fd.as_raw_fd(), &buf, offset, false);
+                return (buf, r);
+            }
+            // Rewriting an already-written prefix with the same bytes is harmless.
+        }
         let (b, r) = match &self.engine {
             Engine::Uring(u) => u.submit(UringOp::Write { fd: self.fd.clone(), buf, offset, dsync: fua }).await,
             Engine::Sync => engine_sync::write(self.fd.clone(), buf, offset, fua).await,
@@ -401,3 +442,6 @@ fn seek_extents(fd: i32, start: u64, end: u64) -> io::Result<Vec<Extent>> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests;

@@ -396,7 +396,10 @@ mod tests {
         let Next::Transmission(s) = h.option(OPT_GO, &go_data("disk", &[INFO_BLOCK_SIZE]), &mut go_out) else {
             panic!("GO must enter transmission")
         };
-        assert_eq!(replies(&info_out), replies(&go_out).into_iter().map(|(_, k, d)| (OPT_INFO, k, d)).collect::<Vec<_>>());
+        assert_eq!(
+            replies(&info_out),
+            replies(&go_out).into_iter().map(|(_, k, d)| (OPT_INFO, k, d)).collect::<Vec<_>>()
+        );
         assert!(s.structured_replies && s.block_size_agreed && !s.base_allocation);
         assert_ne!(s.transmission_flags & FLAG_SEND_DF, 0);
         let export_info = &replies(&go_out)[0];

@@ -60,13 +60,37 @@ impl RequestHeader {
 /// A validated request, in the terms the engine understands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
-    Read { offset: u64, length: u32 },
-    Write { offset: u64, length: u32, fua: bool },
+    Read {
+        offset: u64,
+        length: u32,
+    },
+    Write {
+        offset: u64,
+        length: u32,
+        fua: bool,
+    },
     Flush,
-    Trim { offset: u64, length: u32, fua: bool },
-    WriteZeroes { offset: u64, length: u32, fua: bool, may_trim: bool, fast_only: bool },
-    Cache { offset: u64, length: u32 },
-    BlockStatus { offset: u64, length: u32, req_one: bool },
+    Trim {
+        offset: u64,
+        length: u32,
+        fua: bool,
+    },
+    WriteZeroes {
+        offset: u64,
+        length: u32,
+        fua: bool,
+        may_trim: bool,
+        fast_only: bool,
+    },
+    Cache {
+        offset: u64,
+        length: u32,
+    },
+    BlockStatus {
+        offset: u64,
+        length: u32,
+        req_one: bool,
+    },
     /// Soft disconnect: no reply, finish what is in flight, close.
     Disconnect,
 }
@@ -115,10 +139,7 @@ pub fn validate(h: &RequestHeader, export: &ExportParams, session: &Session) -> 
         return Err(Inval);
     }
     // Bounds without overflow: offset + length is computed in u128-free checked arithmetic.
-    let in_bounds = h
-        .offset
-        .checked_add(u64::from(h.length))
-        .is_some_and(|end| end <= export.size_bytes);
+    let in_bounds = h.offset.checked_add(u64::from(h.length)).is_some_and(|end| end <= export.size_bytes);
     if !in_bounds {
         return Err(if matches!(h.command, CMD_WRITE | CMD_WRITE_ZEROES) { NoSpc } else { Inval });
     }

@@ -6,6 +6,7 @@ use crate::nbd::handshake::{self, Handshake, Next, MAX_OPTION_DATA_BYTES};
 use crate::nbd::request::{self, Op, RequestHeader};
 use crate::nbd::{reply, ExportParams, NbdError, Session};
 use crate::volume::Volume;
+use std::future::Future;
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
@@ -108,7 +109,9 @@ where
         let (option, len) =
             handshake::decode_option_header(&hdr).map_err(|m| protocol_error(format!("bad option magic {m:#x}")))?;
         if len > MAX_OPTION_DATA_BYTES {
-            return Err(protocol_error(format!("option {option} claims {len} bytes of data; limit is {MAX_OPTION_DATA_BYTES}")));
+            return Err(protocol_error(format!(
+                "option {option} claims {len} bytes of data; limit is {MAX_OPTION_DATA_BYTES}"
+            )));
         }
         let mut data = vec![0u8; len as usize];
         reader.read_exact(&mut data).await?;
@@ -179,7 +182,9 @@ where
                 }
             };
             let units = match op {
-                Op::Read { length, .. } | Op::Write { length, .. } => (length as usize).div_ceil(BUDGET_UNIT_BYTES).max(1),
+                Op::Read { length, .. } | Op::Write { length, .. } => {
+                    (length as usize).div_ceil(BUDGET_UNIT_BYTES).max(1)
+                }
                 _ => 1,
             };
             let permit = budget
@@ -196,11 +201,18 @@ where
                 _ => None,
             };
             let (volume, tx, session) = (volume.clone(), tx.clone(), session.clone());
-            tokio::spawn(async move {
+            let mut request = Box::pin(async move {
                 let mut r = execute(&*volume, &session, h.cookie, op, payload).await;
                 r._budget = Some(permit);
                 let _ = tx.send(r);
             });
+            // Poll once here: a page-cache hit completes synchronously, and then the request costs
+            // no task spawn and no cross-thread wake-up. Only requests that really wait for a
+            // device become tasks (their next poll registers the real waker).
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            if request.as_mut().poll(&mut cx).is_pending() {
+                tokio::spawn(request);
+            }
         }
     }
     .await;
@@ -212,7 +224,11 @@ where
 }
 
 /// Reads one request header; Ok(false) on a clean EOF before its first byte.
-async fn read_header<R: AsyncRead + Unpin>(reader: &mut R, hdr: &mut [u8; REQUEST_HEADER_BYTES], idle: Duration) -> io::Result<bool> {
+async fn read_header<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    hdr: &mut [u8; REQUEST_HEADER_BYTES],
+    idle: Duration,
+) -> io::Result<bool> {
     let first = if idle.is_zero() {
         reader.read(&mut hdr[..1]).await?
     } else {
@@ -357,7 +373,10 @@ fn status_extents(extents: &[crate::device::Extent], length: u32, req_one: bool)
     out
 }
 
-async fn write_replies<W: AsyncWrite + Unpin>(mut writer: BufWriter<W>, mut rx: mpsc::UnboundedReceiver<Reply>) -> io::Result<()> {
+async fn write_replies<W: AsyncWrite + Unpin>(
+    mut writer: BufWriter<W>,
+    mut rx: mpsc::UnboundedReceiver<Reply>,
+) -> io::Result<()> {
     while let Some(r) = rx.recv().await {
         write_one(&mut writer, r).await?;
         // Batch whatever else is ready into the same flush: one syscall for many small replies.

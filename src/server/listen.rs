@@ -46,7 +46,8 @@ pub async fn run<V: Volume>(
     let unix = match &cfg.unix {
         Some(path) => {
             // A stale socket from a killed daemon would make bind fail; only remove sockets.
-            if std::fs::symlink_metadata(path).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())) {
+            if std::fs::symlink_metadata(path).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+            {
                 let _ = std::fs::remove_file(path);
             }
             let l = UnixListener::bind(path)
@@ -65,7 +66,10 @@ pub async fn run<V: Volume>(
         endpoints.push(format!("nbd+unix:///?socket={}", p.display()));
     }
     if endpoints.is_empty() {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "nothing to listen on: give a TCP address or a Unix socket"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "nothing to listen on: give a TCP address or a Unix socket",
+        ));
     }
     for e in &endpoints {
         tracing::info!(endpoint = %e, export = %cfg.export.name, size_bytes = cfg.export.size_bytes, "listening");

@@ -24,7 +24,13 @@ pub(crate) fn tune_tcp(stream: &tokio::net::TcpStream) -> io::Result<()> {
     let set = |level: i32, name: i32, value: i32| -> io::Result<()> {
         // SAFETY: setsockopt with a pointer to a live i32 and its size.
         let r = unsafe {
-            libc::setsockopt(fd, level, name, (&value as *const i32).cast(), std::mem::size_of::<i32>() as libc::socklen_t)
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                (&value as *const i32).cast(),
+                std::mem::size_of::<i32>() as libc::socklen_t,
+            )
         };
         if r < 0 {
             return Err(io::Error::last_os_error());

@@ -22,12 +22,23 @@ pub trait Volume: Send + Sync + 'static {
     }
     fn read(&self, offset: u64, buf: AlignedBuf) -> impl Future<Output = (AlignedBuf, io::Result<()>)> + Send;
     /// Acknowledged only once the durable device accepted it; with `fua`, once it is durable there.
-    fn write(&self, offset: u64, buf: AlignedBuf, fua: bool) -> impl Future<Output = (AlignedBuf, io::Result<()>)> + Send;
+    fn write(
+        &self,
+        offset: u64,
+        buf: AlignedBuf,
+        fua: bool,
+    ) -> impl Future<Output = (AlignedBuf, io::Result<()>)> + Send;
     /// Every write acknowledged before this call is durable when it returns Ok.
     fn flush(&self) -> impl Future<Output = io::Result<()>> + Send;
     /// The client no longer needs the range; contents become unspecified (we zero it).
     fn trim(&self, offset: u64, len: u64, fua: bool) -> impl Future<Output = io::Result<()>> + Send;
-    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool, fua: bool) -> impl Future<Output = io::Result<()>> + Send;
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+        fua: bool,
+    ) -> impl Future<Output = io::Result<()>> + Send;
     /// A hint that the range will be read soon.
     fn cache(&self, offset: u64, len: u64) -> impl Future<Output = io::Result<()>> + Send;
     /// `base:allocation` for the range (may cover only a prefix).

@@ -32,7 +32,13 @@ impl<D: BlockDevice> PlainVolume<D> {
             sb.flags |= FLAG_OPEN;
             update_superblock(&backing, &mut sb).await?;
         }
-        Ok(PlainVolume { data_size_bytes: sb.data_size_bytes, backing, read_only, superblock: Mutex::new(sb), recovered_from_crash })
+        Ok(PlainVolume {
+            data_size_bytes: sb.data_size_bytes,
+            backing,
+            read_only,
+            superblock: Mutex::new(sb),
+            recovered_from_crash,
+        })
     }
 
     pub fn backing(&self) -> &D {

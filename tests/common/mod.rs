@@ -64,7 +64,8 @@ impl Daemon {
         assert!(self.child.is_none(), "already running");
         self.port = free_port();
         let _ = std::fs::remove_file(&self.unix);
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("daemon.log")).unwrap();
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("daemon.log")).unwrap();
         let child = Command::new(BIN)
             .args(["serve", "--backing"])
             .arg(&self.backing)
