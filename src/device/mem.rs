@@ -1,0 +1,867 @@
+//! An in-memory block device with crash semantics, for tests that must lose power on purpose.
+//!
+//! The model is a disk with a volatile write cache that honours FLUSH and FUA but may persist the
+//! writes in between in any subset (a subset per write, applied in issue order), and may tear a
+//! write at a 512-byte sector boundary:
+//!
+//! ```text
+//!   durable image (as of the last flush) ──┐
+//!   pending: [w1, w2 (FUA), w3, …]  ───────┴─► crash(): durable + w2 + each other wi kept, dropped
+//!                                                       or cut to a sector-aligned prefix
+//! ```
+//!
+//! Reads always see every completed write (the volatile view). Clones share one device, so a test
+//! can hand one clone to a volume, crash the device, and open a new volume over [`MemDevice::reopen`].
+//! A crash also "powers off" every handle that existed before it: their operations fail with EIO
+//! from then on, so a volume (or a background task of one) that outlives the crash cannot write into
+//! the image that the next incarnation reads.
+
+use super::fault::SimRng;
+use super::{AlignedBuf, BlockDevice, Extent};
+use std::io;
+use std::ops::Range;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// The granularity at which a crash may tear a write, as a disk's sector does.
+pub const TEAR_GRANULARITY_BYTES: u64 = 512;
+
+#[derive(Clone, Debug)]
+enum PendingData {
+    Bytes(Vec<u8>),
+    Zeroes(u64),
+}
+
+#[derive(Clone, Debug)]
+struct PendingWrite {
+    offset: u64,
+    data: PendingData,
+    /// A FUA write survives every crash; it is kept in the log (rather than folded into the durable
+    /// image) so that an earlier unflushed write to the same bytes cannot be replayed over it.
+    fua: bool,
+}
+
+impl PendingWrite {
+    fn len(&self) -> u64 {
+        match &self.data {
+            PendingData::Bytes(b) => b.len() as u64,
+            PendingData::Zeroes(n) => *n,
+        }
+    }
+
+    /// Applies the first `keep` bytes of the write to `image`.
+    fn apply_prefix(&self, image: &mut [u8], keep: u64) {
+        let start = self.offset as usize;
+        let keep = keep.min(self.len()) as usize;
+        match &self.data {
+            PendingData::Bytes(b) => image[start..start + keep].copy_from_slice(&b[..keep]),
+            PendingData::Zeroes(_) => image[start..start + keep].fill(0),
+        }
+    }
+}
+
+/// What a crash did, for tests that want to assert on it or print it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CrashReport {
+    pub kept: usize,
+    pub dropped: usize,
+    pub torn: usize,
+    pub fua: usize,
+}
+
+struct State {
+    /// What reads see: every completed write.
+    current: Vec<u8>,
+    /// What survives a crash for certain: the image as of the last flush.
+    durable: Vec<u8>,
+    pending: Vec<PendingWrite>,
+    /// Bumped by every crash; handles from an older power cycle are dead.
+    power_cycle: u64,
+    flushes: u64,
+}
+
+#[derive(Clone)]
+pub struct MemDevice {
+    state: Arc<Mutex<State>>,
+    power_cycle: u64,
+    logical_block_bytes: u32,
+}
+
+/// A dead handle fails as a device that lost power does: a bare EIO, which the NBD layer maps by
+/// its errno.
+fn eio() -> io::Error {
+    io::Error::from_raw_os_error(libc::EIO)
+}
+
+fn check_range(offset: u64, len: u64, size: u64) -> io::Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("memory device: [{offset}, +{len}) is past the end of the device ({size} bytes)"),
+        )),
+    }
+}
+
+impl MemDevice {
+    /// A zero-filled device of `size_bytes` (which counts as durable: a fresh disk reads as zeroes).
+    pub fn new(size_bytes: u64) -> Self {
+        Self::from_image(vec![0; usize::try_from(size_bytes).expect("memory device fits in memory")])
+    }
+
+    /// A device whose durable contents are `image`.
+    pub fn from_image(image: Vec<u8>) -> Self {
+        MemDevice {
+            state: Arc::new(Mutex::new(State {
+                current: image.clone(),
+                durable: image,
+                pending: Vec::new(),
+                power_cycle: 0,
+                flushes: 0,
+            })),
+            power_cycle: 0,
+            logical_block_bytes: 512,
+        }
+    }
+
+    /// The same device, advertising another logical block size (the data path stays byte-exact;
+    /// this only changes what callers are told, to exercise their alignment code).
+    pub fn with_logical_block_bytes(mut self, bytes: u32) -> Self {
+        assert!(bytes.is_power_of_two(), "logical block size must be a power of two");
+        self.logical_block_bytes = bytes;
+        self
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A test that panicked while holding the lock already failed; the image is still usable
+        // for its report.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn live(&self) -> io::Result<MutexGuard<'_, State>> {
+        let st = self.lock();
+        if st.power_cycle != self.power_cycle {
+            return Err(eio());
+        }
+        Ok(st)
+    }
+
+    /// Loses power: each unflushed, non-FUA write is independently kept, dropped, or (with a
+    /// sector boundary inside it) torn to a prefix; FUA writes and everything flushed survive.
+    /// Afterwards the device holds exactly the surviving image and every existing handle is dead.
+    pub fn crash(&self, rng: &mut SimRng) -> CrashReport {
+        let mut st = self.lock();
+        let mut image = std::mem::take(&mut st.durable);
+        let mut report = CrashReport::default();
+        // Issue order matters: a later write to the same bytes wins if both survive, as a disk
+        // never lets an older cached write overtake a newer one to the same sector.
+        for w in &st.pending {
+            let len = w.len();
+            if w.fua {
+                w.apply_prefix(&mut image, len);
+                report.fua += 1;
+                continue;
+            }
+            // Sector boundaries strictly inside the write: the places it can be torn.
+            let first_cut = (w.offset / TEAR_GRANULARITY_BYTES + 1) * TEAR_GRANULARITY_BYTES;
+            let end = w.offset + len;
+            let cuts = if first_cut < end { (end - 1 - first_cut) / TEAR_GRANULARITY_BYTES + 1 } else { 0 };
+            match rng.below(8) {
+                0..=2 => report.dropped += 1,
+                3 if cuts > 0 => {
+                    let cut = first_cut + rng.below(cuts) * TEAR_GRANULARITY_BYTES;
+                    w.apply_prefix(&mut image, cut - w.offset);
+                    report.torn += 1;
+                }
+                _ => {
+                    w.apply_prefix(&mut image, len);
+                    report.kept += 1;
+                }
+            }
+        }
+        st.pending.clear();
+        st.current.clone_from(&image);
+        st.durable = image;
+        st.power_cycle += 1;
+        report
+    }
+
+    /// A live handle after a crash (power restored). Other handles stay dead.
+    pub fn reopen(&self) -> MemDevice {
+        let power_cycle = self.lock().power_cycle;
+        MemDevice { state: self.state.clone(), power_cycle, logical_block_bytes: self.logical_block_bytes }
+    }
+
+    /// Whether this handle still works (no crash since it was made).
+    pub fn is_live(&self) -> bool {
+        self.lock().power_cycle == self.power_cycle
+    }
+
+    /// The volatile view: what a read would return now.
+    pub fn contents(&self) -> Vec<u8> {
+        self.lock().current.clone()
+    }
+
+    /// What survives a crash for certain (the image as of the last flush, without FUA writes since).
+    pub fn durable_contents(&self) -> Vec<u8> {
+        self.lock().durable.clone()
+    }
+
+    /// Writes (FUA ones included) since the last flush.
+    pub fn pending_writes(&self) -> usize {
+        self.lock().pending.len()
+    }
+
+    pub fn flush_count(&self) -> u64 {
+        self.lock().flushes
+    }
+}
+
+impl BlockDevice for MemDevice {
+    fn size_bytes(&self) -> u64 {
+        self.lock().current.len() as u64
+    }
+
+    fn logical_block_bytes(&self) -> u32 {
+        self.logical_block_bytes
+    }
+
+    fn fast_zero(&self) -> bool {
+        true
+    }
+
+    async fn read(&self, offset: u64, mut buf: AlignedBuf) -> (AlignedBuf, io::Result<()>) {
+        let r = (|| {
+            let st = self.live()?;
+            check_range(offset, buf.len() as u64, st.current.len() as u64)?;
+            let (start, n) = (offset as usize, buf.len());
+            buf.copy_from_slice(&st.current[start..start + n]);
+            Ok(())
+        })();
+        (buf, r)
+    }
+
+    async fn write(&self, offset: u64, buf: AlignedBuf, fua: bool) -> (AlignedBuf, io::Result<()>) {
+        let r = (|| {
+            let mut st = self.live()?;
+            check_range(offset, buf.len() as u64, st.current.len() as u64)?;
+            if buf.is_empty() {
+                return Ok(());
+            }
+            let start = offset as usize;
+            st.current[start..start + buf.len()].copy_from_slice(&buf);
+            st.pending.push(PendingWrite { offset, data: PendingData::Bytes(buf.to_vec()), fua });
+            Ok(())
+        })();
+        (buf, r)
+    }
+
+    async fn flush(&self) -> io::Result<()> {
+        let mut st = self.live()?;
+        let st = &mut *st;
+        st.durable.clone_from(&st.current);
+        st.pending.clear();
+        st.flushes += 1;
+        Ok(())
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, _may_unmap: bool) -> io::Result<()> {
+        let mut st = self.live()?;
+        check_range(offset, len, st.current.len() as u64)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let start = offset as usize;
+        st.current[start..start + len as usize].fill(0);
+        st.pending.push(PendingWrite { offset, data: PendingData::Zeroes(len), fua: false });
+        Ok(())
+    }
+
+    async fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        let st = self.live()?;
+        check_range(offset, len, st.current.len() as u64)?;
+        // No sparse bookkeeping: everything is allocated, which is always a correct answer.
+        Ok(vec![Extent { length_bytes: len, hole: false }])
+    }
+}
+
+/// A set of byte values (256 bits).
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+struct ByteSet([u64; 4]);
+
+impl ByteSet {
+    fn insert(&mut self, v: u8) {
+        self.0[usize::from(v >> 6)] |= 1 << (v & 63);
+    }
+    fn remove(&mut self, v: u8) {
+        self.0[usize::from(v >> 6)] &= !(1 << (v & 63));
+    }
+    fn contains(&self, v: u8) -> bool {
+        self.0[usize::from(v >> 6)] & (1 << (v & 63)) != 0
+    }
+    fn is_empty(&self) -> bool {
+        self.0 == [0; 4]
+    }
+    fn len(&self) -> u32 {
+        self.0.iter().map(|w| w.count_ones()).sum()
+    }
+    fn clear(&mut self) {
+        self.0 = [0; 4];
+    }
+}
+
+impl std::fmt::Debug for ByteSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries((0..=255u8).filter(|&v| self.contains(v)).map(|v| format!("{v:#04x}"))).finish()
+    }
+}
+
+const SHADOW_CHUNK_BYTES: usize = 4096;
+
+/// A write the model has seen since the last flush.
+struct Logged {
+    offset: u64,
+    /// None: zeroes.
+    data: Option<Vec<u8>>,
+    len: u64,
+    fua: bool,
+}
+
+impl Logged {
+    fn value(&self, i: u64) -> u8 {
+        self.data.as_ref().map_or(0, |d| d[(i - self.offset) as usize])
+    }
+    fn range(&self) -> Range<usize> {
+        self.offset as usize..(self.offset + self.len) as usize
+    }
+}
+
+/// The shadow model of a disk under these crash semantics, for model-based tests of anything
+/// built on block devices (a volume, the mirror): for every byte, what a read may legally return.
+///
+/// * While nothing crashes a disk is linearizable: a read returns exactly the last completed write.
+/// * A crash may leave a byte with its durable value (last flushed or FUA-written) or with any value
+///   written to it since; which one is unknown until a read shows it. What the read saw is then on
+///   the media, so it is what the byte holds from then on (a second crash cannot change its mind).
+/// * Concurrent overlapping writes leave each byte with one of their values: the byte is contested
+///   until a read shows which, and both copies of a mirror must agree on it.
+///
+/// Bytes that are known cost a memcpy or memcmp per request; only undecided bytes are tracked one
+/// by one, so the model stays cheap enough for many seeds in an unoptimised test build.
+pub struct ShadowDisk {
+    /// The value a read must return, where `known`.
+    cur: Vec<u8>,
+    known: Vec<bool>,
+    /// Per 4 KiB chunk: how many of its bytes are not known (lets reads of known data be a memcmp).
+    unknown_in_chunk: Vec<u32>,
+    /// A value the media holds for the byte as of the last flush (FUA writes update it at once).
+    dur: Vec<u8>,
+    /// Per chunk, allocated on first use: other values the media may hold for a byte that a crash
+    /// left undecided. Empty for every byte that is decided.
+    alts: Vec<Option<Box<[ByteSet]>>>,
+    /// Writes since the last flush, in order: what a crash may or may not have kept.
+    log: Vec<Logged>,
+    /// Bytes whose current value is one of a set because overlapping writes raced.
+    contested: std::collections::HashMap<u64, ByteSet>,
+}
+
+impl ShadowDisk {
+    /// A disk whose durable contents are `image`.
+    pub fn new(image: Vec<u8>) -> Self {
+        let chunks = image.len().div_ceil(SHADOW_CHUNK_BYTES);
+        ShadowDisk {
+            known: vec![true; image.len()],
+            unknown_in_chunk: vec![0; chunks],
+            dur: image.clone(),
+            cur: image,
+            alts: (0..chunks).map(|_| None).collect(),
+            log: Vec::new(),
+            contested: Default::default(),
+        }
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        self.cur.len() as u64
+    }
+
+    fn alts_mut(&mut self, i: usize) -> &mut ByteSet {
+        let chunk = self.alts[i / SHADOW_CHUNK_BYTES]
+            .get_or_insert_with(|| vec![ByteSet::default(); SHADOW_CHUNK_BYTES].into_boxed_slice());
+        &mut chunk[i % SHADOW_CHUNK_BYTES]
+    }
+
+    fn alts_of(&self, i: usize) -> ByteSet {
+        self.alts[i / SHADOW_CHUNK_BYTES].as_ref().map_or_else(ByteSet::default, |c| c[i % SHADOW_CHUNK_BYTES])
+    }
+
+    /// Forgets the alternatives of every byte in `r` (they are decided).
+    fn clear_alts(&mut self, r: Range<usize>) {
+        let mut i = r.start;
+        while i < r.end {
+            let c = i / SHADOW_CHUNK_BYTES;
+            let end = r.end.min((c + 1) * SHADOW_CHUNK_BYTES);
+            if let Some(chunk) = self.alts[c].as_mut() {
+                chunk[i % SHADOW_CHUNK_BYTES..(end - 1) % SHADOW_CHUNK_BYTES + 1].fill(ByteSet::default());
+            }
+            i = end;
+        }
+    }
+
+    fn set_known(&mut self, i: usize, known: bool) {
+        if self.known[i] != known {
+            self.known[i] = known;
+            let n = &mut self.unknown_in_chunk[i / SHADOW_CHUNK_BYTES];
+            if known {
+                *n -= 1;
+            } else {
+                *n += 1;
+            }
+        }
+    }
+
+    /// Marks every byte of `r` known, touching one by one only chunks with unknown bytes.
+    fn mark_known(&mut self, r: Range<usize>) {
+        let mut i = r.start;
+        while i < r.end {
+            let c = i / SHADOW_CHUNK_BYTES;
+            let end = r.end.min((c + 1) * SHADOW_CHUNK_BYTES);
+            if self.unknown_in_chunk[c] > 0 {
+                for j in i..end {
+                    self.set_known(j, true);
+                    if !self.contested.is_empty() {
+                        self.contested.remove(&(j as u64));
+                    }
+                }
+            }
+            i = end;
+        }
+    }
+
+    fn record(&mut self, entry: Logged) {
+        let r = entry.range();
+        assert!(r.end <= self.cur.len(), "model write past the end");
+        match &entry.data {
+            Some(d) => self.cur[r.clone()].copy_from_slice(d),
+            None => self.cur[r.clone()].fill(0),
+        }
+        self.mark_known(r.clone());
+        if entry.fua {
+            self.dur[r.clone()].copy_from_slice(&self.cur[r.clone()]);
+            self.clear_alts(r);
+        }
+        self.log.push(entry);
+    }
+
+    /// An acknowledged write (with FUA: durable at once).
+    pub fn write(&mut self, offset: u64, data: &[u8], fua: bool) {
+        self.record(Logged { offset, data: Some(data.to_vec()), len: data.len() as u64, fua });
+    }
+
+    /// An acknowledged write_zeroes or trim (superdisk zeroes trimmed ranges).
+    pub fn write_zeroes(&mut self, offset: u64, len: u64, fua: bool) {
+        self.record(Logged { offset, data: None, len, fua });
+    }
+
+    /// Writes that were in flight together and all acknowledged, none with FUA. Returns the
+    /// ranges where they overlap with different data: read them next (with [`Self::check_read`])
+    /// to learn which write won.
+    pub fn write_racing(&mut self, writes: &[(u64, &[u8])]) -> Vec<Range<u64>> {
+        let mut overlaps: Vec<Range<u64>> = Vec::new();
+        for (a, (oa, da)) in writes.iter().enumerate() {
+            for (ob, db) in &writes[a + 1..] {
+                let start = (*oa).max(*ob);
+                let end = (oa + da.len() as u64).min(ob + db.len() as u64);
+                if start < end {
+                    overlaps.push(start..end);
+                }
+            }
+        }
+        for (o, d) in writes {
+            self.write(*o, d, false);
+        }
+        let mut contested_bytes: Vec<u64> = Vec::new();
+        for r in &overlaps {
+            for i in r.clone() {
+                let mut set = ByteSet::default();
+                for (o, d) in writes {
+                    if (*o..o + d.len() as u64).contains(&i) {
+                        set.insert(d[(i - o) as usize]);
+                    }
+                }
+                if set.len() >= 2 && self.contested.insert(i, set).is_none() {
+                    self.set_known(i as usize, false);
+                    contested_bytes.push(i);
+                }
+            }
+        }
+        contested_bytes.sort_unstable();
+        let mut ranges: Vec<Range<u64>> = Vec::new();
+        for i in contested_bytes {
+            match ranges.last_mut() {
+                Some(r) if r.end == i => r.end = i + 1,
+                _ => ranges.push(i..i + 1),
+            }
+        }
+        ranges
+    }
+
+    /// An acknowledged flush: everything written is durable.
+    pub fn flush(&mut self) {
+        assert!(self.contested.is_empty(), "model: read the contested ranges before the next step");
+        // Every logged byte is known (a write makes it so, and only a crash undoes that).
+        for entry in std::mem::take(&mut self.log) {
+            let r = entry.range();
+            self.dur[r.clone()].copy_from_slice(&self.cur[r.clone()]);
+            self.clear_alts(r);
+        }
+    }
+
+    /// Power loss: every byte that may hold something other than its durable value is undecided.
+    pub fn crash(&mut self) {
+        // A contested byte's candidates are all in the log.
+        for i in std::mem::take(&mut self.contested).into_keys() {
+            self.set_known(i as usize, true);
+        }
+        // Replay the log in order: a FUA write supersedes what came before it, as on the device.
+        for entry in std::mem::take(&mut self.log) {
+            let r = entry.range();
+            if entry.fua {
+                self.clear_alts(r);
+                continue;
+            }
+            for i in r {
+                let v = entry.value(i as u64);
+                self.alts_mut(i).insert(v);
+            }
+        }
+        for c in 0..self.alts.len() {
+            let Some(mut chunk) = self.alts[c].take() else { continue };
+            let mut any = false;
+            for (j, set) in chunk.iter_mut().enumerate() {
+                if set.is_empty() {
+                    continue;
+                }
+                let i = c * SHADOW_CHUNK_BYTES + j;
+                // Rewriting the durable value changes nothing: such a byte is decided.
+                set.remove(self.dur[i]);
+                if set.is_empty() {
+                    self.cur[i] = self.dur[i];
+                    self.set_known(i, true);
+                } else {
+                    self.set_known(i, false);
+                    any = true;
+                }
+            }
+            if any {
+                self.alts[c] = Some(chunk);
+            }
+        }
+    }
+
+    /// Checks what a read of `offset` returned and learns from it what undecided bytes hold.
+    pub fn check_read(&mut self, offset: u64, data: &[u8]) -> Result<(), String> {
+        let r = offset as usize..offset as usize + data.len();
+        assert!(r.end <= self.cur.len(), "model read past the end");
+        let mut bad: Vec<String> = Vec::new();
+        let mut bad_count = 0usize;
+        let mut i = r.start;
+        while i < r.end {
+            let c = i / SHADOW_CHUNK_BYTES;
+            let end = r.end.min((c + 1) * SHADOW_CHUNK_BYTES);
+            let got = &data[i - r.start..end - r.start];
+            if self.unknown_in_chunk[c] == 0 && got == &self.cur[i..end] {
+                i = end;
+                continue;
+            }
+            for (k, &x) in got.iter().enumerate() {
+                let j = i + k;
+                let legal = if self.known[j] {
+                    x == self.cur[j]
+                } else if let Some(set) = self.contested.get(&(j as u64)) {
+                    set.contains(x)
+                } else {
+                    x == self.dur[j] || self.alts_of(j).contains(x)
+                };
+                if !legal {
+                    bad_count += 1;
+                    if bad.len() < 4 {
+                        bad.push(format!("byte {j}: read {x:#04x}, legal {}", self.describe(j as u64)));
+                    }
+                    continue;
+                }
+                if self.known[j] {
+                    continue;
+                }
+                self.cur[j] = x;
+                self.set_known(j, true);
+                if self.contested.remove(&(j as u64)).is_none() {
+                    // Undecided since a crash: the media holds `x`, the only candidate now.
+                    self.dur[j] = x;
+                    self.alts_mut(j).clear();
+                }
+            }
+            i = end;
+        }
+        if bad_count > 0 {
+            return Err(format!(
+                "read of [{offset}, +{}) returned {bad_count} illegal byte(s); first: {}",
+                data.len(),
+                bad.join("; ")
+            ));
+        }
+        Ok(())
+    }
+
+    /// What the model allows for byte `i`, for failure messages.
+    pub fn describe(&self, i: u64) -> String {
+        let i = i as usize;
+        if self.known[i] {
+            return format!("exactly {:#04x}", self.cur[i]);
+        }
+        if let Some(set) = self.contested.get(&(i as u64)) {
+            return format!("one of the racing writes' {set:?}");
+        }
+        let mut set = self.alts_of(i);
+        set.insert(self.dur[i]);
+        format!("one of {set:?} (undecided since a crash)")
+    }
+
+    /// Bytes whose value is not determined (undecided since a crash, or contested).
+    pub fn undecided_bytes(&self) -> usize {
+        self.unknown_in_chunk.iter().map(|&n| n as usize).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
+    }
+
+    fn buf_of(bytes: &[u8]) -> AlignedBuf {
+        let mut b = AlignedBuf::zeroed(bytes.len());
+        b.copy_from_slice(bytes);
+        b
+    }
+
+    async fn write(dev: &MemDevice, offset: u64, bytes: &[u8], fua: bool) {
+        let (_, r) = dev.write(offset, buf_of(bytes), fua).await;
+        r.unwrap();
+    }
+
+    async fn read(dev: &MemDevice, offset: u64, len: usize) -> Vec<u8> {
+        let (b, r) = dev.read(offset, AlignedBuf::zeroed(len)).await;
+        r.unwrap();
+        b.to_vec()
+    }
+
+    #[test]
+    fn reads_see_unflushed_writes_and_bounds_are_checked() {
+        block_on(async {
+            let dev = MemDevice::new(8192);
+            write(&dev, 100, b"hello", false).await;
+            assert_eq!(read(&dev, 98, 9).await, b"\0\0hello\0\0");
+            dev.write_zeroes(101, 2, false).await.unwrap();
+            assert_eq!(read(&dev, 100, 5).await, b"h\0\0lo");
+            let (_, r) = dev.write(8190, buf_of(b"abc"), false).await;
+            assert_eq!(r.unwrap_err().kind(), io::ErrorKind::InvalidInput);
+            let (_, r) = dev.read(u64::MAX - 1, AlignedBuf::zeroed(4)).await;
+            assert!(r.is_err());
+            assert_eq!(dev.pending_writes(), 2);
+        });
+    }
+
+    #[test]
+    fn crash_keeps_flushed_and_fua_writes_and_only_drops_unflushed_ones() {
+        // Over many seeds, every kind of outcome must occur, and none may touch flushed data.
+        let mut seen = CrashReport::default();
+        for seed in 0..200 {
+            block_on(async {
+                let dev = MemDevice::new(1 << 16);
+                write(&dev, 0, &[1; 4096], false).await;
+                dev.flush().await.unwrap();
+                write(&dev, 8192, &[2; 4096], true).await;
+                write(&dev, 0, &[3; 2048], false).await; // over flushed data
+                write(&dev, 16384, &[4; 4096], false).await;
+                dev.write_zeroes(8192, 100, false).await.unwrap(); // over the FUA write
+                let r = dev.crash(&mut SimRng::new(seed));
+                assert_eq!(r.fua, 1);
+                assert_eq!(r.kept + r.dropped + r.torn, 3);
+                seen.kept += r.kept;
+                seen.dropped += r.dropped;
+                seen.torn += r.torn;
+                let img = dev.contents();
+                assert_eq!(img, dev.durable_contents());
+                // Flushed bytes: either still 1 or replaced by the later unflushed 3, per sector.
+                for (i, sector) in img[..2048].chunks(512).enumerate() {
+                    let v = sector[0];
+                    assert!(v == 1 || v == 3, "sector {i}: {v}");
+                    assert!(sector.iter().all(|&b| b == v), "a sector is never torn inside");
+                }
+                // Monotone prefix: once a sector of the torn write is old, the rest is old too.
+                let first_old = img[..2048].chunks(512).position(|s| s[0] == 1).unwrap_or(4);
+                assert!(img[first_old * 512..2048].iter().all(|&b| b == 1));
+                assert!(img[2048..4096].iter().all(|&b| b == 1));
+                // The FUA write survives; only the later zeroing may cover part of it.
+                assert!(img[8192..8292].iter().all(|&b| b == 0 || b == 2));
+                assert!(img[8292..12288].iter().all(|&b| b == 2));
+                assert!(img[16384..20480].iter().all(|&b| b == 0 || b == 4));
+                assert!(img[4096..8192].iter().all(|&b| b == 0));
+            });
+        }
+        assert!(seen.kept > 0 && seen.dropped > 0 && seen.torn > 0, "{seen:?}");
+    }
+
+    #[test]
+    fn fua_is_not_undone_by_an_older_unflushed_write() {
+        for seed in 0..50 {
+            block_on(async {
+                let dev = MemDevice::new(4096);
+                write(&dev, 0, &[7; 512], false).await;
+                write(&dev, 0, &[8; 512], true).await;
+                dev.crash(&mut SimRng::new(seed));
+                assert!(dev.contents()[..512].iter().all(|&b| b == 8));
+            });
+        }
+    }
+
+    #[test]
+    fn crash_is_deterministic_for_a_seed() {
+        let run = |seed| {
+            block_on(async {
+                let dev = MemDevice::new(1 << 16);
+                for i in 0..40u8 {
+                    write(&dev, u64::from(i) * 1000, &[i + 1; 1500], false).await;
+                }
+                dev.crash(&mut SimRng::new(seed));
+                dev.contents()
+            })
+        };
+        assert_eq!(run(5), run(5));
+        assert_ne!(run(5), run(6));
+    }
+
+    #[test]
+    fn flush_makes_everything_durable_and_a_crash_kills_old_handles() {
+        block_on(async {
+            let dev = MemDevice::new(4096);
+            let other = dev.clone();
+            write(&other, 0, b"abc", false).await;
+            dev.flush().await.unwrap();
+            assert_eq!(dev.pending_writes(), 0);
+            assert_eq!(&dev.durable_contents()[..3], b"abc");
+            dev.crash(&mut SimRng::new(1));
+            assert!(!dev.is_live() && !other.is_live());
+            let (_, r) = other.write(0, buf_of(b"zzz"), true).await;
+            assert!(r.is_err(), "a handle from before the crash must not reach the new image");
+            assert!(other.flush().await.is_err());
+            let dev = dev.reopen();
+            assert!(dev.is_live());
+            assert_eq!(read(&dev, 0, 3).await, b"abc");
+        });
+    }
+
+    #[test]
+    fn shadow_allows_exactly_what_a_crash_can_leave() {
+        let mut m = ShadowDisk::new(vec![0; 8192]);
+        m.write(0, &[1; 10], false);
+        assert!(m.check_read(0, &[1; 10]).is_ok());
+        assert!(m.check_read(0, &[0; 1]).is_err(), "a stale read before any crash is illegal");
+        m.flush();
+        m.write(0, &[2; 5], false);
+        m.write(5, &[3; 5], true);
+        m.crash();
+        assert_eq!(m.undecided_bytes(), 5);
+        // Byte 0: flushed 1 or unflushed 2. Bytes 5..10: FUA 3 only.
+        assert!(m.check_read(5, &[1]).is_err(), "a FUA write cannot be lost");
+        assert!(m.check_read(0, &[0]).is_err(), "a flushed write cannot be lost");
+        assert!(m.check_read(0, &[2, 1, 2]).is_ok());
+        assert!(m.check_read(0, &[1]).is_err(), "a byte read after a crash stays what it was read as");
+        m.crash();
+        assert!(m.check_read(0, &[1]).is_err(), "what a read saw after a crash is on the media");
+        assert!(m.check_read(0, &[2, 1, 2, 1, 1, 3]).is_ok(), "bytes 3 and 4 were still undecided");
+        assert_eq!(m.undecided_bytes(), 0);
+    }
+
+    #[test]
+    fn shadow_undecided_bytes_survive_writes_and_flushes_correctly() {
+        let mut m = ShadowDisk::new(vec![0; 100]);
+        m.write(0, &[9; 4], false);
+        m.crash();
+        m.write(0, &[7], false); // byte 0 known again, but its media value is 0, 9 or 7
+        m.flush(); // now byte 0 is durably 7; bytes 1..4 remain 0-or-9
+        assert_eq!(m.undecided_bytes(), 3);
+        m.crash();
+        assert!(m.check_read(0, &[9]).is_err());
+        assert!(m.check_read(0, &[7, 0, 9, 0]).is_ok());
+        m.write(50, &[5; 2], false);
+        m.write(50, &[5; 2], false);
+        m.flush();
+        m.crash();
+        assert_eq!(m.undecided_bytes(), 0);
+    }
+
+    #[test]
+    fn shadow_racing_writes_must_agree_once_read() {
+        let mut m = ShadowDisk::new(vec![0; 100]);
+        let contested = m.write_racing(&[(0, &[1; 10]), (5, &[2; 10]), (40, &[3; 2]), (41, &[3; 2])]);
+        assert_eq!(contested, vec![5..10]);
+        assert!(m.check_read(0, &[1; 5]).is_ok());
+        assert!(m.check_read(5, &[0]).is_err(), "neither write's value is stale data");
+        assert!(m.check_read(5, &[1, 2, 1, 2, 2]).is_ok());
+        assert!(m.check_read(5, &[2]).is_err(), "once read, the winner is fixed");
+        assert!(m.check_read(10, &[2; 5]).is_ok());
+        assert!(m.check_read(40, &[3; 3]).is_ok());
+        m.flush();
+        m.crash();
+        assert_eq!(m.undecided_bytes(), 0);
+    }
+
+    #[test]
+    fn the_device_never_leaves_what_the_model_forbids() {
+        // The two halves of the crash story must agree: whatever MemDevice keeps, ShadowDisk allows.
+        for seed in 0..100 {
+            block_on(async {
+                let mut rng = SimRng::new(seed);
+                let size = 16 << 10;
+                let dev = MemDevice::new(size);
+                let mut model = ShadowDisk::new(vec![0; size as usize]);
+                let mut dev_live = dev.clone();
+                for step in 0..60 {
+                    let off = rng.below(size - 1);
+                    let len = rng.in_range(1..(size - off).min(3000) + 1);
+                    match rng.below(10) {
+                        0..=4 => {
+                            let mut data = vec![0u8; len as usize];
+                            rng.fill(&mut data);
+                            let fua = rng.below(4) == 0;
+                            write(&dev_live, off, &data, fua).await;
+                            model.write(off, &data, fua);
+                        }
+                        5 => {
+                            dev_live.write_zeroes(off, len, false).await.unwrap();
+                            model.write_zeroes(off, len, false);
+                        }
+                        6 => {
+                            dev_live.flush().await.unwrap();
+                            model.flush();
+                        }
+                        7 | 8 => {
+                            let got = read(&dev_live, off, len as usize).await;
+                            model.check_read(off, &got).unwrap_or_else(|e| panic!("seed {seed} step {step}: {e}"));
+                        }
+                        _ => {
+                            dev_live.crash(&mut rng);
+                            dev_live = dev_live.reopen();
+                            model.crash();
+                        }
+                    }
+                }
+                dev_live.crash(&mut rng);
+                model.crash();
+                model.check_read(0, &dev_live.contents()).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+            });
+        }
+    }
+}
