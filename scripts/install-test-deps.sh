@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs what the test suite drives: real NBD clients (libnbd, qemu, fio), the peer servers
+# (nbdkit, qemu-nbd), and the filesystem tools for the XFS-on-export tests. Idempotent.
+set -euo pipefail
+pkgs=(libnbd-bin python3-libnbd qemu-utils fio nbdkit xfsprogs fuse3 util-linux coreutils)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  if [ "$(id -u)" != 0 ]; then
+    echo "install-test-deps: need root to install: ${missing[*]}" >&2
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The one command that runs every test: installs the external clients the tests use, then checks
+# formatting and lints, then runs unit, property, model and integration tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-test-deps.sh
+cargo fmt --all -- --check
+cargo clippy --all-targets -- -D warnings
+# Integration tests start daemons and mount filesystems; two at a time keeps a 2-core machine honest.
+cargo test --all-targets -- --test-threads=2

@@ -1,0 +1,116 @@
+//! The command line: the README's demo command, `create`'s refusals, and config errors that name
+//! their key. Each failure must leave the device untouched.
+
+mod common;
+use common::*;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[test]
+fn demo_creates_serves_and_stops_cleanly() {
+    require_tool("nbdinfo");
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut child = Command::new(BIN)
+        .args(["demo"])
+        .arg(dir.path().join("demo"))
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--size", "64M"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The demo prints how to connect once it is listening.
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut printed = String::new();
+    while !printed.contains("fio --name") {
+        assert!(Instant::now() < deadline, "demo printed no instructions: {printed}");
+        printed.push_str(&lines.next().expect("demo stdout ended").unwrap());
+        printed.push('\n');
+    }
+    assert!(printed.contains(&format!("nbdinfo nbd://127.0.0.1:{port}")), "{printed}");
+    let info = run_ok(Command::new("nbdinfo").arg("--size").arg(format!("nbd://127.0.0.1:{port}")));
+    assert_eq!(info.trim(), (64u64 << 20).to_string());
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "demo exit status {status}");
+    assert!(dir.path().join("demo/backing.img").exists());
+}
+
+#[test]
+fn create_refuses_a_tail_with_data_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("data.img");
+    let data: Vec<u8> = (0..(4u32 << 20)).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&img, &data).unwrap();
+    let out = Command::new(BIN).args(["create", "--backing"]).arg(&img).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not blank") && err.contains("--force"), "{err}");
+    assert_eq!(std::fs::read(&img).unwrap(), data, "a refused device must be left untouched");
+    // --force takes it; the data before the tail survives.
+    run_ok(Command::new(BIN).args(["create", "--force", "--backing"]).arg(&img));
+    let after = std::fs::read(&img).unwrap();
+    assert_eq!(&after[..1 << 20], &data[..1 << 20]);
+}
+
+#[test]
+fn create_is_idempotent_and_refuses_to_shrink() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("b.img");
+    run_ok(Command::new(BIN).args(["create", "--size", "16M", "--backing"]).arg(&img));
+    let again = run_ok(Command::new(BIN).args(["create", "--size", "16M", "--backing"]).arg(&img));
+    assert!(again.contains("already prepared"), "{again}");
+    let out = Command::new(BIN).args(["create", "--size", "8M", "--backing"]).arg(&img).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("refusing to truncate"));
+}
+
+#[test]
+fn serve_refuses_an_unprepared_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("plain.img");
+    std::fs::write(&img, vec![7u8; 1 << 20]).unwrap();
+    let out = Command::new(BIN).args(["serve", "--listen", "127.0.0.1:0", "--backing"]).arg(&img).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("superdisk create"), "{err}");
+    assert_eq!(std::fs::read(&img).unwrap(), vec![7u8; 1 << 20]);
+}
+
+#[test]
+fn config_errors_name_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("backing = \"/nonexistent\"\nlisten = \"not an address\"\n", "`listen`"),
+        ("backing = \"/x\"\nbogus_key = 1\n", "bogus_key"),
+        ("backing = \"/x\"\nio_engine = \"aio\"\n", "`io_engine`"),
+        ("backing = \"/x\"\nmax_connections = 0\n", "`max_connections`"),
+        ("listen = \"127.0.0.1:1\"\n", "`backing`"),
+    ];
+    for (i, (text, key)) in cases.iter().enumerate() {
+        let cfg = dir.path().join(format!("c{i}.toml"));
+        std::fs::write(&cfg, text).unwrap();
+        let out = Command::new(BIN).args(["serve", "--config"]).arg(&cfg).output().unwrap();
+        assert!(!out.status.success(), "config {text:?} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(key), "error for {text:?} does not name {key}: {err}");
+    }
+}
+
+#[test]
+fn sigterm_drains_and_records_a_clean_shutdown() {
+    require_tool("nbdinfo");
+    let mut d = Daemon::start(8 << 20, &[]);
+    run_ok(Command::new("nbdinfo").arg(d.uri()));
+    let status = d.stop();
+    assert!(status.success(), "exit status {status}; log:\n{}", d.log());
+    assert!(d.log().contains("clean shutdown recorded"));
+    d.spawn();
+    assert!(!d.log().contains("did not shut down cleanly"), "{}", d.log());
+    d.kill();
+    d.spawn();
+    assert!(d.log().contains("did not shut down cleanly"), "a SIGKILL must be noticed at the next start");
+}
