@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tracing::Instrument;
 
 pub(crate) struct ConnLimits {
     pub export: ExportParams,
@@ -23,6 +24,7 @@ pub(crate) struct ConnLimits {
 /// In-flight accounting unit: budgets are counted in 4 KiB pages so a u32 permit count covers
 /// budgets far above any sane setting.
 const BUDGET_UNIT_BYTES: usize = 4096;
+const SHUTDOWN_HANDSHAKE_GRACE: Duration = Duration::from_secs(2);
 /// Replies are batched into writes of about this much before the socket sees them.
 const WRITE_BUFFER_BYTES: usize = 256 * 1024;
 /// A block-status reply is capped at this many extents (spec SHOULD NOT exceed 2^20).
@@ -36,9 +38,9 @@ struct Reply {
     _budget: Option<OwnedSemaphorePermit>,
 }
 
+/// Serves one connection to its end. The caller instruments it with a span naming the connection,
+/// so every log line (and every request task, which inherits it) says which client it is about.
 pub(crate) async fn serve_connection<R, W, V>(
-    id: u64,
-    peer: String,
     reader: R,
     writer: W,
     volume: Arc<V>,
@@ -49,36 +51,48 @@ pub(crate) async fn serve_connection<R, W, V>(
     W: AsyncWrite + Unpin + Send + 'static,
     V: Volume,
 {
-    let span = tracing::info_span!("conn", id, peer = %peer);
-    let _e = span.enter();
-    drop(_e);
     let mut reader = BufReader::with_capacity(64 * 1024, reader);
     let mut writer = BufWriter::with_capacity(WRITE_BUFFER_BYTES, writer);
-    let negotiated = tokio::time::timeout(
-        limits.handshake_timeout,
-        negotiate(&mut reader, &mut writer, &limits.export, shutdown.clone()),
-    )
-    .await;
-    let session = match negotiated {
-        Ok(Ok(Some(s))) => s,
-        Ok(Ok(None)) => {
-            tracing::debug!(parent: &span, "client ended negotiation");
-            return;
-        }
-        Ok(Err(e)) => {
-            tracing::info!(parent: &span, error = %e, "handshake failed; closing");
-            return;
-        }
-        Err(_) => {
-            tracing::info!(parent: &span, timeout_s = limits.handshake_timeout.as_secs(), "handshake timed out; closing");
+    let mut stop = shutdown.clone();
+    let negotiated = tokio::select! {
+        r = tokio::time::timeout(
+            limits.handshake_timeout,
+            negotiate(&mut reader, &mut writer, &limits.export, shutdown.clone()),
+        ) => r,
+        // On shutdown a client still negotiating gets a short grace, during which its options are
+        // answered with ERR_SHUTDOWN (spec), then the connection is closed.
+        _ = async {
+            let _ = stop.wait_for(|s| *s).await;
+            tokio::time::sleep(SHUTDOWN_HANDSHAKE_GRACE).await;
+        } => {
+            tracing::info!("shutting down during the handshake; closing");
             return;
         }
     };
-    tracing::info!(parent: &span, structured = session.structured_replies, base_allocation = session.base_allocation, "client connected");
+    let session = match negotiated {
+        Ok(Ok(Some(s))) => s,
+        Ok(Ok(None)) => {
+            tracing::debug!("client ended negotiation");
+            return;
+        }
+        Ok(Err(e)) => {
+            tracing::info!(error = %e, "handshake failed; closing");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(timeout_s = limits.handshake_timeout.as_secs(), "handshake timed out; closing");
+            return;
+        }
+    };
+    tracing::info!(
+        structured = session.structured_replies,
+        base_allocation = session.base_allocation,
+        "client connected"
+    );
     let result = transmission(reader, writer, session, volume, limits, shutdown).await;
     match result {
-        Ok(()) => tracing::info!(parent: &span, "client disconnected"),
-        Err(e) => tracing::info!(parent: &span, error = %e, "connection closed"),
+        Ok(()) => tracing::info!("client disconnected"),
+        Err(e) => tracing::info!(error = %e, "connection closed"),
     }
 }
 
@@ -211,7 +225,7 @@ where
             // device become tasks (their next poll registers the real waker).
             let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
             if request.as_mut().poll(&mut cx).is_pending() {
-                tokio::spawn(request);
+                tokio::spawn(request.in_current_span());
             }
         }
     }

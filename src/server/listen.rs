@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
@@ -108,23 +109,28 @@ pub async fn run<V: Volume>(
         };
         next_id += 1;
         let (volume, limits, shutdown, id) = (volume.clone(), limits.clone(), shutdown.clone(), next_id);
-        conns.spawn(async move {
-            let _permit = permit;
-            match conn {
-                Accepted::Tcp((s, peer)) => {
-                    if let Err(e) = super::tune_tcp(&s) {
-                        tracing::warn!(error = %e, "cannot set TCP options");
+        let span = tracing::info_span!("conn", id, peer = tracing::field::Empty);
+        conns.spawn(
+            async move {
+                let _permit = permit;
+                match conn {
+                    Accepted::Tcp((s, peer)) => {
+                        tracing::Span::current().record("peer", tracing::field::display(peer));
+                        if let Err(e) = super::tune_tcp(&s) {
+                            tracing::warn!(error = %e, "cannot set TCP options");
+                        }
+                        let (r, w) = s.into_split();
+                        serve_connection(r, w, volume, limits, shutdown).await
                     }
-                    let peer = peer.to_string();
-                    let (r, w) = s.into_split();
-                    serve_connection(id, peer, r, w, volume, limits, shutdown).await
-                }
-                Accepted::Unix(s) => {
-                    let (r, w) = s.into_split();
-                    serve_connection(id, "unix".into(), r, w, volume, limits, shutdown).await
+                    Accepted::Unix(s) => {
+                        tracing::Span::current().record("peer", "unix");
+                        let (r, w) = s.into_split();
+                        serve_connection(r, w, volume, limits, shutdown).await
+                    }
                 }
             }
-        });
+            .instrument(span),
+        );
     }
     tracing::info!(connections = conns.len(), "stopped accepting; draining connections");
     while conns.join_next().await.is_some() {}
