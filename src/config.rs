@@ -75,6 +75,13 @@ pub struct FileConfig {
     pub handshake_timeout_secs: Option<u64>,
     pub idle_timeout_secs: Option<u64>,
     pub log_level: Option<String>,
+    /// Local SSDs holding the mirror; several are striped. Empty: no mirror.
+    pub cache: Option<Vec<PathBuf>>,
+    pub cache_direct: Option<bool>,
+    pub take_over_foreign_cache: Option<bool>,
+    pub read_error_budget: Option<u32>,
+    pub rebuild_min_bytes_per_s: Option<ByteSize>,
+    pub rebuild_max_bytes_per_s: Option<ByteSize>,
 }
 
 impl FileConfig {
@@ -103,6 +110,12 @@ pub struct ServeConfig {
     pub handshake_timeout_secs: u64,
     pub idle_timeout_secs: u64,
     pub log_level: String,
+    pub cache: Vec<PathBuf>,
+    pub cache_direct: Option<bool>,
+    pub take_over_foreign_cache: bool,
+    pub read_error_budget: u32,
+    pub rebuild_min_bytes_per_s: u64,
+    pub rebuild_max_bytes_per_s: u64,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
@@ -156,6 +169,24 @@ impl ServeConfig {
         if !["error", "warn", "info", "debug", "trace"].contains(&log_level.as_str()) {
             return Err(invalid("log_level", format!("{log_level:?} is not one of error, warn, info, debug, trace")));
         }
+        let rebuild_min_bytes_per_s = f.rebuild_min_bytes_per_s.map_or(100 << 20, |b| b.0);
+        let rebuild_max_bytes_per_s = f.rebuild_max_bytes_per_s.map_or(u64::MAX, |b| b.0);
+        if rebuild_min_bytes_per_s == 0 {
+            return Err(invalid("rebuild_min_bytes_per_s", "must be positive, or a busy disk would never be rebuilt"));
+        }
+        if rebuild_max_bytes_per_s < rebuild_min_bytes_per_s {
+            return Err(invalid(
+                "rebuild_max_bytes_per_s",
+                format!("{rebuild_max_bytes_per_s} is below rebuild_min_bytes_per_s ({rebuild_min_bytes_per_s})"),
+            ));
+        }
+        let cache = f.cache.unwrap_or_default();
+        if cache.iter().any(|c| c == &backing) {
+            return Err(invalid("cache", "lists the backing device itself"));
+        }
+        if let Some(dup) = cache.iter().enumerate().find_map(|(i, c)| cache[..i].contains(c).then_some(c)) {
+            return Err(invalid("cache", format!("lists {} twice", dup.display())));
+        }
         if listen.is_none() && f.unix.is_none() {
             return Err(invalid("listen", "is empty and no `unix` socket is set: nothing to serve on"));
         }
@@ -174,6 +205,12 @@ impl ServeConfig {
             handshake_timeout_secs,
             idle_timeout_secs: f.idle_timeout_secs.unwrap_or(0),
             log_level,
+            cache,
+            cache_direct: f.cache_direct,
+            take_over_foreign_cache: f.take_over_foreign_cache.unwrap_or(false),
+            read_error_budget: f.read_error_budget.unwrap_or(20),
+            rebuild_min_bytes_per_s,
+            rebuild_max_bytes_per_s,
         })
     }
 }
@@ -235,6 +272,10 @@ mod tests {
         assert!(e.contains("listen_addr"), "{e}");
         let e = parse("backing = \"/x\"\nmax_connections = \"many\"").unwrap_err().to_string();
         assert!(e.contains("max_connections"), "{e}");
+        let e = parse("backing = \"/x\"\ncache = [\"/c\", \"/c\"]").unwrap_err().to_string();
+        assert!(e.contains("`cache`") && e.contains("twice"), "{e}");
+        let e = parse("backing = \"/x\"\nrebuild_max_bytes_per_s = \"1M\"").unwrap_err().to_string();
+        assert!(e.contains("rebuild_max_bytes_per_s"), "{e}");
         let e = parse("listen = \"1.2.3.4:5\"").unwrap_err().to_string();
         assert!(e.contains("`backing`"), "{e}");
         let e = parse("backing = \"/x\"\nmax_inflight_bytes_per_connection = \"12Q\"").unwrap_err().to_string();

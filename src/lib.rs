@@ -4,6 +4,7 @@
 pub mod config;
 pub mod device;
 pub mod meta;
+pub mod mirror;
 pub mod nbd;
 pub mod server;
 pub mod volume;

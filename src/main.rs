@@ -7,7 +7,7 @@ use std::sync::Arc;
 use superdisk::config::{parse_size, FileConfig, ServeConfig};
 use superdisk::device::{BlockDevice, EngineKind, FileDevice, OpenOptions};
 use superdisk::meta::store::{self, TailState};
-use superdisk::meta::DEFAULT_REGION_BYTES;
+use superdisk::mirror::{self, MirrorOptions, MirrorVolume, Mode};
 use superdisk::nbd::ExportParams;
 use superdisk::server::{self, ServerConfig};
 use superdisk::volume::{PlainVolume, Volume};
@@ -35,6 +35,28 @@ enum Command {
         /// Overwrite a tail that holds something other than superdisk metadata.
         #[arg(long)]
         force: bool,
+        /// A local SSD (device or file) to hold the mirror; repeat to stripe several.
+        #[arg(long)]
+        cache: Vec<PathBuf>,
+        /// Unit of the valid and write-intent bitmaps (a power of two, 64K..=64M).
+        #[arg(long, value_parser = parse_size, default_value = "1M")]
+        region_size: u64,
+        /// Stripe unit across several caches (a power of two ≥ 4K).
+        #[arg(long, value_parser = parse_size, default_value = "512K")]
+        stripe_size: u64,
+        /// Format caches that belong to another superdisk or hold unknown data.
+        #[arg(long)]
+        take_over_cache: bool,
+    },
+    /// Compare the cache with the backing for every region the cache calls valid (offline).
+    Verify {
+        #[arg(long)]
+        backing: PathBuf,
+        #[arg(long, required = true)]
+        cache: Vec<PathBuf>,
+        /// Rewrite mismatching ranges from the backing.
+        #[arg(long)]
+        repair: bool,
     },
     /// Serve the disk over NBD.
     Serve(ServeArgs),
@@ -45,6 +67,9 @@ enum Command {
         listen: String,
         #[arg(long, value_parser = parse_size, default_value = "1G")]
         size: u64,
+        /// Serve without a cache (backing only).
+        #[arg(long)]
+        no_cache: bool,
     },
 }
 
@@ -74,17 +99,28 @@ struct ServeArgs {
     direct: Option<bool>,
     #[arg(long)]
     log_level: Option<String>,
+    /// A local SSD holding the mirror; repeat to stripe several.
+    #[arg(long)]
+    cache: Vec<PathBuf>,
+    /// Format a cache that belongs to another superdisk (or holds unknown data) and rebuild it.
+    #[arg(long)]
+    take_over_cache: bool,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Create { backing, size, force } => {
+        Command::Create { backing, size, force, cache, region_size, stripe_size, take_over_cache } => {
             init_logging("info");
-            runtime().and_then(|rt| rt.block_on(create(&backing, size, force)))
+            let geometry = Geometry { region_size, stripe_size, take_over_cache };
+            runtime().and_then(|rt| rt.block_on(create(&backing, size, force, &cache, &geometry)))
+        }
+        Command::Verify { backing, cache, repair } => {
+            init_logging("info");
+            runtime().and_then(|rt| rt.block_on(verify(&backing, &cache, repair)))
         }
         Command::Serve(args) => serve_cmd(args),
-        Command::Demo { dir, listen, size } => demo(dir, listen, size),
+        Command::Demo { dir, listen, size, no_cache } => demo(dir, listen, size, no_cache),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -113,13 +149,48 @@ fn init_logging(level: &str) {
         .try_init();
 }
 
-async fn create(backing: &Path, size: Option<u64>, force: bool) -> Result<(), AnyError> {
+/// Create-time geometry: recorded on the devices, fixed for their life.
+struct Geometry {
+    region_size: u64,
+    stripe_size: u64,
+    take_over_cache: bool,
+}
+
+impl Geometry {
+    fn validate(&self) -> Result<(u32, u32), AnyError> {
+        let region =
+            u32::try_from(self.region_size).ok().filter(|r| r.is_power_of_two() && (64 << 10..=64 << 20).contains(r));
+        let region = region
+            .ok_or_else(|| format!("--region-size {}: must be a power of two from 64K to 64M", self.region_size))?;
+        let stripe = u32::try_from(self.stripe_size).ok().filter(|s| s.is_power_of_two() && *s >= 4096);
+        let stripe = stripe
+            .ok_or_else(|| format!("--stripe-size {}: must be a power of two of at least 4K", self.stripe_size))?;
+        Ok((region, stripe))
+    }
+}
+
+fn open_device(path: &Path, direct: Option<bool>, engine: EngineKind) -> Result<FileDevice, AnyError> {
+    Ok(FileDevice::open(path, &OpenOptions { read_only: false, direct, engine })?)
+}
+
+async fn create(
+    backing: &Path,
+    size: Option<u64>,
+    force: bool,
+    caches: &[PathBuf],
+    geo: &Geometry,
+) -> Result<(), AnyError> {
+    let (region_bytes, stripe_bytes) = geo.validate()?;
+    // Open every cache before touching anything, so a wrong path fails with nothing written.
+    let cache_devs: Vec<Arc<FileDevice>> = caches
+        .iter()
+        .map(|c| open_device(c, None, EngineKind::Psync).map(Arc::new).map_err(|e| format!("cache: {e}").into()))
+        .collect::<Result<_, AnyError>>()?;
     if let Some(export_bytes) = size {
         if export_bytes == 0 || export_bytes % 4096 != 0 {
             return Err(format!("--size {export_bytes}: must be a non-zero multiple of 4096").into());
         }
-        let meta = superdisk::meta::meta_bytes(export_bytes, DEFAULT_REGION_BYTES);
-        let want = export_bytes + meta;
+        let want = export_bytes + superdisk::meta::meta_bytes(export_bytes, region_bytes);
         match std::fs::metadata(backing) {
             Ok(m) if m.file_type().is_file() => {
                 if m.len() > want {
@@ -144,41 +215,80 @@ async fn create(backing: &Path, size: Option<u64>, force: bool) -> Result<(), An
             Err(e) => return Err(format!("{}: {e}", backing.display()).into()),
         }
     }
-    let dev = FileDevice::open(backing, &OpenOptions { read_only: false, direct: None, engine: EngineKind::Psync })?;
-    let mut sb = store::new_backing_superblock(dev.size_bytes(), DEFAULT_REGION_BYTES)?;
-    match store::inspect_tail(&dev, DEFAULT_REGION_BYTES).await? {
+    let dev = open_device(backing, None, EngineKind::Psync)?;
+    let mut sb = store::new_backing_superblock(dev.size_bytes(), region_bytes)?;
+    let reuse = match store::inspect_tail(&dev, region_bytes).await? {
         TailState::Ours(old) if !force => {
             println!(
-                "{}: already prepared for superdisk (export size {} bytes); nothing to do (use --force to reinitialise)",
+                "{}: already prepared for superdisk (export size {} bytes); keeping it (use --force to reinitialise)",
                 backing.display(),
                 old.data_size_bytes
             );
-            return Ok(());
+            sb = *old;
+            true
         }
         TailState::Foreign if !force => {
             return Err(format!(
                 "{}: the last {} bytes are not blank and hold no superdisk metadata; they may be data. \
                  Refusing to overwrite them (use --force if you are sure)",
                 backing.display(),
-                superdisk::meta::meta_bytes(dev.size_bytes(), DEFAULT_REGION_BYTES)
+                superdisk::meta::meta_bytes(dev.size_bytes(), region_bytes)
             )
             .into());
         }
-        TailState::Ours(old) => sb.generation = old.generation + 1,
-        _ => {}
+        TailState::Ours(old) => {
+            sb.generation = old.generation + 1;
+            false
+        }
+        _ => false,
+    };
+    if !reuse {
+        // Zero the metadata area first: stale bitmap bytes must never be read as ours.
+        let meta_start = sb.data_size_bytes;
+        dev.write_zeroes(meta_start, dev.size_bytes() - meta_start, false).await?;
+        store::write_superblock(&dev, &sb).await?;
+        dev.flush().await?;
+        println!(
+            "{}: prepared for superdisk: export size {} bytes ({} MiB), metadata {} bytes at the tail",
+            backing.display(),
+            sb.data_size_bytes,
+            sb.data_size_bytes >> 20,
+            dev.size_bytes() - sb.data_size_bytes
+        );
     }
-    // Zero the metadata area first: stale bitmap bytes must never be read as ours.
-    let meta_start = sb.data_size_bytes;
-    dev.write_zeroes(meta_start, dev.size_bytes() - meta_start, false).await?;
-    store::write_superblock(&dev, &sb).await?;
-    dev.flush().await?;
-    println!(
-        "{}: prepared for superdisk: export size {} bytes ({} MiB), metadata {} bytes at the tail",
-        backing.display(),
-        sb.data_size_bytes,
-        sb.data_size_bytes >> 20,
-        dev.size_bytes() - sb.data_size_bytes
-    );
+    if !cache_devs.is_empty() {
+        let opts = MirrorOptions {
+            region_bytes: sb.region_bytes,
+            stripe_bytes,
+            take_over_foreign_cache: geo.take_over_cache,
+            ..MirrorOptions::default()
+        };
+        mirror::create_cache(&sb, &cache_devs, &opts).await?;
+        println!(
+            "cache set ready: {} device(s), stripe {} KiB; the first serve fills it",
+            cache_devs.len(),
+            stripe_bytes >> 10
+        );
+    }
+    Ok(())
+}
+
+async fn verify(backing: &Path, caches: &[PathBuf], repair: bool) -> Result<(), AnyError> {
+    let b = Arc::new(open_device(backing, None, EngineKind::Psync)?);
+    let cs: Vec<Arc<FileDevice>> =
+        caches.iter().map(|c| open_device(c, None, EngineKind::Psync).map(Arc::new)).collect::<Result<_, _>>()?;
+    let sb = store::read_superblock(&*b).await?.map_err(|e| format!("{}: {e}", backing.display()))?;
+    let regions = superdisk::meta::regions(sb.data_size_bytes, sb.region_bytes);
+    let mismatches = mirror::verify_offline(b, cs, repair).await?;
+    for (offset, length) in &mismatches {
+        println!("mismatch offset={offset} length={length}{}", if repair { " (repaired)" } else { "" });
+    }
+    println!("verify: {regions} regions checked, {} mismatches", mismatches.len());
+    if !mismatches.is_empty() && !repair {
+        return Err(
+            format!("{} mismatching ranges between cache and backing (rerun with --repair)", mismatches.len()).into()
+        );
+    }
     Ok(())
 }
 
@@ -211,15 +321,23 @@ fn serve_cmd(args: ServeArgs) -> Result<(), AnyError> {
     if args.log_level.is_some() {
         f.log_level = args.log_level;
     }
+    if !args.cache.is_empty() {
+        f.cache = Some(args.cache);
+    }
+    if args.take_over_cache {
+        f.take_over_foreign_cache = Some(true);
+    }
     let cfg = ServeConfig::from_file_config(f)?;
     init_logging(&cfg.log_level);
     runtime()?.block_on(serve(cfg, |_| {}))
 }
 
 async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(&[String])) -> Result<(), AnyError> {
+    // With a mirror the daemon writes metadata to the backing even for a read-only export.
+    let backing_read_only = cfg.read_only && cfg.cache.is_empty();
     let dev = FileDevice::open(
         &cfg.backing,
-        &OpenOptions { read_only: cfg.read_only, direct: cfg.direct, engine: cfg.io_engine },
+        &OpenOptions { read_only: backing_read_only, direct: cfg.direct, engine: cfg.io_engine },
     )?;
     tracing::info!(
         backing = %cfg.backing.display(),
@@ -229,11 +347,61 @@ async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(&[String])) -> Result<(),
         "opened backing device"
     );
     let rotational = dev.rotational();
-    let volume =
-        Arc::new(PlainVolume::open(dev, cfg.read_only).await.map_err(|e| format!("{}: {e}", cfg.backing.display()))?);
-    if volume.recovered_from_crash {
-        tracing::warn!("the previous run did not shut down cleanly");
+    if cfg.cache.is_empty() {
+        let volume =
+            PlainVolume::open(dev, cfg.read_only).await.map_err(|e| format!("{}: {e}", cfg.backing.display()))?;
+        if volume.recovered_from_crash {
+            tracing::warn!("the previous run did not shut down cleanly");
+        }
+        return serve_volume(Arc::new(volume), &cfg, rotational, on_ready, |_| None).await;
     }
+    let mut caches = Vec::new();
+    for path in &cfg.cache {
+        // A missing SSD (a migrated VM, a dead device) must not stop the disk: serve degraded.
+        match FileDevice::open(path, &OpenOptions { read_only: false, direct: cfg.cache_direct, engine: cfg.io_engine })
+        {
+            Ok(c) => caches.push(c),
+            Err(e) => {
+                tracing::error!(cache = %path.display(), error = %e, "cache device unavailable; the whole cache set is left out");
+                caches.clear();
+                break;
+            }
+        }
+    }
+    let opts = MirrorOptions {
+        read_error_budget: cfg.read_error_budget,
+        rebuild_min_bytes_per_s: cfg.rebuild_min_bytes_per_s,
+        rebuild_max_bytes_per_s: cfg.rebuild_max_bytes_per_s,
+        take_over_foreign_cache: cfg.take_over_foreign_cache,
+        ..MirrorOptions::default()
+    };
+    let volume =
+        Arc::new(MirrorVolume::open(dev, caches, opts).await.map_err(|e| format!("{}: {e}", cfg.backing.display()))?);
+    let watched = volume.clone();
+    serve_volume(volume, &cfg, rotational, on_ready, move |last| {
+        let mode = watched.mode();
+        (Some(mode) != last).then_some(mode)
+    })
+    .await
+}
+
+fn mode_name(m: Mode) -> &'static str {
+    match m {
+        Mode::Healthy => "healthy",
+        Mode::Degraded => "degraded",
+        Mode::Rebuilding => "rebuilding",
+    }
+}
+
+/// Runs the NBD server over `volume` until SIGTERM/SIGINT, then flushes it. `mode_changed` is
+/// polled to log mirror mode changes (None: unchanged, or no mirror).
+async fn serve_volume<V: Volume>(
+    volume: Arc<V>,
+    cfg: &ServeConfig,
+    rotational: bool,
+    on_ready: impl FnOnce(&[String]),
+    mut mode_changed: impl FnMut(Option<Mode>) -> Option<Mode> + Send + 'static,
+) -> Result<(), AnyError> {
     let export = ExportParams {
         name: cfg.export.clone(),
         description: cfg.description.clone(),
@@ -266,27 +434,57 @@ async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(&[String])) -> Result<(),
         tracing::info!(signal = name, "shutting down: finishing in-flight requests");
         let _ = stop_tx.send(true);
     });
+    let mut stop_watch = stop_rx.clone();
+    tokio::spawn(async move {
+        let mut last: Option<Mode> = None;
+        loop {
+            if let Some(mode) = mode_changed(last) {
+                if last == Some(Mode::Rebuilding) && mode == Mode::Healthy {
+                    tracing::info!("rebuild complete");
+                }
+                tracing::info!("mode={}", mode_name(mode));
+                last = Some(mode);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(std::time::Duration::from_millis(250)) => {}
+                _ = stop_watch.changed() => return,
+            }
+        }
+    });
     server::run(volume.clone(), server_cfg, stop_rx, on_ready).await?;
     volume.shutdown().await.map_err(|e| format!("flush at shutdown failed: {e}"))?;
     tracing::info!("flushed; clean shutdown recorded");
     Ok(())
 }
 
-fn demo(dir: Option<PathBuf>, listen: String, size: u64) -> Result<(), AnyError> {
+fn demo(dir: Option<PathBuf>, listen: String, size: u64, no_cache: bool) -> Result<(), AnyError> {
     init_logging("info");
     let dir = dir.unwrap_or_else(|| PathBuf::from("superdisk-demo"));
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let backing = dir.join("backing.img");
+    let cache = dir.join("cache.img");
+    let caches = if no_cache { vec![] } else { vec![cache.clone()] };
+    if !no_cache && !cache.exists() {
+        // The cache needs room for the export plus its own metadata; a sparse file costs nothing.
+        let f = std::fs::OpenOptions::new().write(true).create_new(true).open(&cache)?;
+        f.set_len(size + 2 * superdisk::meta::meta_bytes(size, superdisk::meta::DEFAULT_REGION_BYTES))?;
+    }
     let rt = runtime()?;
-    rt.block_on(create(&backing, if backing.exists() { None } else { Some(size) }, false))?;
+    let geo = Geometry {
+        region_size: superdisk::meta::DEFAULT_REGION_BYTES.into(),
+        stripe_size: 512 << 10,
+        take_over_cache: false,
+    };
+    rt.block_on(create(&backing, if backing.exists() { None } else { Some(size) }, false, &caches, &geo))?;
     let cfg = ServeConfig::from_file_config(FileConfig {
         backing: Some(backing.clone()),
         listen: Some(listen),
+        cache: Some(caches),
         ..Default::default()
     })?;
     rt.block_on(serve(cfg, |endpoints| {
         let uri = endpoints.first().cloned().unwrap_or_default();
-        println!("\nsuperdisk demo is serving {} — try, from another terminal:", backing.display());
+        println!("\nsuperdisk demo is serving {} — try, from another terminal:", dir.display());
         println!("  nbdinfo {uri}");
         println!("  nbdinfo --map {uri}");
         println!("  mkdir -p /tmp/sd && nbdfuse /tmp/sd/disk {uri} &   # then: losetup -f --show /tmp/sd/disk");

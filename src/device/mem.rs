@@ -24,6 +24,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 /// The granularity at which a crash may tear a write, as a disk's sector does.
 pub const TEAR_GRANULARITY_BYTES: u64 = 512;
+/// The granularity of [`BlockDevice::allocation`] answers.
+pub const ALLOCATION_BLOCK_BYTES: u64 = 4096;
 
 #[derive(Clone, Debug)]
 enum PendingData {
@@ -185,6 +187,13 @@ impl MemDevice {
         report
     }
 
+    /// Makes every existing handle dead without losing anything, as the exit of the process that
+    /// held them does: a test "restarts" a volume cleanly with this and [`MemDevice::reopen`], so
+    /// no task left over from the old volume can write under the new one.
+    pub fn revoke_handles(&self) {
+        self.lock().power_cycle += 1;
+    }
+
     /// A live handle after a crash (power restored). Other handles stay dead.
     pub fn reopen(&self) -> MemDevice {
         let power_cycle = self.lock().power_cycle;
@@ -258,8 +267,10 @@ impl BlockDevice for MemDevice {
     async fn flush(&self) -> io::Result<()> {
         let mut st = self.live()?;
         let st = &mut *st;
-        st.durable.clone_from(&st.current);
-        st.pending.clear();
+        // Replaying the log costs what was written since, not the size of the device.
+        for w in std::mem::take(&mut st.pending) {
+            w.apply_prefix(&mut st.durable, w.len());
+        }
         st.flushes += 1;
         Ok(())
     }
@@ -279,8 +290,21 @@ impl BlockDevice for MemDevice {
     async fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
         let st = self.live()?;
         check_range(offset, len, st.current.len() as u64)?;
-        // No sparse bookkeeping: everything is allocated, which is always a correct answer.
-        Ok(vec![Extent { length_bytes: len, hole: false }])
+        // A 4 KiB block that reads as zeroes is reported as a hole (as a thin device that detects
+        // zeroes would): always true to what reads return, and it gives callers' hole paths work.
+        let mut out: Vec<Extent> = Vec::new();
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let next = ((pos / ALLOCATION_BLOCK_BYTES + 1) * ALLOCATION_BLOCK_BYTES).min(end);
+            let hole = st.current[pos as usize..next as usize].iter().all(|&b| b == 0);
+            match out.last_mut() {
+                Some(e) if e.hole == hole => e.length_bytes += next - pos,
+                _ => out.push(Extent { length_bytes: next - pos, hole }),
+            }
+            pos = next;
+        }
+        Ok(out)
     }
 }
 
@@ -574,9 +598,10 @@ impl ShadowDisk {
             }
             for (k, &x) in got.iter().enumerate() {
                 let j = i + k;
+                let contested = if self.contested.is_empty() { None } else { self.contested.get(&(j as u64)) };
                 let legal = if self.known[j] {
                     x == self.cur[j]
-                } else if let Some(set) = self.contested.get(&(j as u64)) {
+                } else if let Some(set) = contested {
                     set.contains(x)
                 } else {
                     x == self.dur[j] || self.alts_of(j).contains(x)
@@ -593,7 +618,7 @@ impl ShadowDisk {
                 }
                 self.cur[j] = x;
                 self.set_known(j, true);
-                if self.contested.remove(&(j as u64)).is_none() {
+                if self.contested.is_empty() || self.contested.remove(&(j as u64)).is_none() {
                     // Undecided since a crash: the media holds `x`, the only candidate now.
                     self.dur[j] = x;
                     self.alts_mut(j).clear();
@@ -669,6 +694,11 @@ mod tests {
             let (_, r) = dev.read(u64::MAX - 1, AlignedBuf::zeroed(4)).await;
             assert!(r.is_err());
             assert_eq!(dev.pending_writes(), 2);
+            // Zero blocks are holes, at 4 KiB granularity (and clipped to the request).
+            let ext = dev.allocation(50, 8000).await.unwrap();
+            let want = [Extent { length_bytes: 4046, hole: false }, Extent { length_bytes: 3954, hole: true }];
+            assert_eq!(ext, want);
+            assert_eq!(dev.allocation(4096, 4096).await.unwrap(), vec![Extent { length_bytes: 4096, hole: true }]);
         });
     }
 
@@ -759,6 +789,12 @@ mod tests {
             let dev = dev.reopen();
             assert!(dev.is_live());
             assert_eq!(read(&dev, 0, 3).await, b"abc");
+            write(&dev, 0, b"xyz", false).await;
+            dev.revoke_handles();
+            assert!(!dev.is_live());
+            let dev = dev.reopen();
+            assert_eq!(read(&dev, 0, 3).await, b"xyz", "revoking handles loses nothing");
+            assert_eq!(dev.pending_writes(), 1);
         });
     }
 

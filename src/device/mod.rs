@@ -61,6 +61,40 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn allocation(&self, offset: u64, len: u64) -> impl Future<Output = io::Result<Vec<Extent>>> + Send;
 }
 
+/// A shared device is a device: lets one opened device be handed to code that wants ownership
+/// (a cache set, a verifier) while the caller keeps a handle.
+impl<D: BlockDevice> BlockDevice for Arc<D> {
+    fn size_bytes(&self) -> u64 {
+        (**self).size_bytes()
+    }
+    fn logical_block_bytes(&self) -> u32 {
+        (**self).logical_block_bytes()
+    }
+    fn fast_zero(&self) -> bool {
+        (**self).fast_zero()
+    }
+    fn read(&self, offset: u64, buf: AlignedBuf) -> impl Future<Output = (AlignedBuf, io::Result<()>)> + Send {
+        (**self).read(offset, buf)
+    }
+    fn write(
+        &self,
+        offset: u64,
+        buf: AlignedBuf,
+        fua: bool,
+    ) -> impl Future<Output = (AlignedBuf, io::Result<()>)> + Send {
+        (**self).write(offset, buf, fua)
+    }
+    fn flush(&self) -> impl Future<Output = io::Result<()>> + Send {
+        (**self).flush()
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> impl Future<Output = io::Result<()>> + Send {
+        (**self).write_zeroes(offset, len, may_unmap)
+    }
+    fn allocation(&self, offset: u64, len: u64) -> impl Future<Output = io::Result<Vec<Extent>>> + Send {
+        (**self).allocation(offset, len)
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum EngineKind {

@@ -12,9 +12,11 @@
 //! The two superblock slots are written alternately (slot = generation % 2), so a torn write of
 //! one leaves the other intact; the reader takes the valid slot with the higher generation.
 
+pub mod bitmap;
 pub mod store;
 pub mod superblock;
 
+pub use bitmap::{BitmapKind, Bits, DiskBitmap, MetaLayout, BITS_PER_PAGE};
 pub use superblock::{Superblock, SuperblockError, SUPERBLOCK_BYTES};
 
 /// Alignment and granularity of the metadata area.
@@ -22,10 +24,15 @@ pub const META_ALIGN_BYTES: u64 = 1 << 20;
 /// Default region: the unit of the valid and write-intent bitmaps.
 pub const DEFAULT_REGION_BYTES: u32 = 1 << 20;
 
-/// Bytes of one bitmap with a bit per region, rounded up to 4 KiB so each can be written alone.
+/// Bytes of one copy of a bitmap with a bit per region: whole 4 KiB pages, each carrying its own
+/// header and checksum (see [`bitmap`]), so each page can be written and survive tearing alone.
 pub fn bitmap_bytes(data_size_bytes: u64, region_bytes: u32) -> u64 {
-    let regions = data_size_bytes.div_ceil(u64::from(region_bytes));
-    regions.div_ceil(8).div_ceil(4096).max(1) * 4096
+    bitmap::pages_for(regions(data_size_bytes, region_bytes)) * bitmap::PAGE_BYTES as u64
+}
+
+/// Number of regions (bits of every bitmap) of an export.
+pub fn regions(data_size_bytes: u64, region_bytes: u32) -> u64 {
+    data_size_bytes.div_ceil(u64::from(region_bytes))
 }
 
 /// Size of the metadata area for an export of `data_size_bytes`: room for four bitmaps (two

@@ -15,10 +15,7 @@ pub async fn read_superblock<D: BlockDevice>(dev: &D) -> io::Result<Result<Super
     let (buf, r) = dev.read(a, AlignedBuf::zeroed(2 * SUPERBLOCK_BYTES)).await;
     r?;
     debug_assert_eq!(b, a + SUPERBLOCK_BYTES as u64);
-    Ok(Superblock::pick(
-        Superblock::decode(&buf[..SUPERBLOCK_BYTES]),
-        Superblock::decode(&buf[SUPERBLOCK_BYTES..]),
-    ))
+    Ok(Superblock::pick(Superblock::decode(&buf[..SUPERBLOCK_BYTES]), Superblock::decode(&buf[SUPERBLOCK_BYTES..])))
 }
 
 /// Writes `sb` into the slot its generation selects and makes it durable. The other slot keeps the
@@ -95,13 +92,17 @@ pub fn new_backing_superblock(device_bytes: u64, region_bytes: u32) -> io::Resul
         flags: 0,
         epoch: 1,
         created_unix_s: unix_now_s(),
+        ..Superblock::default()
     })
 }
 
 /// Checks that a superblock read from `dev` describes it, returning a readable reason if not.
 pub fn check_backing(sb: &Superblock, dev_size_bytes: u64) -> io::Result<()> {
     if sb.role != DeviceRole::Backing {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "superblock belongs to a cache device, not a backing device"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "superblock belongs to a cache device, not a backing device",
+        ));
     }
     if dev_size_bytes < sb.device_size_bytes {
         return Err(io::Error::new(

@@ -16,6 +16,13 @@ pub enum DeviceRole {
 /// Set while a daemon has the device open; a superblock that still has it at start-up means the
 /// previous run did not stop cleanly.
 pub const FLAG_OPEN: u32 = 1 << 0;
+/// Backing only: the write-intent and changed-regions bitmaps have been formatted. `create` leaves
+/// the metadata area zeroed and the mirror engine formats the bitmaps on first open; until then a
+/// missing bitmap page means "never formatted", afterwards it means "lost" (and is treated as
+/// all-dirty).
+pub const FLAG_BITMAPS: u32 = 1 << 1;
+/// Every flag this version knows; others are refused (a newer superdisk set them).
+pub const KNOWN_FLAGS: u32 = FLAG_OPEN | FLAG_BITMAPS;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Superblock {
@@ -32,10 +39,55 @@ pub struct Superblock {
     pub meta_bytes: u64,
     pub region_bytes: u32,
     pub flags: u32,
-    /// Advanced whenever the backing disk is written without a cache attached, so that a cache
-    /// from an older epoch is known to have missed writes.
+    /// Backing: advanced whenever the backing disk may be written without the paired cache set
+    /// seeing the write (degraded operation), so that a cache from an older epoch is known to have
+    /// missed writes. Cache: the backing epoch this cache was last known to be in sync with.
     pub epoch: u64,
     pub created_unix_s: u64,
+    /// Backing: the cache set the changed-regions bitmap is kept for (all zero: none).
+    /// Cache: the set this device is a member of (shared by every member of one stripe set).
+    pub cache_set_uuid: [u8; 16],
+    /// Backing: the changed-regions bitmap records every region written since this epoch while
+    /// the paired cache set was away; 0 means the record is missing (any stale cache needs a full
+    /// rebuild). Cache: unused (0).
+    pub changed_since_epoch: u64,
+    /// Backing: the `generation` of the last superblock the mirror engine itself wrote. Anything
+    /// else that rewrote the superblock (the plain, cache-less volume) may have written the disk
+    /// without recording changed regions, which this mismatch reveals. Cache: unused (0).
+    pub mirror_generation: u64,
+    /// Cache: size of the exported disk this cache set mirrors (the backing's data_size_bytes).
+    /// Backing: unused (0).
+    pub array_data_bytes: u64,
+    /// Cache: this device's position in the stripe set, and the number of members.
+    pub member_index: u32,
+    pub member_count: u32,
+    /// Cache: the stripe unit of the set (0 for a single member).
+    pub stripe_bytes: u32,
+}
+
+impl Default for Superblock {
+    fn default() -> Self {
+        Superblock {
+            role: DeviceRole::Backing,
+            generation: 0,
+            array_uuid: [0; 16],
+            device_uuid: [0; 16],
+            data_size_bytes: 0,
+            device_size_bytes: 0,
+            meta_bytes: 0,
+            region_bytes: super::DEFAULT_REGION_BYTES,
+            flags: 0,
+            epoch: 0,
+            created_unix_s: 0,
+            cache_set_uuid: [0; 16],
+            changed_since_epoch: 0,
+            mirror_generation: 0,
+            array_data_bytes: 0,
+            member_index: 0,
+            member_count: 0,
+            stripe_bytes: 0,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -51,6 +103,8 @@ pub enum SuperblockError {
 }
 
 const CRC_OFFSET: usize = SUPERBLOCK_BYTES - 4;
+/// Bytes used by the fields; the rest up to the CRC is reserved and written as zeroes.
+const ENCODED_FIELDS_BYTES: usize = 156;
 
 impl Superblock {
     pub fn encode(&self) -> [u8; SUPERBLOCK_BYTES] {
@@ -69,6 +123,14 @@ impl Superblock {
         w.put(&self.flags.to_le_bytes());
         w.put(&self.epoch.to_le_bytes());
         w.put(&self.created_unix_s.to_le_bytes());
+        w.put(&self.cache_set_uuid);
+        w.put(&self.changed_since_epoch.to_le_bytes());
+        w.put(&self.mirror_generation.to_le_bytes());
+        w.put(&self.array_data_bytes.to_le_bytes());
+        w.put(&self.member_index.to_le_bytes());
+        w.put(&self.member_count.to_le_bytes());
+        w.put(&self.stripe_bytes.to_le_bytes());
+        debug_assert_eq!(w.pos, ENCODED_FIELDS_BYTES);
         let crc = crc32c::crc32c(&b[..CRC_OFFSET]);
         b[CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
         b
@@ -104,7 +166,38 @@ impl Superblock {
             flags: r.u32(),
             epoch: r.u64(),
             created_unix_s: r.u64(),
+            cache_set_uuid: r.array(),
+            changed_since_epoch: r.u64(),
+            mirror_generation: r.u64(),
+            array_data_bytes: r.u64(),
+            member_index: r.u32(),
+            member_count: r.u32(),
+            stripe_bytes: r.u32(),
         };
+        debug_assert_eq!(r.pos, ENCODED_FIELDS_BYTES);
+        if sb.flags & !KNOWN_FLAGS != 0 {
+            return Err(SuperblockError::Invalid {
+                field: "flags",
+                reason: format!("unknown flags {:#x} (written by a newer superdisk?)", sb.flags & !KNOWN_FLAGS),
+            });
+        }
+        if sb.role == DeviceRole::Cache {
+            if sb.member_count == 0 || sb.member_index >= sb.member_count {
+                return Err(SuperblockError::Invalid {
+                    field: "member_index",
+                    reason: format!("member {} of {}", sb.member_index, sb.member_count),
+                });
+            }
+            if sb.member_count > 1 && (!sb.stripe_bytes.is_power_of_two() || sb.stripe_bytes < 4096) {
+                return Err(SuperblockError::Invalid {
+                    field: "stripe_bytes",
+                    reason: format!("{} is not a power of two ≥ 4096", sb.stripe_bytes),
+                });
+            }
+            if sb.array_data_bytes == 0 {
+                return Err(SuperblockError::Invalid { field: "array_data_bytes", reason: "zero".into() });
+            }
+        }
         if !sb.region_bytes.is_power_of_two() || sb.region_bytes < 4096 {
             return Err(SuperblockError::Invalid {
                 field: "region_bytes",
@@ -176,20 +269,42 @@ mod tests {
     use proptest::prelude::*;
 
     fn arb_sb() -> impl Strategy<Value = Superblock> {
-        (any::<u64>(), any::<[u8; 16]>(), any::<[u8; 16]>(), 0u64..1 << 50, 12u32..30, any::<u32>(), any::<u64>(), any::<bool>())
-            .prop_map(|(generation, a, d, data, shift, flags, epoch, cache)| Superblock {
-                role: if cache { DeviceRole::Cache } else { DeviceRole::Backing },
-                generation,
-                array_uuid: a,
-                device_uuid: d,
-                data_size_bytes: data,
-                device_size_bytes: data + (8 << 20),
-                meta_bytes: 8 << 20,
-                region_bytes: 1 << shift,
-                flags,
-                epoch,
-                created_unix_s: 1_700_000_000,
-            })
+        (
+            (
+                any::<u64>(),
+                any::<[u8; 16]>(),
+                any::<[u8; 16]>(),
+                0u64..1 << 50,
+                12u32..30,
+                0u32..=KNOWN_FLAGS,
+                any::<u64>(),
+            ),
+            (any::<bool>(), any::<[u8; 16]>(), any::<u64>(), any::<u64>(), 1u64..1 << 50, 1u32..64, 12u32..24),
+        )
+            .prop_map(
+                |((generation, a, d, data, shift, flags, epoch), (cache, set, since, mgen, array, count, stripe))| {
+                    Superblock {
+                        role: if cache { DeviceRole::Cache } else { DeviceRole::Backing },
+                        generation,
+                        array_uuid: a,
+                        device_uuid: d,
+                        data_size_bytes: data,
+                        device_size_bytes: data + (8 << 20),
+                        meta_bytes: 8 << 20,
+                        region_bytes: 1 << shift,
+                        flags,
+                        epoch,
+                        created_unix_s: 1_700_000_000,
+                        cache_set_uuid: set,
+                        changed_since_epoch: since,
+                        mirror_generation: mgen,
+                        array_data_bytes: array,
+                        member_index: count - 1,
+                        member_count: count,
+                        stripe_bytes: 1 << stripe,
+                    }
+                },
+            )
     }
 
     proptest! {
@@ -239,6 +354,7 @@ mod tests {
             flags: 0,
             epoch: 0,
             created_unix_s: 0,
+            ..Superblock::default()
         }
     }
 }

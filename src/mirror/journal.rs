@@ -1,0 +1,437 @@
+//! The backing device's metadata as the mirror engine keeps it: its superblock, the write-intent
+//! bitmap and the changed-regions bitmap, with group commit.
+//!
+//! * **Write intent**: before the first write into a region its bit is durable on the backing;
+//!   it clears lazily, once the region has been idle for a whole cleaner interval and both devices
+//!   were flushed (and the cache's valid bitmap persisted) after its last write. At start-up every
+//!   region with the bit set may differ between the copies and is resynced.
+//! * **Changed regions** (md's bitmap re-add): while no cache set is attached ("recording"), every
+//!   written region is also marked here, durably before the write. When the paired cache set comes
+//!   back it resyncs only those regions.
+//!
+//! Group commit: writers set bits in memory under a short lock and then wait for a commit that
+//! started after their change; one commit writes every dirty page (one 4 KiB FUA write each), so
+//! concurrent first-writes share the metadata I/O. Changed pages are written before intent pages,
+//! so the changed record is never behind a cleared intent bit on disk.
+
+use super::MirrorStats;
+use crate::device::BlockDevice;
+use crate::meta::bitmap::page_of;
+use crate::meta::store::write_superblock;
+use crate::meta::superblock::{FLAG_BITMAPS, FLAG_OPEN};
+use crate::meta::{BitmapKind, Bits, DiskBitmap, MetaLayout, Superblock, BITS_PER_PAGE};
+use std::collections::{BTreeSet, HashMap};
+use std::io;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+struct JState {
+    /// In memory: set means the region may have a write in flight or not yet flushed on both.
+    intent: Bits,
+    /// The bit is set on disk and no clear of it is pending: a writer may proceed without a commit.
+    intent_durable: Bits,
+    /// A write into the region started since the last cleaner pass.
+    touched: Bits,
+    changed: Bits,
+    changed_durable: Bits,
+    /// Writes in flight per region.
+    inflight: HashMap<u64, u32>,
+    /// No cache set attached: writes mark changed regions too.
+    recording: bool,
+    dirty_intent: BTreeSet<u64>,
+    dirty_changed: BTreeSet<u64>,
+    /// Bumped by every change that needs a commit; a commit makes everything up to the value it
+    /// saw durable.
+    seq: u64,
+}
+
+struct JournalIo {
+    intent: DiskBitmap,
+    changed: DiskBitmap,
+}
+
+pub(crate) struct Journal {
+    st: Mutex<JState>,
+    io: tokio::sync::Mutex<JournalIo>,
+    durable_seq: AtomicU64,
+    sb: Mutex<Superblock>,
+    stats: Arc<MirrorStats>,
+}
+
+/// What the backing's metadata said at open.
+pub(crate) struct OpenInfo {
+    /// The previous run did not shut down cleanly.
+    pub crashed: bool,
+    pub intent_regions: u64,
+}
+
+/// The bitmaps as found on disk, for the start-up decision and for offline verify.
+pub(crate) struct LoadedBitmaps {
+    pub intent: Bits,
+    pub changed: Bits,
+    /// Whether every changed-regions page was readable (otherwise the record is lost).
+    pub changed_complete: bool,
+    intent_disk: DiskBitmap,
+    changed_disk: DiskBitmap,
+}
+
+pub(crate) fn backing_layout<B: BlockDevice>(dev: &B, sb: &Superblock) -> MetaLayout {
+    MetaLayout::new(dev.size_bytes(), sb.data_size_bytes, sb.region_bytes)
+}
+
+/// Adjusts a backing superblock read from disk to what its pairing can be trusted for: if
+/// something other than the mirror engine rewrote the superblock since (the plain volume, an older
+/// tool), it may have written the disk without recording changed regions, so no cache set can be
+/// trusted; if the changed-regions record is incomplete, only an in-sync set can.
+pub(crate) fn effective_pairing(sb: &mut Superblock, changed_complete: bool) {
+    if sb.mirror_generation != sb.generation && sb.cache_set_uuid != [0; 16] {
+        tracing::warn!("the backing was served without the mirror engine since its cache was last attached; the cache will be fully rebuilt");
+        sb.cache_set_uuid = [0; 16];
+        sb.changed_since_epoch = 0;
+    }
+    if !changed_complete {
+        sb.changed_since_epoch = 0;
+    }
+}
+
+/// Reads the intent and changed bitmaps; None if they were never formatted.
+pub(crate) async fn load_bitmaps<B: BlockDevice>(dev: &B, sb: &Superblock) -> io::Result<Option<LoadedBitmaps>> {
+    if sb.flags & FLAG_BITMAPS == 0 {
+        return Ok(None);
+    }
+    let layout = backing_layout(dev, sb);
+    let regions = crate::meta::regions(sb.data_size_bytes, sb.region_bytes);
+    let mut li = DiskBitmap::load(dev, layout, BitmapKind::Intent, sb.device_uuid, regions).await?;
+    // A lost intent page could hide writes in flight at a crash: treat its regions as dirty.
+    for &p in &li.missing_pages {
+        tracing::warn!(page = p, "write-intent bitmap page unreadable; resyncing the regions it covers");
+        li.bits.set_page(p);
+    }
+    let lc = DiskBitmap::load(dev, layout, BitmapKind::Changed, sb.device_uuid, regions).await?;
+    if !lc.missing_pages.is_empty() {
+        tracing::warn!(pages = ?lc.missing_pages, "changed-regions bitmap pages unreadable; a stale cache will be fully rebuilt");
+    }
+    Ok(Some(LoadedBitmaps {
+        intent: li.bits,
+        changed: lc.bits,
+        changed_complete: lc.missing_pages.is_empty(),
+        intent_disk: li.disk,
+        changed_disk: lc.disk,
+    }))
+}
+
+impl Journal {
+    /// Loads (or on first use formats) the bitmaps and marks the backing open. `sb` is the
+    /// backing's current superblock.
+    pub async fn open<B: BlockDevice>(
+        dev: &B,
+        mut sb: Superblock,
+        stats: Arc<MirrorStats>,
+    ) -> io::Result<(Journal, OpenInfo)> {
+        let regions = crate::meta::regions(sb.data_size_bytes, sb.region_bytes);
+        let crashed = sb.flags & FLAG_OPEN != 0;
+        let loaded = match load_bitmaps(dev, &sb).await? {
+            Some(l) => {
+                effective_pairing(&mut sb, l.changed_complete);
+                l
+            }
+            None => {
+                let layout = backing_layout(dev, &sb);
+                let zero = Bits::new(regions);
+                let intent_disk = DiskBitmap::format(dev, layout, BitmapKind::Intent, sb.device_uuid, &zero).await?;
+                let changed_disk = DiskBitmap::format(dev, layout, BitmapKind::Changed, sb.device_uuid, &zero).await?;
+                sb.flags |= FLAG_BITMAPS;
+                sb.changed_since_epoch = 0;
+                LoadedBitmaps { intent: zero.clone(), changed: zero, changed_complete: true, intent_disk, changed_disk }
+            }
+        };
+        let info = OpenInfo { crashed, intent_regions: loaded.intent.count_ones() };
+        let journal = Journal {
+            st: Mutex::new(JState {
+                intent_durable: loaded.intent.clone(),
+                intent: loaded.intent,
+                touched: Bits::new(regions),
+                changed_durable: loaded.changed.clone(),
+                changed: loaded.changed,
+                inflight: HashMap::new(),
+                recording: false,
+                dirty_intent: BTreeSet::new(),
+                dirty_changed: BTreeSet::new(),
+                seq: 0,
+            }),
+            io: tokio::sync::Mutex::new(JournalIo { intent: loaded.intent_disk, changed: loaded.changed_disk }),
+            durable_seq: AtomicU64::new(0),
+            sb: Mutex::new(sb),
+            stats,
+        };
+        // Mark the backing open (and the bitmaps formatted) before anything is written to it.
+        journal.update_sb(dev, |sb| sb.flags |= FLAG_OPEN | FLAG_BITMAPS).await?;
+        Ok((journal, info))
+    }
+
+    fn state(&self) -> MutexGuard<'_, JState> {
+        self.st.lock().expect("journal state poisoned")
+    }
+
+    pub fn sb(&self) -> Superblock {
+        self.sb.lock().expect("superblock poisoned").clone()
+    }
+
+    /// Rewrites the backing superblock with `f` applied (next generation, durable on return).
+    pub async fn update_sb<B: BlockDevice>(&self, dev: &B, f: impl FnOnce(&mut Superblock)) -> io::Result<()> {
+        let _io = self.io.lock().await;
+        let mut sb = self.sb();
+        f(&mut sb);
+        sb.generation += 1;
+        sb.mirror_generation = sb.generation;
+        write_superblock(dev, &sb).await?;
+        *self.sb.lock().expect("superblock poisoned") = sb;
+        Ok(())
+    }
+
+    /// Registers a write to regions `rs` and returns once their intent bits (and, while recording,
+    /// changed bits) are durable. `under_lock` runs while the journal's state lock is held, with
+    /// whether changes are being recorded: the engine uses it to pick the cache set the write goes
+    /// to, atomically with the marking (see `attach`). The guard ends the write's registration.
+    pub async fn mark<B: BlockDevice, T>(
+        &self,
+        dev: &B,
+        rs: Range<u64>,
+        under_lock: impl FnOnce(bool) -> T,
+    ) -> io::Result<(MarkGuard<'_>, T)> {
+        let (need, t) = {
+            let mut st = self.state();
+            let mut need = false;
+            for r in rs.clone() {
+                *st.inflight.entry(r).or_insert(0) += 1;
+                st.touched.set(r);
+                if !st.intent_durable.get(r) {
+                    if !st.intent.get(r) {
+                        st.intent.set(r);
+                        st.dirty_intent.insert(page_of(r));
+                    }
+                    need = true;
+                }
+                if st.recording && !st.changed_durable.get(r) {
+                    if !st.changed.get(r) {
+                        st.changed.set(r);
+                        st.dirty_changed.insert(page_of(r));
+                    }
+                    need = true;
+                }
+            }
+            let recording = st.recording;
+            let seq = need.then(|| {
+                st.seq += 1;
+                st.seq
+            });
+            (seq, under_lock(recording))
+        };
+        // The guard exists before the await, so a failed or cancelled commit unregisters the write.
+        let guard = MarkGuard { journal: self, rs };
+        if let Some(seq) = need {
+            self.commit_until(dev, seq).await?;
+        }
+        Ok((guard, t))
+    }
+
+    /// Commits everything changed so far.
+    pub async fn commit<B: BlockDevice>(&self, dev: &B) -> io::Result<()> {
+        let seq = {
+            let mut st = self.state();
+            st.seq += 1;
+            st.seq
+        };
+        self.commit_until(dev, seq).await
+    }
+
+    async fn commit_until<B: BlockDevice>(&self, dev: &B, seq: u64) -> io::Result<()> {
+        loop {
+            if self.durable_seq.load(Ordering::Acquire) >= seq {
+                return Ok(());
+            }
+            let mut io = self.io.lock().await;
+            if self.durable_seq.load(Ordering::Acquire) >= seq {
+                return Ok(());
+            }
+            let (snap_seq, changed_pages, intent_pages) = {
+                let mut st = self.state();
+                let changed: Vec<(u64, Vec<u8>)> = std::mem::take(&mut st.dirty_changed)
+                    .into_iter()
+                    .map(|p| (p, st.changed.page_payload_vec(p)))
+                    .collect();
+                let intent: Vec<(u64, Vec<u8>)> = std::mem::take(&mut st.dirty_intent)
+                    .into_iter()
+                    .map(|p| (p, st.intent.page_payload_vec(p)))
+                    .collect();
+                (st.seq, changed, intent)
+            };
+            let written = async {
+                // Changed before intent: a cleared intent bit must never be durable while the
+                // changed bit that replaces it is not.
+                for (p, payload) in &changed_pages {
+                    io.changed.store_payload(dev, *p, payload).await?;
+                }
+                for (p, payload) in &intent_pages {
+                    io.intent.store_payload(dev, *p, payload).await?;
+                }
+                Ok::<(), io::Error>(())
+            }
+            .await;
+            let mut st = self.state();
+            match written {
+                Ok(()) => {
+                    // Durable now: what the snapshot had set and memory still has set (a bit
+                    // cleared since will be written as clear by a later commit).
+                    let JState { intent, intent_durable, changed, changed_durable, .. } = &mut *st;
+                    settle(intent_durable, intent, &intent_pages);
+                    settle(changed_durable, changed, &changed_pages);
+                    self.durable_seq.fetch_max(snap_seq, Ordering::AcqRel);
+                    self.stats.intent_commits.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    st.dirty_changed.extend(changed_pages.iter().map(|(p, _)| *p));
+                    st.dirty_intent.extend(intent_pages.iter().map(|(p, _)| *p));
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Cleaner, first half: the regions whose intent bit may be cleared if they stay idle until
+    /// [`Journal::clear_idle`] (set, no write in flight, none started since the last pass). Starts
+    /// a new pass: every region counts as untouched from now on.
+    pub fn clean_candidates(&self) -> Vec<u64> {
+        let mut st = self.state();
+        let cands: Vec<u64> =
+            st.intent.iter_ones().filter(|&r| !st.touched.get(r) && !st.inflight.contains_key(&r)).collect();
+        st.touched.clear_all();
+        cands
+    }
+
+    /// Cleaner, second half (after both devices were flushed and the cache's valid bitmap
+    /// persisted): clears the candidates no write touched meanwhile, then commits.
+    pub async fn clear_idle<B: BlockDevice>(&self, dev: &B, cands: &[u64]) -> io::Result<u64> {
+        let cleared = {
+            let mut st = self.state();
+            let mut n = 0;
+            for &r in cands {
+                if !st.touched.get(r) && !st.inflight.contains_key(&r) && st.intent.get(r) {
+                    st.intent.clear(r);
+                    st.intent_durable.clear(r);
+                    st.dirty_intent.insert(page_of(r));
+                    n += 1;
+                }
+            }
+            n
+        };
+        if cleared > 0 {
+            self.commit(dev).await?;
+        }
+        Ok(cleared)
+    }
+
+    /// Shutdown: every region without a write in flight is clean (the caller flushed both devices
+    /// and persisted the valid bitmap after the last write).
+    pub async fn clear_all_idle<B: BlockDevice>(&self, dev: &B) -> io::Result<()> {
+        let cands: Vec<u64> = {
+            let st = self.state();
+            st.intent.iter_ones().filter(|r| !st.inflight.contains_key(r)).collect()
+        };
+        {
+            let mut st = self.state();
+            st.touched.clear_all();
+        }
+        self.clear_idle(dev, &cands).await.map(|_| ())
+    }
+
+    /// Starts recording changed regions if `under_lock` (run with the state lock held; the engine
+    /// detaches the cache set there) returns true: every region with an intent bit may have been
+    /// written without the cache, so it joins the record.
+    pub fn start_recording_if(&self, under_lock: impl FnOnce() -> bool) -> bool {
+        let mut st = self.state();
+        if !under_lock() {
+            return false;
+        }
+        st.recording = true;
+        let JState { intent, changed, dirty_changed, seq, .. } = &mut *st;
+        for r in intent.iter_ones() {
+            if !changed.get(r) {
+                changed.set(r);
+                dirty_changed.insert(page_of(r));
+            }
+        }
+        *seq += 1;
+        true
+    }
+
+    /// Runs `under_lock` with the state lock held, passing the current intent and changed bitmaps
+    /// and whether changes are being recorded, and stops recording if it returns Some. The engine
+    /// computes an attached set's valid regions and installs the set there, so that no write can
+    /// slip between the computation and the installation.
+    pub fn stop_recording_if<T>(&self, under_lock: impl FnOnce(&Bits, &Bits, bool) -> Option<T>) -> Option<T> {
+        let mut st = self.state();
+        let t = under_lock(&st.intent, &st.changed, st.recording)?;
+        st.recording = false;
+        Some(t)
+    }
+
+    /// Forgets the changed-regions record (the paired set has caught up); commit to persist.
+    pub fn reset_changed(&self) {
+        let mut st = self.state();
+        if !st.changed.any() {
+            return;
+        }
+        let pages: Vec<u64> = st.changed.iter_ones().map(page_of).collect();
+        st.changed.clear_all();
+        st.changed_durable.clear_all();
+        st.dirty_changed.extend(pages);
+        st.seq += 1;
+    }
+
+    pub fn intent_count(&self) -> u64 {
+        self.state().intent.count_ones()
+    }
+
+    pub fn changed_count(&self) -> u64 {
+        self.state().changed.count_ones()
+    }
+}
+
+/// `durable := snapshot ∧ memory` for the bits of each snapshotted page.
+fn settle(durable: &mut Bits, mem: &Bits, pages: &[(u64, Vec<u8>)]) {
+    let total_bytes = mem.len().div_ceil(8);
+    for (p, payload) in pages {
+        let first = Bits::page_first_byte(*p);
+        for (k, &snap) in payload.iter().enumerate() {
+            let i = first + k as u64;
+            if i >= total_bytes {
+                break;
+            }
+            durable.set_byte(i, snap & mem.byte(i));
+        }
+    }
+    debug_assert!(BITS_PER_PAGE % 8 == 0);
+}
+
+/// Ends a write's registration (decrements its regions' in-flight counts).
+pub(crate) struct MarkGuard<'a> {
+    journal: &'a Journal,
+    rs: Range<u64>,
+}
+
+impl Drop for MarkGuard<'_> {
+    fn drop(&mut self) {
+        let mut st = self.journal.state();
+        for r in self.rs.clone() {
+            match st.inflight.get_mut(&r) {
+                Some(n) if *n > 1 => *n -= 1,
+                Some(_) => {
+                    st.inflight.remove(&r);
+                }
+                None => debug_assert!(false, "region {r} was not registered"),
+            }
+        }
+    }
+}

@@ -1,0 +1,1068 @@
+//! The mirror engine: a [`Volume`] that keeps a full copy of the exported disk on one or more
+//! local cache devices (SSDs) and writes through to the durable backing device, like md RAID1
+//! with the backing marked write-mostly.
+//!
+//! ```text
+//!   front end ──► MirrorVolume
+//!                   │ read:  Valid regions ──► cache (Striped<C>) ─ error ─► backing + rewrite cache
+//!                   │        other regions ──► backing              (read repair; budget → degraded)
+//!                   │ write: range lock ─► intent bit durable (group commit, Journal)
+//!                   │        ─► backing ∥ cache ─► reply after both (backing error = client error)
+//!                   │ background: rebuild (Invalid → Copying → Valid, hot-first, rate-limited)
+//!                   │             cleaner (flush both, persist valid bitmap, clear idle intent bits)
+//!   backing B: [ exported disk | intent ×2 | changed ×2 | SB A | SB B ]
+//!   cache C*:  [ stripe data   | valid ×2  | (unused)   | SB A | SB B ]   (see docs/FORMAT.md)
+//! ```
+//!
+//! # What keeps the invariants
+//! * **No stale read**: a region is read from the cache only while its state is Valid
+//!   ([`region`]). Writes hold a range lock over both device writes, so overlapping writes reach
+//!   both devices in the same order; a failed cache or backing write invalidates its regions
+//!   before the lock is released.
+//! * **Across crashes**: for every region the cache's persisted valid bit is set only if the copies
+//!   are equal, *or* the backing's write-intent bit is set (a write was in flight), *or* the cache's
+//!   epoch is behind the backing's and the changed-regions bit is set (written while the cache was
+//!   away). Start-up invalidates intent (and, for a stale set, changed) regions before anything
+//!   else. Intent bits clear only after both devices were flushed and the valid bitmap persisted.
+//! * **Disposable cache**: every cache error is absorbed (the backing has every acknowledged
+//!   write); past the error budget the set is dropped and the engine runs degraded.
+
+mod cacheset;
+mod journal;
+mod rebuild;
+pub mod region;
+pub mod striped;
+mod util;
+mod verify;
+
+#[cfg(test)]
+mod tests;
+
+pub use striped::Striped;
+pub use verify::verify_offline;
+
+use crate::device::{AlignedBuf, BlockDevice, Extent, RangeLocks};
+use crate::meta::store::{check_backing, read_superblock};
+use crate::meta::superblock::FLAG_OPEN;
+use crate::meta::{Bits, Superblock};
+use crate::volume::Volume;
+use cacheset::{classify, CacheSet, Found};
+use journal::Journal;
+use region::RegionState;
+use std::collections::{HashSet, VecDeque};
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use util::region_span;
+
+#[derive(Clone, Debug)]
+pub struct MirrorOptions {
+    /// Region size for a backing formatted by this process. An existing backing keeps the region
+    /// size recorded in its superblock (the bitmaps depend on it).
+    pub region_bytes: u32,
+    /// Stripe unit when several cache devices are striped (a power of two ≥ 4096).
+    pub stripe_bytes: u32,
+    /// Cache I/O errors tolerated (each repaired or absorbed) before the cache set is failed and
+    /// the engine runs degraded. md ejects a member after 20 corrected read errors.
+    pub read_error_budget: u32,
+    /// Rebuild rate while clients are doing I/O (md's speed_limit_min); 0 counts as 1 MiB/s so a
+    /// busy disk still gets rebuilt.
+    pub rebuild_min_bytes_per_s: u64,
+    /// Rebuild rate while idle (md's speed_limit_max); u64::MAX for unlimited.
+    pub rebuild_max_bytes_per_s: u64,
+    /// Format cache devices that belong to another superdisk or hold unknown data.
+    pub take_over_foreign_cache: bool,
+    /// Period of the metadata cleaner: idle write-intent bits clear after one to two periods, and
+    /// the valid bitmap is persisted at least this often while it changes.
+    pub metadata_interval_ms: u64,
+}
+
+impl Default for MirrorOptions {
+    fn default() -> Self {
+        MirrorOptions {
+            region_bytes: crate::meta::DEFAULT_REGION_BYTES,
+            stripe_bytes: 512 << 10,
+            read_error_budget: 20,
+            rebuild_min_bytes_per_s: 100 << 20,
+            rebuild_max_bytes_per_s: u64::MAX,
+            take_over_foreign_cache: false,
+            metadata_interval_ms: 5000,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// A cache set is attached and every region is valid in it.
+    Healthy,
+    /// No cache set: every read and write goes to the backing only.
+    Degraded,
+    /// A cache set is attached and some regions are still being copied to it.
+    Rebuilding,
+}
+
+/// Every counter of the engine, in one place (the metrics endpoint reads these).
+#[derive(Debug, Default)]
+pub struct MirrorStats {
+    /// Read requests (or parts of them) served by the cache, and by the backing.
+    pub reads_cache: AtomicU64,
+    pub reads_backing: AtomicU64,
+    pub read_bytes_cache: AtomicU64,
+    pub read_bytes_backing: AtomicU64,
+    pub writes: AtomicU64,
+    pub write_bytes: AtomicU64,
+    /// Cache ranges rewritten from the backing after a cache read error.
+    pub repairs: AtomicU64,
+    /// Cache read and write errors (each absorbed: the client never sees them).
+    pub cache_errors: AtomicU64,
+    /// Backing errors (these reach the client).
+    pub backing_errors: AtomicU64,
+    /// Times a cache set was dropped (error budget, metadata failure, operator).
+    pub cache_failures: AtomicU64,
+    /// Bytes of regions copied by the rebuild, and bytes it had to copy, since the set was attached.
+    pub rebuild_done_bytes: AtomicU64,
+    pub rebuild_total_bytes: AtomicU64,
+    /// Recent rebuild copy rate.
+    pub rebuild_rate_bytes_per_s: AtomicU64,
+    /// Regions not valid in the attached cache set (0 when degraded).
+    pub invalid_regions: AtomicU64,
+    /// Write-intent/changed bitmap commits (each is one or more 4 KiB FUA writes).
+    pub intent_commits: AtomicU64,
+    /// Mismatches found by verify.
+    pub verify_mismatches: AtomicU64,
+}
+
+/// Bounds the hot-first queue: beyond this, reads of invalid regions just wait for the scan.
+const HOT_QUEUE_MAX: usize = 1024;
+
+#[derive(Default)]
+struct HotQueue {
+    order: VecDeque<u64>,
+    queued: HashSet<u64>,
+}
+
+pub(crate) struct Inner<B: BlockDevice, C: BlockDevice> {
+    me: Weak<Inner<B, C>>,
+    backing: B,
+    data_bytes: u64,
+    region_bytes: u64,
+    regions: u64,
+    opts: MirrorOptions,
+    stats: Arc<MirrorStats>,
+    journal: Journal,
+    /// The attached cache set. Lock order: journal state, then this.
+    cache: RwLock<Option<Arc<CacheSet<C>>>>,
+    /// Serialises overlapping writes, read repairs, rebuild copies and verify on both devices.
+    locks: RangeLocks,
+    /// Serialises attach, detach completion, cleaner passes and shutdown.
+    transition: tokio::sync::Mutex<()>,
+    /// A set was detached and the backing epoch not yet bumped for it.
+    degrade_pending: AtomicBool,
+    hot: Mutex<HotQueue>,
+    /// Wakes the rebuild task.
+    work: tokio::sync::Notify,
+    /// Wakes [`MirrorVolume::wait_rebuilt`].
+    settled: tokio::sync::Notify,
+    rebuild_idle: AtomicBool,
+    /// Foreground requests, for the rebuild's rate adaptation.
+    fg_ops: AtomicU64,
+    closed: AtomicBool,
+}
+
+pub struct MirrorVolume<B: BlockDevice, C: BlockDevice> {
+    inner: Arc<Inner<B, C>>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// Why a cache set could not be attached: refused (the operator must act) or an I/O error (the
+/// engine degrades and serves).
+enum AttachError {
+    Refused(io::Error),
+    Io(io::Error),
+}
+
+impl From<AttachError> for io::Error {
+    fn from(e: AttachError) -> io::Error {
+        match e {
+            AttachError::Refused(e) | AttachError::Io(e) => e,
+        }
+    }
+}
+
+fn enospc() -> io::Error {
+    io::Error::from_raw_os_error(libc::ENOSPC)
+}
+
+fn out_of_range(offset: u64, len: u64, size: u64) -> bool {
+    offset.checked_add(len).is_none_or(|end| end > size)
+}
+
+impl<B: BlockDevice, C: BlockDevice> MirrorVolume<B, C> {
+    /// Opens a backing device prepared by `superdisk create` with the cache devices `caches` (in
+    /// any order; empty = start degraded). Tells the start-up cases apart:
+    /// 1. the paired set, clean restart: valid as persisted;
+    /// 2. the paired set after a crash: regions with write-intent bits are resynced;
+    /// 3. the paired set, but the backing moved on without it: only the changed regions are
+    ///    resynced (a full rebuild if that record is missing);
+    /// 4. blank devices: formatted, full rebuild;
+    /// 5. another superdisk's cache (or unknown data): refused unless `take_over_foreign_cache`;
+    /// 6. no cache (or its devices fail): degraded, serving from the backing.
+    pub async fn open(backing: B, caches: Vec<C>, opts: MirrorOptions) -> io::Result<Self> {
+        let sb = read_superblock(&backing).await?.map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{e}: not prepared for superdisk (run `superdisk create --backing …` first)"),
+            )
+        })?;
+        check_backing(&sb, backing.size_bytes())?;
+        if sb.region_bytes != opts.region_bytes {
+            tracing::info!(recorded = sb.region_bytes, "using the region size recorded on the backing");
+        }
+        let stats = Arc::new(MirrorStats::default());
+        let (journal, info) = Journal::open(&backing, sb.clone(), stats.clone()).await?;
+        if info.crashed {
+            tracing::warn!(
+                intent_regions = info.intent_regions,
+                "the previous run did not stop cleanly; regions with write-intent bits will be resynced"
+            );
+        }
+        let inner = Arc::new_cyclic(|me| Inner {
+            me: me.clone(),
+            data_bytes: sb.data_size_bytes,
+            region_bytes: u64::from(sb.region_bytes),
+            regions: crate::meta::regions(sb.data_size_bytes, sb.region_bytes),
+            backing,
+            opts,
+            stats,
+            journal,
+            cache: RwLock::new(None),
+            locks: RangeLocks::default(),
+            transition: tokio::sync::Mutex::new(()),
+            degrade_pending: AtomicBool::new(false),
+            hot: Mutex::new(HotQueue::default()),
+            work: tokio::sync::Notify::new(),
+            settled: tokio::sync::Notify::new(),
+            rebuild_idle: AtomicBool::new(false),
+            fg_ops: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+        });
+        if caches.is_empty() {
+            tracing::warn!("no cache device: serving degraded from the backing");
+            inner.start_degraded().await?;
+        } else {
+            match inner.attach(caches).await {
+                Ok(()) => {}
+                Err(AttachError::Refused(e)) => return Err(e),
+                Err(AttachError::Io(e)) => {
+                    tracing::error!(error = %e, "cannot use the cache device(s); serving degraded from the backing");
+                    inner.start_degraded().await?;
+                }
+            }
+        }
+        let tasks = vec![tokio::spawn(rebuild::rebuild_loop(inner.clone())), tokio::spawn(cleaner_loop(inner.clone()))];
+        Ok(MirrorVolume { inner, tasks: Mutex::new(tasks) })
+    }
+
+    pub fn stats(&self) -> Arc<MirrorStats> {
+        self.inner.stats.clone()
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.inner.mode()
+    }
+
+    /// Resolves when nothing is left to rebuild: every region valid in the attached set and its
+    /// valid bitmap persisted, or no set attached (degraded: nothing can be rebuilt).
+    pub async fn wait_rebuilt(&self) {
+        loop {
+            let notified = self.inner.settled.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.inner.is_settled() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Drops the cache set (operator or test) and runs degraded.
+    pub async fn fail_cache(&self) {
+        if let Some(set) = self.inner.cache_now() {
+            self.inner.detach(&set, "failed by request");
+        }
+        let _t = self.inner.transition.lock().await;
+        if let Err(e) = self.inner.complete_degrade().await {
+            tracing::error!(error = %e, "cannot record degraded operation on the backing; will retry");
+        }
+    }
+
+    /// Attaches `caches` as the cache set (replacing the current one, if any): the same set comes
+    /// back with only what it missed resynced; a blank or unknown one is formatted and rebuilt.
+    pub async fn replace_cache(&self, caches: Vec<C>) -> io::Result<()> {
+        if caches.is_empty() {
+            self.fail_cache().await;
+            return Ok(());
+        }
+        self.inner.attach(caches).await.map_err(io::Error::from)
+    }
+
+    /// Compares the cache with the backing for every valid region; returns the mismatching
+    /// (offset, length) ranges of the exported disk, and with `repair` rewrites them from the
+    /// backing.
+    pub async fn verify(&self, repair: bool) -> io::Result<Vec<(u64, u64)>> {
+        self.inner.verify_online(repair).await
+    }
+
+    /// Runs one metadata cleaner pass now (tests; the background task runs it periodically).
+    pub async fn clean_metadata(&self) -> io::Result<()> {
+        self.inner.clean_pass().await
+    }
+
+    /// Regions with a write-intent bit set (in memory), and regions in the changed record.
+    pub fn dirty_regions(&self) -> (u64, u64) {
+        (self.inner.journal.intent_count(), self.inner.journal.changed_count())
+    }
+
+    /// The backing superblock as last written.
+    pub fn backing_superblock(&self) -> Superblock {
+        self.inner.journal.sb()
+    }
+
+    pub fn region_bytes(&self) -> u64 {
+        self.inner.region_bytes
+    }
+
+    pub fn backing(&self) -> &B {
+        &self.inner.backing
+    }
+
+    fn stop_tasks(&self) -> Vec<JoinHandle<()>> {
+        let tasks = std::mem::take(&mut *self.tasks.lock().expect("tasks poisoned"));
+        for t in &tasks {
+            t.abort();
+        }
+        tasks
+    }
+}
+
+impl<B: BlockDevice, C: BlockDevice> Drop for MirrorVolume<B, C> {
+    fn drop(&mut self) {
+        // Without shutdown this is a crash as far as the devices are concerned; the background
+        // tasks must not outlive the volume.
+        self.inner.closed.store(true, Ordering::Release);
+        self.stop_tasks();
+    }
+}
+
+async fn cleaner_loop<B: BlockDevice, C: BlockDevice>(inner: Arc<Inner<B, C>>) {
+    let period = Duration::from_millis(inner.opts.metadata_interval_ms.max(1));
+    loop {
+        tokio::time::sleep(period).await;
+        if inner.closed.load(Ordering::Acquire) {
+            return;
+        }
+        if let Err(e) = inner.clean_pass().await {
+            tracing::warn!(error = %e, "metadata cleaner pass failed; will retry");
+        }
+    }
+}
+
+impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
+    fn cache_now(&self) -> Option<Arc<CacheSet<C>>> {
+        self.cache.read().expect("cache pointer poisoned").clone()
+    }
+
+    fn mode(&self) -> Mode {
+        match self.cache_now() {
+            None => Mode::Degraded,
+            Some(s) if s.table.not_valid() > 0 => Mode::Rebuilding,
+            Some(_) => Mode::Healthy,
+        }
+    }
+
+    fn is_settled(&self) -> bool {
+        match self.cache_now() {
+            None => true,
+            Some(s) => s.table.not_valid() == 0 && self.rebuild_idle.load(Ordering::Acquire),
+        }
+    }
+
+    fn region_bounds(&self, r: u64) -> (u64, u64) {
+        let start = r * self.region_bytes;
+        (start, self.region_bytes.min(self.data_bytes - start))
+    }
+
+    fn update_invalid_gauge(&self) {
+        let n = self.cache_now().map_or(0, |s| s.table.not_valid());
+        self.stats.invalid_regions.store(n, Ordering::Relaxed);
+    }
+
+    /// Invalidates regions `rs` of `set` and wakes the rebuild for them.
+    fn invalidate(&self, set: &CacheSet<C>, rs: std::ops::Range<u64>) {
+        let mut n = 0;
+        for r in rs {
+            if set.table.invalidate(r) {
+                n += 1;
+            }
+        }
+        if n > 0 {
+            self.stats.rebuild_total_bytes.fetch_add(n * self.region_bytes, Ordering::Relaxed);
+            self.update_invalid_gauge();
+            self.work.notify_one();
+        }
+    }
+
+    /// Counts a cache error against the set's budget; true if the set is (now) failed.
+    fn cache_error(&self, set: &Arc<CacheSet<C>>) -> bool {
+        if set.is_failed() {
+            return true;
+        }
+        self.stats.cache_errors.fetch_add(1, Ordering::Relaxed);
+        let n = set.errors.fetch_add(1, Ordering::AcqRel) + 1;
+        if n > u64::from(self.opts.read_error_budget) {
+            self.fail_set(set, "cache error budget exceeded");
+            return true;
+        }
+        false
+    }
+
+    /// Detaches a failing set and records the degraded period on the backing in the background.
+    fn fail_set(&self, set: &Arc<CacheSet<C>>, why: &str) {
+        if self.detach(set, why) {
+            if let Some(me) = self.me.upgrade() {
+                tokio::spawn(async move {
+                    let _t = me.transition.lock().await;
+                    if let Err(e) = me.complete_degrade().await {
+                        tracing::error!(error = %e, "cannot record degraded operation on the backing; will retry");
+                    }
+                });
+            }
+        }
+    }
+
+    /// Takes `set` out of service if it is the attached one. From here on no request uses it, and
+    /// every region written (or possibly in flight) joins the changed record. The backing epoch
+    /// is bumped by [`Inner::complete_degrade`]; until then no intent bit is cleared.
+    fn detach(&self, set: &Arc<CacheSet<C>>, why: &str) -> bool {
+        let detached = self.journal.start_recording_if(|| {
+            let mut cur = self.cache.write().expect("cache pointer poisoned");
+            if cur.as_ref().is_some_and(|c| Arc::ptr_eq(c, set)) {
+                *cur = None;
+                set.failed.store(true, Ordering::Release);
+                // Under the journal lock, so the cleaner cannot clear intent bits between the
+                // detach and this mark.
+                self.degrade_pending.store(true, Ordering::Release);
+                true
+            } else {
+                false
+            }
+        });
+        if detached {
+            tracing::warn!(reason = why, "cache set detached; serving degraded from the backing");
+            self.stats.cache_failures.fetch_add(1, Ordering::Relaxed);
+            self.update_invalid_gauge();
+            self.settled.notify_waiters();
+        }
+        detached
+    }
+
+    /// Makes a detach durable: bump the backing epoch (so the detached set is known to be stale)
+    /// and commit the changed record. Caller holds `transition`.
+    async fn complete_degrade(&self) -> io::Result<()> {
+        if !self.degrade_pending.swap(false, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let r = async {
+            self.journal.update_sb(&self.backing, |sb| sb.epoch += 1).await?;
+            self.journal.commit(&self.backing).await
+        }
+        .await;
+        if r.is_err() {
+            self.degrade_pending.store(true, Ordering::Release);
+        }
+        r
+    }
+
+    /// Start-up without a usable cache: record changes from now on, under a new epoch.
+    async fn start_degraded(&self) -> io::Result<()> {
+        self.journal.start_recording_if(|| true);
+        let _t = self.transition.lock().await;
+        self.journal.update_sb(&self.backing, |sb| sb.epoch += 1).await?;
+        self.journal.commit(&self.backing).await
+    }
+
+    async fn attach(&self, members: Vec<C>) -> Result<(), AttachError> {
+        let _t = self.transition.lock().await;
+        self.complete_degrade().await.map_err(AttachError::Io)?;
+        if let Some(cur) = self.cache_now() {
+            self.detach(&cur, "replaced");
+            self.complete_degrade().await.map_err(AttachError::Io)?;
+        }
+        let bsb = self.journal.sb();
+        let found = classify(members, &bsb, self.opts.take_over_foreign_cache).await.map_err(|e| {
+            if e.kind() == io::ErrorKind::InvalidData {
+                AttachError::Refused(e)
+            } else {
+                AttachError::Io(e)
+            }
+        })?;
+        let (members, generations, reason) = match found {
+            Found::Existing { members, sbs, bitmaps, valid } => {
+                let set_uuid = sbs[0].cache_set_uuid;
+                let set_epoch = sbs[0].epoch;
+                let generations: Vec<u64> = sbs.iter().map(|s| s.generation).collect();
+                let mut parts = Some((members, sbs, bitmaps, valid));
+                let installed = self.journal.stop_recording_if(|intent, changed, recording| {
+                    let (_, _, _, persisted) = parts.as_ref().expect("parts present");
+                    let trusted = reusable_valid(&bsb, set_uuid, set_epoch, persisted, intent, changed, recording)?;
+                    let (members, sbs, bitmaps, persisted) = parts.take().expect("parts present");
+                    let set = Arc::new(CacheSet::existing(members, sbs, bitmaps, persisted, &trusted));
+                    *self.cache.write().expect("cache pointer poisoned") = Some(set.clone());
+                    Some(set)
+                });
+                if let Some(set) = installed {
+                    return self.finish_reattach(set, &bsb, set_epoch).await.map_err(AttachError::Io);
+                }
+                let (members, _, _, _) = parts.take().expect("parts present");
+                let why = if set_uuid != bsb.cache_set_uuid {
+                    "the cache set is not the one paired with this backing"
+                } else {
+                    "the cache set missed writes and the record of them is gone"
+                };
+                (members, generations, why.to_string())
+            }
+            Found::Format { members, generations, reason } => (members, generations, reason),
+        };
+        tracing::info!(reason = %reason, "formatting the cache set; full rebuild");
+        let set =
+            CacheSet::format(members, &generations, &bsb, self.opts.stripe_bytes, bsb.epoch).await.map_err(|e| {
+                if e.kind() == io::ErrorKind::InvalidInput {
+                    AttachError::Refused(e)
+                } else {
+                    AttachError::Io(e)
+                }
+            })?;
+        let set = Arc::new(set);
+        // Pair the backing with the new set; the changed record now starts from this epoch. Any
+        // other set (a different uuid) is no longer paired and will be rebuilt in full.
+        let pair = async {
+            self.journal
+                .update_sb(&self.backing, |sb| {
+                    sb.cache_set_uuid = set.uuid;
+                    sb.changed_since_epoch = sb.epoch;
+                })
+                .await?;
+            self.journal.reset_changed();
+            self.journal.commit(&self.backing).await
+        };
+        pair.await.map_err(AttachError::Io)?;
+        self.journal.stop_recording_if(|_, _, _| {
+            *self.cache.write().expect("cache pointer poisoned") = Some(set.clone());
+            Some(())
+        });
+        self.started_rebuild(&set);
+        Ok(())
+    }
+
+    /// Persists what re-attaching the paired set invalidated, then marks it in sync with the
+    /// backing epoch, then drops the changed record it no longer needs — in that order, so a crash
+    /// in between leaves either the old epoch (the record still applies) or the new one with the
+    /// invalidations durable.
+    async fn finish_reattach(&self, set: Arc<CacheSet<C>>, bsb: &Superblock, set_epoch: u64) -> io::Result<()> {
+        let invalid = set.table.not_valid();
+        tracing::info!(
+            invalid_regions = invalid,
+            in_sync = set_epoch == bsb.epoch,
+            "cache set re-attached; resyncing only the regions it may have missed"
+        );
+        let r = async {
+            set.persist_valid().await?;
+            set.set_epoch(bsb.epoch).await
+        }
+        .await;
+        if let Err(e) = r {
+            self.detach(&set, "cannot write its metadata");
+            self.complete_degrade().await?;
+            return Err(e);
+        }
+        if self.journal.changed_count() > 0 || bsb.changed_since_epoch != bsb.epoch {
+            self.journal.update_sb(&self.backing, |sb| sb.changed_since_epoch = sb.epoch).await?;
+            self.journal.reset_changed();
+            self.journal.commit(&self.backing).await?;
+        }
+        self.started_rebuild(&set);
+        Ok(())
+    }
+
+    fn started_rebuild(&self, set: &CacheSet<C>) {
+        self.stats.rebuild_total_bytes.store(set.table.not_valid() * self.region_bytes, Ordering::Relaxed);
+        self.stats.rebuild_done_bytes.store(0, Ordering::Relaxed);
+        self.rebuild_idle.store(false, Ordering::Release);
+        self.update_invalid_gauge();
+        self.work.notify_one();
+    }
+
+    /// One pass of the metadata cleaner: persist the valid bitmap, and clear the write-intent bits
+    /// of regions idle since the previous pass once both devices were flushed after their writes.
+    async fn clean_pass(&self) -> io::Result<()> {
+        let _t = self.transition.lock().await;
+        if self.closed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.complete_degrade().await?;
+        let set = self.cache_now();
+        let cands = self.journal.clean_candidates();
+        if cands.is_empty() {
+            if let Some(set) = set {
+                if let Err(e) = set.persist_valid().await {
+                    self.cache_meta_failed(&set, &e);
+                }
+            }
+            return Ok(());
+        }
+        let cache_flush = async {
+            match &set {
+                Some(s) => s.dev.flush().await,
+                None => Ok(()),
+            }
+        };
+        let (rb, rc) = tokio::join!(self.backing.flush(), cache_flush);
+        rb?;
+        if let Some(set) = &set {
+            if let Err(e) = rc {
+                self.cache_meta_failed(set, &e);
+                return Ok(());
+            }
+            if let Err(e) = set.persist_valid().await {
+                self.cache_meta_failed(set, &e);
+                return Ok(());
+            }
+        }
+        if self.degrade_pending.load(Ordering::Acquire) {
+            // A set was detached during the pass: record that first (next pass).
+            return Ok(());
+        }
+        self.journal.clear_idle(&self.backing, &cands).await?;
+        Ok(())
+    }
+
+    fn cache_meta_failed(&self, set: &Arc<CacheSet<C>>, e: &io::Error) {
+        if !set.is_failed() {
+            tracing::error!(error = %e, "cache flush or metadata write failed");
+            self.stats.cache_errors.fetch_add(1, Ordering::Relaxed);
+            self.fail_set(set, "cache metadata could not be written");
+        }
+    }
+
+    fn push_hot(&self, r: u64) {
+        let mut hot = self.hot.lock().expect("hot queue poisoned");
+        if hot.order.len() < HOT_QUEUE_MAX && hot.queued.insert(r) {
+            hot.order.push_back(r);
+            drop(hot);
+            self.work.notify_one();
+        }
+    }
+
+    fn pop_hot(&self) -> Option<u64> {
+        let mut hot = self.hot.lock().expect("hot queue poisoned");
+        let r = hot.order.pop_front()?;
+        hot.queued.remove(&r);
+        Some(r)
+    }
+
+    // ---- data path ----
+
+    async fn read(&self, offset: u64, mut buf: AlignedBuf) -> (AlignedBuf, io::Result<()>) {
+        let len = buf.len() as u64;
+        if len == 0 {
+            return (buf, Ok(()));
+        }
+        if out_of_range(offset, len, self.data_bytes) {
+            return (buf, Err(io::Error::from_raw_os_error(libc::EINVAL)));
+        }
+        self.fg_ops.fetch_add(1, Ordering::Relaxed);
+        let Some(set) = self.cache_now() else {
+            return self.read_backing(offset, buf).await;
+        };
+        // Runs of consecutive regions with the same source: (start, end, from_cache).
+        let end = offset + len;
+        let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+        for r in region_span(offset, len, self.region_bytes) {
+            let state = set.table.get(r);
+            if state == RegionState::Invalid {
+                self.push_hot(r);
+            }
+            let cached = state == RegionState::Valid;
+            let s = offset.max(r * self.region_bytes);
+            let e = end.min((r + 1) * self.region_bytes);
+            match runs.last_mut() {
+                Some(last) if last.2 == cached => last.1 = e,
+                _ => runs.push((s, e, cached)),
+            }
+        }
+        if let [(_, _, cached)] = runs[..] {
+            return if cached {
+                self.read_cache(&set, offset, buf).await
+            } else {
+                self.read_backing(offset, buf).await
+            };
+        }
+        let futs: Vec<_> = runs
+            .iter()
+            .map(|&(s, e, cached)| {
+                let b = AlignedBuf::uninit_for_fill((e - s) as usize);
+                let set = &set;
+                async move {
+                    if cached {
+                        self.read_cache(set, s, b).await
+                    } else {
+                        self.read_backing(s, b).await
+                    }
+                }
+            })
+            .collect();
+        let mut result = Ok(());
+        for (&(s, _, _), (b, r)) in runs.iter().zip(util::join_all(futs).await) {
+            match r {
+                Ok(()) => {
+                    let at = (s - offset) as usize;
+                    buf[at..at + b.len()].copy_from_slice(&b);
+                }
+                Err(e) => {
+                    if result.is_ok() {
+                        result = Err(e);
+                    }
+                }
+            }
+        }
+        (buf, result)
+    }
+
+    async fn read_backing(&self, offset: u64, buf: AlignedBuf) -> (AlignedBuf, io::Result<()>) {
+        let len = buf.len() as u64;
+        let (buf, r) = self.backing.read(offset, buf).await;
+        self.stats.reads_backing.fetch_add(1, Ordering::Relaxed);
+        self.stats.read_bytes_backing.fetch_add(len, Ordering::Relaxed);
+        if r.is_err() {
+            self.stats.backing_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        (buf, r)
+    }
+
+    /// Reads from the cache; on error, serves from the backing and rewrites the cache range.
+    async fn read_cache(&self, set: &Arc<CacheSet<C>>, offset: u64, buf: AlignedBuf) -> (AlignedBuf, io::Result<()>) {
+        let len = buf.len() as u64;
+        let (buf, r) = set.dev.read(offset, buf).await;
+        match r {
+            Ok(()) => {
+                self.stats.reads_cache.fetch_add(1, Ordering::Relaxed);
+                self.stats.read_bytes_cache.fetch_add(len, Ordering::Relaxed);
+                (buf, Ok(()))
+            }
+            Err(e) => self.read_repair(set, offset, buf, e).await,
+        }
+    }
+
+    async fn read_repair(
+        &self,
+        set: &Arc<CacheSet<C>>,
+        offset: u64,
+        buf: AlignedBuf,
+        e: io::Error,
+    ) -> (AlignedBuf, io::Result<()>) {
+        let len = buf.len() as u64;
+        tracing::warn!(offset, len, error = %e, "cache read error; serving from the backing and rewriting the cache");
+        let failed = self.cache_error(set);
+        // Under the range lock, so a client write cannot land between our backing read and the
+        // cache rewrite (which would put the old data back on the cache).
+        let _g = self.locks.lock(offset, offset + len).await;
+        let (buf, r) = self.read_backing(offset, buf).await;
+        if r.is_err() || failed || set.is_failed() {
+            return (buf, r);
+        }
+        let mut copy = AlignedBuf::uninit_for_fill(len as usize);
+        copy.copy_from_slice(&buf);
+        let (_, w) = set.dev.write(offset, copy, false).await;
+        match w {
+            Ok(()) => {
+                self.stats.repairs.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                tracing::warn!(offset, len, error = %e, "read repair failed; region invalidated");
+                self.invalidate(set, region_span(offset, len, self.region_bytes));
+                self.cache_error(set);
+            }
+        }
+        (buf, Ok(()))
+    }
+
+    /// The common start of every mutation (write, write-zeroes, trim), called with the range
+    /// lock held (so overlapping mutations reach both devices in one order): make the regions'
+    /// intent bits durable and pick the cache set the mutation goes to.
+    async fn begin(&self, offset: u64, len: u64) -> io::Result<Mutation<'_, B, C>> {
+        self.fg_ops.fetch_add(1, Ordering::Relaxed);
+        let rs = region_span(offset, len, self.region_bytes);
+        let (mark, set) = self.journal.mark(&self.backing, rs.clone(), |_| self.cache_now()).await?;
+        Ok(Mutation { inner: self, offset, len, rs, set, armed: false, _mark: mark })
+    }
+
+    /// Settles the regions' cache state from both results, before the range lock is released.
+    fn finish(&self, mut m: Mutation<'_, B, C>, rb: &io::Result<()>, rc: Option<io::Result<()>>) {
+        m.armed = false;
+        if rb.is_err() {
+            self.stats.backing_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        let (Some(set), Some(rc)) = (&m.set, rc) else { return };
+        let (offset, len) = (m.offset, m.len);
+        if set.is_failed() {
+            // Detached meanwhile: its state no longer matters (the changed record covers us).
+        } else if let Err(e) = rb {
+            tracing::warn!(offset, len, error = %e, "backing write failed; the client gets the error");
+            self.invalidate(set, m.rs.clone());
+        } else if let Err(e) = rc {
+            tracing::warn!(offset, len, error = %e, "cache write failed; region invalidated, client unaffected");
+            self.invalidate(set, m.rs.clone());
+            self.cache_error(set);
+        } else {
+            // Regions this request overwrote entirely now hold the same bytes on both devices.
+            for r in m.rs.clone() {
+                let (s, l) = self.region_bounds(r);
+                if s >= offset
+                    && s + l <= offset + len
+                    && set.table.transition(r, RegionState::Invalid, RegionState::Valid)
+                {
+                    self.stats.rebuild_done_bytes.fetch_add(l, Ordering::Relaxed);
+                    self.update_invalid_gauge();
+                }
+            }
+        }
+    }
+
+    async fn write(&self, offset: u64, buf: AlignedBuf, fua: bool) -> (AlignedBuf, io::Result<()>) {
+        let len = buf.len() as u64;
+        if len == 0 {
+            return (buf, Ok(()));
+        }
+        if out_of_range(offset, len, self.data_bytes) {
+            return (buf, Err(enospc()));
+        }
+        self.stats.writes.fetch_add(1, Ordering::Relaxed);
+        self.stats.write_bytes.fetch_add(len, Ordering::Relaxed);
+        let _lock = self.locks.lock(offset, offset + len).await;
+        let mut m = match self.begin(offset, len).await {
+            Ok(m) => m,
+            Err(e) => return (buf, Err(e)),
+        };
+        let Some(set) = m.set.clone() else {
+            let (buf, r) = self.backing.write(offset, buf, fua).await;
+            self.finish(m, &r, None);
+            return (buf, r);
+        };
+        // The cache gets its own copy so both writes are in flight at once. The cache write needs
+        // no FUA: the valid bitmap is only persisted after a cache flush.
+        let mut copy = AlignedBuf::uninit_for_fill(len as usize);
+        copy.copy_from_slice(&buf);
+        m.armed = true;
+        let ((buf, rb), (_, rc)) =
+            tokio::join!(self.backing.write(offset, buf, fua), set.dev.write(offset, copy, false));
+        self.finish(m, &rb, Some(rc));
+        (buf, rb)
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool, fua: bool, errno: i32) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        if out_of_range(offset, len, self.data_bytes) {
+            return Err(io::Error::from_raw_os_error(errno));
+        }
+        self.stats.writes.fetch_add(1, Ordering::Relaxed);
+        let _lock = self.locks.lock(offset, offset + len).await;
+        let mut m = self.begin(offset, len).await?;
+        let rb = match m.set.clone() {
+            None => {
+                let rb = self.backing.write_zeroes(offset, len, may_unmap).await;
+                self.finish(m, &rb, None);
+                rb
+            }
+            Some(set) => {
+                // Both copies are zeroed, so they stay identical whatever each device does with
+                // the unmap hint.
+                m.armed = true;
+                let (rb, rc) = tokio::join!(
+                    self.backing.write_zeroes(offset, len, may_unmap),
+                    set.dev.write_zeroes(offset, len, true)
+                );
+                self.finish(m, &rb, Some(rc));
+                rb
+            }
+        };
+        rb?;
+        if fua {
+            self.backing.flush().await?;
+        }
+        Ok(())
+    }
+}
+
+/// A mutation in progress (its caller holds the range lock): holds its intent registration.
+/// Dropped while `armed`
+/// (its future was cancelled after the devices were asked to write), it invalidates its regions:
+/// the two copies may differ.
+struct Mutation<'a, B: BlockDevice, C: BlockDevice> {
+    inner: &'a Inner<B, C>,
+    offset: u64,
+    len: u64,
+    rs: std::ops::Range<u64>,
+    set: Option<Arc<CacheSet<C>>>,
+    armed: bool,
+    // Released after `drop` settled the state, so the cleaner never sees the region idle first.
+    _mark: journal::MarkGuard<'a>,
+}
+
+impl<B: BlockDevice, C: BlockDevice> Drop for Mutation<'_, B, C> {
+    fn drop(&mut self) {
+        if self.armed {
+            if let Some(set) = &self.set {
+                self.inner.invalidate(set, self.rs.clone());
+            }
+        }
+    }
+}
+
+/// The regions of an existing cache set that can be trusted at attach, or None if none can (the
+/// set must be formatted and rebuilt):
+/// * not the set the backing is paired with → None;
+/// * in sync with the backing epoch → its persisted valid regions minus write-intent regions (and
+///   minus changed regions if changes were being recorded in this process);
+/// * behind, but no earlier than the start of the changed record → also minus changed regions;
+/// * otherwise (behind the record, or ahead of the backing: restored backing?) → None.
+pub(crate) fn reusable_valid(
+    bsb: &Superblock,
+    set_uuid: [u8; 16],
+    set_epoch: u64,
+    persisted: &Bits,
+    intent: &Bits,
+    changed: &Bits,
+    recording: bool,
+) -> Option<Bits> {
+    if bsb.cache_set_uuid == [0; 16] || set_uuid != bsb.cache_set_uuid {
+        return None;
+    }
+    let since = bsb.changed_since_epoch;
+    let use_changed = if set_epoch == bsb.epoch {
+        recording
+    } else if since != 0 && since <= set_epoch && set_epoch < bsb.epoch {
+        true
+    } else {
+        return None;
+    };
+    let mut v = persisted.clone();
+    v.and_not(intent);
+    if use_changed {
+        v.and_not(changed);
+    }
+    Some(v)
+}
+
+impl<B: BlockDevice, C: BlockDevice> Volume for MirrorVolume<B, C> {
+    fn size_bytes(&self) -> u64 {
+        self.inner.data_bytes
+    }
+
+    fn fast_zero(&self) -> bool {
+        self.inner.backing.fast_zero()
+    }
+
+    async fn read(&self, offset: u64, buf: AlignedBuf) -> (AlignedBuf, io::Result<()>) {
+        self.inner.read(offset, buf).await
+    }
+
+    async fn write(&self, offset: u64, buf: AlignedBuf, fua: bool) -> (AlignedBuf, io::Result<()>) {
+        self.inner.write(offset, buf, fua).await
+    }
+
+    async fn flush(&self) -> io::Result<()> {
+        // The client's durability is the backing's; the cache is flushed by the cleaner, which
+        // is what the valid bitmap depends on.
+        self.inner.backing.flush().await
+    }
+
+    async fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        self.inner.write_zeroes(offset, len, true, fua, libc::EINVAL).await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool, fua: bool) -> io::Result<()> {
+        self.inner.write_zeroes(offset, len, may_unmap, fua, libc::ENOSPC).await
+    }
+
+    async fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
+        let inner = &self.inner;
+        if len == 0 || out_of_range(offset, len, inner.data_bytes) {
+            return Ok(());
+        }
+        if let Some(set) = inner.cache_now() {
+            for r in region_span(offset, len, inner.region_bytes) {
+                if set.table.get(r) == RegionState::Invalid {
+                    inner.push_hot(r);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        let len = len.min(self.inner.data_bytes.saturating_sub(offset));
+        self.inner.backing.allocation(offset, len).await
+    }
+
+    async fn shutdown(&self) -> io::Result<()> {
+        for t in self.stop_tasks() {
+            let _ = t.await;
+        }
+        let inner = &self.inner;
+        let _t = inner.transition.lock().await;
+        inner.closed.store(true, Ordering::Release);
+        inner.complete_degrade().await?;
+        inner.backing.flush().await?;
+        if let Some(set) = inner.cache_now() {
+            let r = async {
+                set.dev.flush().await?;
+                set.persist_valid().await
+            }
+            .await;
+            if let Err(e) = r {
+                inner.detach(&set, "cannot write its metadata at shutdown");
+                tracing::error!(error = %e, "cache metadata not written at shutdown");
+                inner.complete_degrade().await?;
+            }
+        }
+        inner.journal.clear_all_idle(&inner.backing).await?;
+        inner.journal.update_sb(&inner.backing, |sb| sb.flags &= !FLAG_OPEN).await?;
+        Ok(())
+    }
+}
+
+/// Formats `caches` as a new cache set for the backing described by `backing_sb` (for `superdisk
+/// create --cache`). Devices that already form this backing's set are left alone; a cache of
+/// another superdisk or a device with unknown data is refused unless `take_over_foreign_cache`.
+pub async fn create_cache<C: BlockDevice>(backing_sb: &Superblock, caches: &[C], opts: &MirrorOptions) -> io::Result<()>
+where
+    C: Clone,
+{
+    if caches.is_empty() {
+        return Ok(());
+    }
+    match classify(caches.to_vec(), backing_sb, opts.take_over_foreign_cache).await? {
+        Found::Existing { sbs, .. } if sbs[0].cache_set_uuid == backing_sb.cache_set_uuid => Ok(()),
+        Found::Existing { members, sbs, .. } => {
+            let generations: Vec<u64> = sbs.iter().map(|s| s.generation).collect();
+            CacheSet::format(members, &generations, backing_sb, opts.stripe_bytes, backing_sb.epoch).await.map(|_| ())
+        }
+        Found::Format { members, generations, .. } => {
+            CacheSet::format(members, &generations, backing_sb, opts.stripe_bytes, backing_sb.epoch).await.map(|_| ())
+        }
+    }
+}

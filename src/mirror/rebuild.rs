@@ -1,0 +1,279 @@
+//! The background rebuild: copies Invalid regions from the backing to the cache set while the
+//! engine serves, hot-first, rate-limited like md's speed_limit_min/max, resumable (progress is
+//! the persisted valid bitmap).
+//!
+//! A region goes Invalid → Copying (claimed), is copied under its range lock (no write can land
+//! between reading the backing and writing the cache, and writes after the copy go to both
+//! devices), then after a cache flush Copying → Valid. A write that fails on the cache during the
+//! window moves it to Invalid, and the final transition then does not happen.
+
+use super::cacheset::CacheSet;
+use super::region::RegionState;
+use super::{Inner, HOT_QUEUE_MAX};
+use crate::device::{AlignedBuf, BlockDevice};
+use std::io;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Regions copied concurrently (overlaps the backing read of one with the cache write of another).
+const COPY_PARALLEL: usize = 4;
+/// Regions copied between cache flushes (and hence between Copying → Valid transitions).
+const FLUSH_EVERY_REGIONS: usize = 32;
+/// How often rebuild progress is persisted while it runs.
+const PERSIST_EVERY: Duration = Duration::from_secs(1);
+/// Foreground activity is sampled over windows this long.
+const LOAD_WINDOW: Duration = Duration::from_millis(100);
+/// The pacer may run this far ahead of its rate (a short burst after an idle spell).
+const BURST: Duration = Duration::from_millis(50);
+
+/// Paces the rebuild: `max` bytes/s while no client request arrived during the last window,
+/// `min` while clients are active (md's speed_limit_max / speed_limit_min).
+pub(crate) struct RateLimiter {
+    min: u64,
+    max: u64,
+    rate: u64,
+    window_start: Instant,
+    window_fg: u64,
+    next_free: Instant,
+}
+
+impl RateLimiter {
+    pub fn new(min: u64, max: u64) -> Self {
+        let min = min.max(1 << 20);
+        let max = max.max(min);
+        let now = Instant::now();
+        RateLimiter { min, max, rate: max, window_start: now, window_fg: 0, next_free: now }
+    }
+
+    /// The rate for the current window, given the foreground request counter.
+    pub fn rate(&mut self, fg_ops: u64, now: Instant) -> u64 {
+        if now.duration_since(self.window_start) >= LOAD_WINDOW {
+            self.rate = if fg_ops != self.window_fg { self.min } else { self.max };
+            self.window_fg = fg_ops;
+            self.window_start = now;
+        }
+        self.rate
+    }
+
+    /// How long to wait before copying `bytes` more.
+    pub fn delay(&mut self, bytes: u64, fg_ops: u64, now: Instant) -> Duration {
+        let rate = self.rate(fg_ops, now);
+        if rate == u64::MAX {
+            return Duration::ZERO;
+        }
+        let start = self.next_free.max(now.checked_sub(BURST).unwrap_or(now));
+        self.next_free = start + Duration::from_secs_f64(bytes as f64 / rate as f64);
+        self.next_free.saturating_duration_since(now + BURST)
+    }
+}
+
+enum CopyError {
+    Backing(io::Error),
+    Cache(io::Error),
+}
+
+pub(crate) async fn rebuild_loop<B: BlockDevice, C: BlockDevice>(inner: Arc<Inner<B, C>>) {
+    let mut limiter = RateLimiter::new(inner.opts.rebuild_min_bytes_per_s, inner.opts.rebuild_max_bytes_per_s);
+    let mut cursor = 0u64;
+    let mut last_persist = Instant::now();
+    loop {
+        if inner.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let notified = inner.work.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let set = match inner.cache_now() {
+            Some(s) if !s.is_failed() && s.table.not_valid() > 0 => s,
+            other => {
+                // Nothing to do: make the progress durable, tell waiters, sleep until woken.
+                if let Some(s) = other {
+                    if let Err(e) = s.persist_valid().await {
+                        inner.cache_meta_failed(&s, &e);
+                    }
+                }
+                inner.stats.rebuild_rate_bytes_per_s.store(0, Ordering::Relaxed);
+                inner.rebuild_idle.store(true, Ordering::Release);
+                inner.settled.notify_waiters();
+                notified.await;
+                continue;
+            }
+        };
+        inner.rebuild_idle.store(false, Ordering::Release);
+        let batch = pick(&inner, &set, &mut cursor, FLUSH_EVERY_REGIONS);
+        if batch.is_empty() {
+            // Every not-valid region is being copied by someone else (cannot happen: only this
+            // task copies) or the table changed under us; look again shortly.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        }
+        let started = Instant::now();
+        let mut copied = Vec::with_capacity(batch.len());
+        let mut backing_failed = false;
+        for chunk in batch.chunks(COPY_PARALLEL) {
+            let bytes: u64 = chunk.iter().map(|&r| inner.region_bounds(r).1).sum();
+            let wait = limiter.delay(bytes, inner.fg_ops.load(Ordering::Relaxed), Instant::now());
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+            let results = super::util::join_all(chunk.iter().map(|&r| copy_region(&inner, &set, r)).collect()).await;
+            for (&r, res) in chunk.iter().zip(results) {
+                match res {
+                    Ok(true) => copied.push(r),
+                    Ok(false) => {}
+                    Err(CopyError::Backing(e)) => {
+                        tracing::warn!(region = r, error = %e, "rebuild: backing read failed; will retry later");
+                        backing_failed = true;
+                    }
+                    Err(CopyError::Cache(e)) => {
+                        tracing::warn!(region = r, error = %e, "rebuild: cache write failed");
+                        inner.cache_error(&set);
+                    }
+                }
+            }
+            if set.is_failed() {
+                break;
+            }
+        }
+        // Valid only once the copies are durable on the cache.
+        match set.dev.flush().await {
+            Ok(()) => {
+                let mut bytes = 0;
+                for &r in &copied {
+                    if set.table.transition(r, RegionState::Copying, RegionState::Valid) {
+                        bytes += inner.region_bounds(r).1;
+                    }
+                }
+                inner.stats.rebuild_done_bytes.fetch_add(bytes, Ordering::Relaxed);
+                let secs = started.elapsed().as_secs_f64().max(1e-6);
+                inner.stats.rebuild_rate_bytes_per_s.store((bytes as f64 / secs) as u64, Ordering::Relaxed);
+            }
+            Err(e) => {
+                for &r in &copied {
+                    set.table.transition(r, RegionState::Copying, RegionState::Invalid);
+                }
+                inner.cache_meta_failed(&set, &e);
+            }
+        }
+        inner.update_invalid_gauge();
+        if last_persist.elapsed() >= PERSIST_EVERY && !set.is_failed() {
+            if let Err(e) = set.persist_valid().await {
+                inner.cache_meta_failed(&set, &e);
+            }
+            last_persist = Instant::now();
+        }
+        if backing_failed {
+            // Don't spin on a backing that fails; reads of those regions report its errors.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// Up to `max` Invalid regions, hot ones (recently read) first, then in address order from the
+/// cursor.
+pub(crate) fn pick<B: BlockDevice, C: BlockDevice>(
+    inner: &Inner<B, C>,
+    set: &CacheSet<C>,
+    cursor: &mut u64,
+    max: usize,
+) -> Vec<u64> {
+    let mut out = Vec::with_capacity(max);
+    for _ in 0..HOT_QUEUE_MAX {
+        if out.len() >= max {
+            break;
+        }
+        match inner.pop_hot() {
+            Some(r) if r < set.table.len() && set.table.get(r) == RegionState::Invalid && !out.contains(&r) => {
+                out.push(r)
+            }
+            Some(_) => {}
+            None => break,
+        }
+    }
+    let mut from = *cursor;
+    while out.len() < max {
+        match set.table.next_invalid(from) {
+            Some(r) if !out.contains(&r) => {
+                out.push(r);
+                from = r + 1;
+                *cursor = from;
+            }
+            _ => break,
+        }
+    }
+    out
+}
+
+/// Copies region `r` from the backing to the cache; Ok(false) if it was no longer Invalid.
+async fn copy_region<B: BlockDevice, C: BlockDevice>(
+    inner: &Inner<B, C>,
+    set: &CacheSet<C>,
+    r: u64,
+) -> Result<bool, CopyError> {
+    if !set.table.transition(r, RegionState::Invalid, RegionState::Copying) {
+        return Ok(false);
+    }
+    let (start, len) = inner.region_bounds(r);
+    let res = async {
+        let _g = inner.locks.lock(start, start + len).await;
+        if set.is_failed() {
+            return Ok(());
+        }
+        // A region the backing never allocated reads as zeroes: zero the cache copy instead of
+        // moving a megabyte of zeroes.
+        let hole = match inner.backing.allocation(start, len).await {
+            Ok(ext) => ext.iter().all(|e| e.hole) && ext.iter().map(|e| e.length_bytes).sum::<u64>() >= len,
+            Err(_) => false,
+        };
+        if hole {
+            return set.dev.write_zeroes(start, len, true).await.map_err(CopyError::Cache);
+        }
+        let (buf, rr) = inner.backing.read(start, AlignedBuf::uninit_for_fill(len as usize)).await;
+        rr.map_err(CopyError::Backing)?;
+        let (_, rw) = set.dev.write(start, buf, false).await;
+        rw.map_err(CopyError::Cache)
+    }
+    .await;
+    match res {
+        Ok(()) if !set.is_failed() => Ok(true),
+        Ok(()) => {
+            set.table.transition(r, RegionState::Copying, RegionState::Invalid);
+            Ok(false)
+        }
+        Err(e) => {
+            set.table.transition(r, RegionState::Copying, RegionState::Invalid);
+            Err(e)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limiter_uses_min_under_load_and_max_when_idle() {
+        let mut l = RateLimiter::new(10 << 20, 100 << 20);
+        let t0 = Instant::now();
+        assert_eq!(l.rate(0, t0), 100 << 20);
+        // Foreground requests arrived during the window: slow down.
+        assert_eq!(l.rate(5, t0 + LOAD_WINDOW), 10 << 20);
+        // None in the next window: speed up again.
+        assert_eq!(l.rate(5, t0 + 2 * LOAD_WINDOW), 100 << 20);
+    }
+
+    #[test]
+    fn limiter_paces_to_its_rate() {
+        let mut l = RateLimiter::new(1 << 20, 1 << 20);
+        let t0 = Instant::now();
+        // 10 MiB at 1 MiB/s: the pacer asks for about 10 s of waiting in total (minus the burst).
+        let mut waited = Duration::ZERO;
+        for _ in 0..10 {
+            waited = l.delay(1 << 20, 0, t0);
+        }
+        assert!(waited >= Duration::from_secs(9) && waited <= Duration::from_secs(10), "{waited:?}");
+        let mut unlimited = RateLimiter::new(1 << 20, u64::MAX);
+        assert_eq!(unlimited.delay(1 << 30, 0, t0), Duration::ZERO);
+    }
+}

@@ -1,0 +1,626 @@
+//! Unit tests of the mirror engine against in-memory devices (crash semantics from
+//! `device::mem`, faults from `device::fault`). The randomized, model-based tests live in
+//! tests/mirror_model.rs; these pin down each start-up case and each error path.
+
+use super::*;
+use crate::device::fault::{FaultDevice, FaultOp, SimRng};
+use crate::device::mem::MemDevice;
+use crate::meta::store::{new_backing_superblock, update_superblock, write_superblock};
+use crate::meta::{meta_bytes, BitmapKind, DiskBitmap, MetaLayout};
+
+const REGION: u32 = 64 << 10;
+const DATA: u64 = 4 << 20; // 64 regions
+const REGIONS: u64 = DATA / REGION as u64;
+
+fn opts() -> MirrorOptions {
+    MirrorOptions {
+        region_bytes: REGION,
+        stripe_bytes: 16 << 10,
+        // Tests run the cleaner by hand (clean_metadata), so its timing never matters.
+        metadata_interval_ms: 3_600_000,
+        ..MirrorOptions::default()
+    }
+}
+
+async fn new_backing() -> MemDevice {
+    let size = DATA + meta_bytes(DATA, REGION);
+    let dev = MemDevice::new(size);
+    let sb = new_backing_superblock(size, REGION).unwrap();
+    assert_eq!(sb.data_size_bytes, DATA);
+    write_superblock(&dev, &sb).await.unwrap();
+    dev
+}
+
+fn new_cache() -> MemDevice {
+    MemDevice::new(DATA + meta_bytes(DATA, REGION))
+}
+
+type Vol = MirrorVolume<MemDevice, MemDevice>;
+type FVol = MirrorVolume<MemDevice, FaultDevice<MemDevice>>;
+
+fn pattern(seed: u64, len: usize) -> AlignedBuf {
+    let mut b = AlignedBuf::zeroed(len);
+    SimRng::new(seed).fill(&mut b);
+    b
+}
+
+async fn write<V: Volume>(v: &V, model: &mut [u8], offset: u64, seed: u64, len: usize) {
+    let b = pattern(seed, len);
+    model[offset as usize..offset as usize + len].copy_from_slice(&b);
+    let (_, r) = v.write(offset, b, false).await;
+    r.unwrap();
+}
+
+async fn read_all<V: Volume>(v: &V) -> Vec<u8> {
+    let (b, r) = v.read(0, AlignedBuf::zeroed(DATA as usize)).await;
+    r.unwrap();
+    b.to_vec()
+}
+
+async fn assert_reads<V: Volume>(v: &V, model: &[u8]) {
+    let got = read_all(v).await;
+    if let Some(i) = got.iter().zip(model).position(|(a, b)| a != b) {
+        panic!("exported disk differs from the model at byte {i} (region {})", i as u64 / u64::from(REGION));
+    }
+}
+
+fn invalid(v: &Vol) -> u64 {
+    v.inner.cache_now().map_or(u64::MAX, |s| s.table.not_valid())
+}
+
+/// Restarts cleanly: shutdown, then new handles (old ones dead, as after a process exit).
+async fn restart(v: Vol, backing: &MemDevice, caches: &[MemDevice]) -> Vol {
+    v.shutdown().await.unwrap();
+    drop(v);
+    backing.revoke_handles();
+    Vol::open(backing.reopen(), caches.iter().map(|c| c.reopen()).collect(), opts()).await.unwrap()
+}
+
+#[tokio::test]
+async fn blank_cache_is_formatted_rebuilt_and_then_trusted_across_a_clean_restart() {
+    let backing = new_backing().await;
+    let cache = new_cache();
+    let mut model = vec![0u8; DATA as usize];
+    let v = Vol::open(backing.clone(), vec![cache.clone()], opts()).await.unwrap();
+    assert_eq!(v.mode(), Mode::Rebuilding);
+    write(&v, &mut model, 12345, 1, 100_000).await;
+    v.wait_rebuilt().await;
+    assert_eq!(v.mode(), Mode::Healthy);
+    assert_eq!(v.verify(false).await.unwrap(), vec![]);
+
+    // Case 1: clean restart — nothing to rebuild, reads come from the cache.
+    let v = restart(v, &backing, std::slice::from_ref(&cache)).await;
+    assert_eq!(v.mode(), Mode::Healthy);
+    assert_eq!(invalid(&v), 0);
+    let before = v.stats().reads_cache.load(Ordering::Relaxed);
+    assert_reads(&v, &model).await;
+    assert!(v.stats().reads_cache.load(Ordering::Relaxed) > before, "reads must be served by the cache");
+    assert_eq!(v.stats().reads_backing.load(Ordering::Relaxed), 0);
+    v.shutdown().await.unwrap();
+    assert_eq!(verify_offline(backing.reopen(), vec![cache.reopen()], false).await.unwrap(), vec![]);
+}
+
+#[tokio::test]
+async fn crash_resyncs_only_regions_with_intent_bits() {
+    let backing = new_backing().await;
+    let cache = new_cache();
+    let mut model = vec![0u8; DATA as usize];
+    let v = Vol::open(backing.clone(), vec![cache.clone()], opts()).await.unwrap();
+    v.wait_rebuilt().await;
+    let v = restart(v, &backing, std::slice::from_ref(&cache)).await;
+    // Two writes into regions 3 and 40, flushed on the backing (so they must survive), then the
+    // power goes.
+    write(&v, &mut model, 3 * u64::from(REGION) + 10, 2, 5000).await;
+    write(&v, &mut model, 40 * u64::from(REGION), 3, 4096).await;
+    v.flush().await.unwrap();
+    assert_eq!(v.dirty_regions().0, 2);
+    let mut rng = SimRng::new(9);
+    backing.crash(&mut rng);
+    cache.crash(&mut rng);
+    drop(v);
+    // Case 2: exactly the two intent regions are resynced.
+    let v = Vol::open(backing.reopen(), vec![cache.reopen()], opts()).await.unwrap();
+    assert_eq!(invalid(&v), 2);
+    assert_reads(&v, &model).await;
+    v.wait_rebuilt().await;
+    assert_eq!(v.verify(false).await.unwrap(), vec![]);
+    assert_reads(&v, &model).await;
+}
+
+#[tokio::test]
+async fn idle_intent_bits_clear_after_both_devices_are_flushed() {
+    let backing = new_backing().await;
+    let cache = new_cache();
+    let mut model = vec![0u8; DATA as usize];
+    let v = Vol::open(backing.clone(), vec![cache.clone()], opts()).await.unwrap();
+    v.wait_rebuilt().await;
+    write(&v, &mut model, 0, 4, 3 * REGION as usize).await;
+    assert_eq!(v.dirty_regions().0, 3);
+    // First pass: the regions were touched since the last pass, so they stay.
+    v.clean_metadata().await.unwrap();
+    assert_eq!(v.dirty_regions().0, 3);
+    // Second pass: idle for a whole pass → flushed, cleared.
+    v.clean_metadata().await.unwrap();
+    assert_eq!(v.dirty_regions().0, 0);
+    // A crash now costs no resync at all.
+    let mut rng = SimRng::new(1);
+    backing.crash(&mut rng);
+    cache.crash(&mut rng);
+    drop(v);
+    let v = Vol::open(backing.reopen(), vec![cache.reopen()], opts()).await.unwrap();
+    assert_eq!(v.mode(), Mode::Healthy);
+    assert_reads(&v, &model).await;
+}
+
+#[tokio::test]
+async fn concurrent_first_writes_share_intent_commits() {
+    let backing = FaultDevice::new(new_backing().await, 5);
+    let v = MirrorVolume::<FaultDevice<MemDevice>, MemDevice>::open(backing.clone(), vec![new_cache()], opts())
+        .await
+        .unwrap();
+    v.wait_rebuilt().await;
+    backing.handle().set_latency(Duration::from_millis(2), Duration::from_millis(3));
+    let before = v.stats().intent_commits.load(Ordering::Relaxed);
+    let v = Arc::new(v);
+    let writers: Vec<_> = (0..32u64)
+        .map(|i| {
+            let v = v.clone();
+            tokio::spawn(async move {
+                let (_, r) = v.write(i * u64::from(REGION), pattern(i, 4096), false).await;
+                r.unwrap();
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
+    }
+    let commits = v.stats().intent_commits.load(Ordering::Relaxed) - before;
+    assert!(commits <= 3, "32 concurrent first writes took {commits} intent commits; they should share them");
+    assert_eq!(v.dirty_regions().0, 32);
+}
+
+#[tokio::test]
+async fn stale_cache_resyncs_only_what_was_written_while_it_was_away() {
+    let backing = new_backing().await;
+    let cache = new_cache();
+    let mut model = vec![0u8; DATA as usize];
+    let v = Vol::open(backing.clone(), vec![cache.clone()], opts()).await.unwrap();
+    write(&v, &mut model, 0, 5, DATA as usize).await;
+    v.wait_rebuilt().await;
+    v.shutdown().await.unwrap();
+    drop(v);
+    // Case 6: the cache is missing — serve degraded.
+    backing.revoke_handles();
+    let v = Vol::open(backing.reopen(), vec![], opts()).await.unwrap();
+    assert_eq!(v.mode(), Mode::Degraded);
+    write(&v, &mut model, 5 * u64::from(REGION) + 7, 6, 1000).await;
+    write(&v, &mut model, 20 * u64::from(REGION), 7, 2 * REGION as usize).await;
+    assert_eq!(v.dirty_regions().1, 3, "three regions recorded as changed");
+    v.shutdown().await.unwrap();
+    drop(v);
+    // Case 3: the same cache comes back; only the 3 changed regions are resynced.
+    backing.revoke_handles();
+    let v = Vol::open(backing.reopen(), vec![cache.reopen()], opts()).await.unwrap();
+    assert_eq!(invalid(&v), 3);
+    assert_reads(&v, &model).await;
+    v.wait_rebuilt().await;
+    assert_eq!(v.dirty_regions().1, 0, "the changed record is dropped once the set caught up");
+    assert_eq!(v.verify(false).await.unwrap(), vec![]);
+    // And after another restart it is healthy at once.
+    let v = restart(v, &backing, std::slice::from_ref(&cache)).await;
+    assert_eq!(v.mode(), Mode::Healthy);
+    assert_reads(&v, &model).await;
+}
+
+#[tokio::test]
+async fn a_backing_written_without_the_mirror_engine_forces_a_full_rebuild() {
+    let backing = new_backing().await;
+    let cache = new_cache();
+    let mut model = vec![0u8; DATA as usize];
+    let v = Vol::open(backing.clone(), vec![cache.clone()], opts()).await.unwrap();
+    v.wait_rebuilt().await;
+    v.shutdown().await.unwrap();
+    drop(v);
+    // Something else (the plain volume) opened the backing and wrote it, recording nothing.
+    backing.revoke_handles();
+    let b = backing.reopen();
+    let mut sb = read_superblock(&b).await.unwrap().unwrap();
+    sb.flags |= FLAG_OPEN;
+    update_superblock(&b, &mut sb).await.unwrap();
+    let (_, r) = b.write(9 * u64::from(REGION), pattern(8, 4096), false).await;
+    r.unwrap();
+    model[9 * REGION as usize..9 * REGION as usize + 4096].copy_from_slice(&pattern(8, 4096));
+    sb.flags &= !FLAG_OPEN;
+    update_superblock(&b, &mut sb).await.unwrap();
+    drop(b);
+    backing.revoke_handles();
+    let v = Vol::open(backing.reopen(), vec![cache.reopen()], opts()).await.unwrap();
+    assert_eq!(invalid(&v), REGIONS, "nothing the cache holds can be trusted");
+    assert_reads(&v, &model).await;
+    v.wait_rebuilt().await;
+    assert_reads(&v, &model).await;
+}
+
+#[tokio::test]
+async fn lost_changed_record_forces_a_full_rebuild_of_a_stale_cache() {
+    let backing = new_backing().await;
+    let cache = new_cache();
+    let v = Vol::open(backing.clone(), vec![cache.clone()], opts()).await.unwrap();
+    v.wait_rebuilt().await;
+    v.shutdown().await.unwrap();
+    drop(v);
+    backing.revoke_handles();
+    let v = Vol::open(backing.reopen(), vec![], opts()).await.unwrap();
+    let mut model = read_all(&v).await;
+    write(&v, &mut model, 0, 9, 100).await;
+    v.shutdown().await.unwrap();
+    let sb = v.backing_superblock();
+    drop(v);
+    // Destroy both copies of the changed-regions page.
+    backing.revoke_handles();
+    let b = backing.reopen();
+    let layout = MetaLayout::new(b.size_bytes(), DATA, REGION);
+    for slot in 0..2 {
+        b.write_zeroes(layout.page_offset(BitmapKind::Changed.area(), slot, 0), 4096, false).await.unwrap();
+    }
+    b.flush().await.unwrap();
+    assert!(!DiskBitmap::load(&b, layout, BitmapKind::Changed, sb.device_uuid, REGIONS)
+        .await
+        .unwrap()
+        .missing_pages
+        .is_empty());
+    drop(b);
+    backing.revoke_handles();
+    let v = Vol::open(backing.reopen(), vec![cache.reopen()], opts()).await.unwrap();
+    assert_eq!(invalid(&v), REGIONS);
+    assert_reads(&v, &model).await;
+}
+
+#[tokio::test]
+async fn foreign_cache_is_refused_unless_taken_over() {
+    let backing_a = new_backing().await;
+    let cache = new_cache();
+    let v = Vol::open(backing_a.clone(), vec![cache.clone()], opts()).await.unwrap();
+    v.wait_rebuilt().await;
+    v.shutdown().await.unwrap();
+    drop(v);
+    let backing_b = new_backing().await;
+    let err = Vol::open(backing_b.clone(), vec![cache.reopen()], opts()).await.err().expect("must refuse");
+    assert!(err.to_string().contains("another superdisk"), "{err}");
+    let mut take = opts();
+    take.take_over_foreign_cache = true;
+    backing_b.revoke_handles();
+    let v = Vol::open(backing_b.reopen(), vec![cache.reopen()], take).await.unwrap();
+    assert_eq!(invalid(&v), REGIONS, "a taken-over cache is rebuilt in full");
+    v.wait_rebuilt().await;
+    v.shutdown().await.unwrap();
+    drop(v);
+    // And now it is B's: A refuses it.
+    backing_a.revoke_handles();
+    assert!(Vol::open(backing_a.reopen(), vec![cache.reopen()], opts()).await.is_err());
+}
+
+#[tokio::test]
+async fn device_with_unknown_data_or_a_backing_is_not_used_as_cache() {
+    let backing = new_backing().await;
+    let junk = new_cache();
+    let (_, r) = junk.write(junk.size_bytes() - 100_000, pattern(1, 4096), false).await;
+    r.unwrap();
+    let err = Vol::open(backing.clone(), vec![junk.clone()], opts()).await.err().expect("must refuse");
+    assert!(err.to_string().contains("not blank"), "{err}");
+    backing.revoke_handles();
+    let other_backing = new_backing().await;
+    let err = Vol::open(backing.reopen(), vec![other_backing], opts()).await.err().expect("must refuse");
+    assert!(err.to_string().contains("backing device"), "{err}");
+}
+
+#[tokio::test]
+async fn caches_too_small_are_refused_with_a_clear_error() {
+    let backing = new_backing().await;
+    let small = MemDevice::new(DATA / 2 + meta_bytes(DATA, REGION));
+    let err = Vol::open(backing.clone(), vec![small], opts()).await.err().expect("must refuse");
+    assert!(err.to_string().contains("too small"), "{err}");
+    // Two halves striped are enough.
+    backing.revoke_handles();
+    let halves =
+        vec![MemDevice::new(DATA / 2 + meta_bytes(DATA, REGION)), MemDevice::new(DATA / 2 + meta_bytes(DATA, REGION))];
+    let v = Vol::open(backing.reopen(), halves, opts()).await.unwrap();
+    v.wait_rebuilt().await;
+    assert_eq!(v.mode(), Mode::Healthy);
+}
+
+#[tokio::test]
+async fn striped_members_are_recognised_in_any_order() {
+    let backing = new_backing().await;
+    let caches: Vec<MemDevice> =
+        (0..3).map(|_| MemDevice::new(DATA / 3 + (64 << 10) + meta_bytes(DATA, REGION))).collect();
+    let mut model = vec![0u8; DATA as usize];
+    let v = Vol::open(backing.clone(), caches.clone(), opts()).await.unwrap();
+    for i in 0..20 {
+        write(&v, &mut model, i * 199_999, 100 + i, 50_000).await;
+    }
+    v.wait_rebuilt().await;
+    assert_eq!(v.verify(false).await.unwrap(), vec![]);
+    v.shutdown().await.unwrap();
+    drop(v);
+    backing.revoke_handles();
+    let shuffled = vec![caches[2].reopen(), caches[0].reopen(), caches[1].reopen()];
+    let v = Vol::open(backing.reopen(), shuffled, opts()).await.unwrap();
+    assert_eq!(v.mode(), Mode::Healthy);
+    assert_reads(&v, &model).await;
+    assert_eq!(v.stats().reads_backing.load(Ordering::Relaxed), 0);
+    // A member missing: the other two are not a set any more, and too small to be one.
+    v.shutdown().await.unwrap();
+    drop(v);
+    backing.revoke_handles();
+    let v = Vol::open(backing.reopen(), vec![caches[0].reopen(), caches[1].reopen()], opts()).await;
+    assert!(v.err().expect("must refuse").to_string().contains("too small"));
+}
+
+#[tokio::test]
+async fn cache_write_error_is_absorbed_and_invalidates_the_region() {
+    let backing = new_backing().await;
+    let cache = FaultDevice::new(new_cache(), 3);
+    let mut model = vec![0u8; DATA as usize];
+    let v = FVol::open(backing.clone(), vec![cache.clone()], opts()).await.unwrap();
+    v.wait_rebuilt().await;
+    let r7 = 7 * u64::from(REGION);
+    cache.handle().fail_range(r7..r7 + 1, &[FaultOp::Write]);
+    write(&v, &mut model, r7, 11, 4096).await; // succeeds for the client
+    assert_eq!(v.stats().cache_errors.load(Ordering::Relaxed), 1);
+    assert_eq!(v.inner.cache_now().unwrap().table.get(7), RegionState::Invalid);
+    assert_reads(&v, &model).await;
+    cache.handle().clear_ranges();
+    v.wait_rebuilt().await;
+    assert_eq!(v.mode(), Mode::Healthy);
+    assert_eq!(v.verify(false).await.unwrap(), vec![]);
+}
+
+#[tokio::test]
+async fn backing_write_error_reaches_the_client_and_invalidates_the_region() {
+    let backing = FaultDevice::new(new_backing().await, 4);
+    let v = MirrorVolume::<FaultDevice<MemDevice>, MemDevice>::open(backing.clone(), vec![new_cache()], opts())
+        .await
+        .unwrap();
+    v.wait_rebuilt().await;
+    let r2 = 2 * u64::from(REGION);
+    backing.handle().fail_range(r2..r2 + 1, &[FaultOp::Write]);
+    let (_, r) = v.write(r2, pattern(1, 4096), false).await;
+    assert!(r.is_err());
+    assert_eq!(v.inner.cache_now().unwrap().table.get(2), RegionState::Invalid);
+    assert_eq!(v.stats().backing_errors.load(Ordering::Relaxed), 1);
+    backing.handle().clear_ranges();
+    v.wait_rebuilt().await;
+    assert_eq!(v.verify(false).await.unwrap(), vec![], "cache equals whatever the backing holds");
+}
+
+#[tokio::test]
+async fn cache_read_errors_are_repaired_and_past_the_budget_the_cache_is_failed() {
+    let backing = new_backing().await;
+    let cache = FaultDevice::new(new_cache(), 6);
+    let mut model = vec![0u8; DATA as usize];
+    let mut o = opts();
+    o.read_error_budget = 3;
+    let v = FVol::open(backing.clone(), vec![cache.clone()], o).await.unwrap();
+    write(&v, &mut model, 0, 12, DATA as usize).await;
+    v.wait_rebuilt().await;
+    // A bad sector: the read is answered from the backing and the sector rewritten.
+    let bad = 10 * u64::from(REGION) + 4096;
+    cache.handle().fail_range(bad..bad + 512, &[FaultOp::Read]);
+    let (b, r) = v.read(bad, AlignedBuf::zeroed(4096)).await;
+    r.unwrap();
+    assert_eq!(&b[..], &model[bad as usize..bad as usize + 4096]);
+    assert_eq!(v.stats().repairs.load(Ordering::Relaxed), 1);
+    assert_eq!(v.stats().cache_errors.load(Ordering::Relaxed), 1);
+    assert_eq!(v.mode(), Mode::Healthy);
+    // The cache goes bad everywhere: clients see no error, and past the budget it is dropped.
+    cache.handle().set_error_ppm(FaultOp::Read, 1_000_000);
+    for i in 0..10u64 {
+        let (b, r) = v.read(i * 4096, AlignedBuf::zeroed(4096)).await;
+        r.unwrap();
+        assert_eq!(&b[..], &model[(i * 4096) as usize..((i + 1) * 4096) as usize]);
+    }
+    assert_eq!(v.mode(), Mode::Degraded);
+    assert_eq!(v.stats().cache_failures.load(Ordering::Relaxed), 1);
+    assert_reads(&v, &model).await;
+    // A replacement cache is rebuilt.
+    v.replace_cache(vec![FaultDevice::new(new_cache(), 7)]).await.unwrap();
+    assert_eq!(v.mode(), Mode::Rebuilding);
+    v.wait_rebuilt().await;
+    assert_eq!(v.verify(false).await.unwrap(), vec![]);
+    assert_reads(&v, &model).await;
+}
+
+#[tokio::test]
+async fn failed_cache_re_added_resyncs_only_what_changed_meanwhile() {
+    let backing = new_backing().await;
+    let cache = new_cache();
+    let mut model = vec![0u8; DATA as usize];
+    let v = Vol::open(backing.clone(), vec![cache.clone()], opts()).await.unwrap();
+    v.wait_rebuilt().await;
+    v.clean_metadata().await.unwrap();
+    v.fail_cache().await;
+    assert_eq!(v.mode(), Mode::Degraded);
+    write(&v, &mut model, 33 * u64::from(REGION), 13, 100).await;
+    v.replace_cache(vec![cache.clone()]).await.unwrap();
+    assert_eq!(invalid(&v), 1);
+    v.wait_rebuilt().await;
+    assert_reads(&v, &model).await;
+    assert_eq!(v.verify(false).await.unwrap(), vec![]);
+}
+
+#[tokio::test]
+async fn trim_and_write_zeroes_leave_both_copies_identical() {
+    let backing = new_backing().await;
+    let cache = new_cache();
+    let mut model = vec![0u8; DATA as usize];
+    let v = Vol::open(backing.clone(), vec![cache.clone()], opts()).await.unwrap();
+    write(&v, &mut model, 0, 14, DATA as usize).await;
+    v.wait_rebuilt().await;
+    v.trim(100_000, 300_000, false).await.unwrap();
+    model[100_000..400_000].fill(0);
+    v.write_zeroes(1_000_003, 5, false, true).await.unwrap();
+    model[1_000_003..1_000_008].fill(0);
+    assert_reads(&v, &model).await;
+    assert_eq!(v.mode(), Mode::Healthy);
+    assert_eq!(v.verify(false).await.unwrap(), vec![]);
+    assert!(v.trim(DATA - 1, 2, false).await.is_err(), "out of range");
+}
+
+#[tokio::test]
+async fn verify_reports_and_repairs_a_corrupted_cache() {
+    let backing = new_backing().await;
+    let cache = new_cache();
+    let mut model = vec![0u8; DATA as usize];
+    let v = Vol::open(backing.clone(), vec![cache.clone()], opts()).await.unwrap();
+    write(&v, &mut model, 0, 15, DATA as usize).await;
+    v.wait_rebuilt().await;
+    v.shutdown().await.unwrap();
+    drop(v);
+    // Silent corruption of the cache's copy of bytes [8192, 12288) (region 0).
+    cache.revoke_handles();
+    let c = cache.reopen();
+    let (_, r) = c.write(8192 + 100, pattern(99, 10), false).await;
+    r.unwrap();
+    drop(c);
+    backing.revoke_handles();
+    cache.revoke_handles();
+    let found = verify_offline(backing.reopen(), vec![cache.reopen()], false).await.unwrap();
+    assert_eq!(found, vec![(8192, 4096)]);
+    let fixed = verify_offline(backing.reopen(), vec![cache.reopen()], true).await.unwrap();
+    assert_eq!(fixed, vec![(8192, 4096)]);
+    assert_eq!(verify_offline(backing.reopen(), vec![cache.reopen()], false).await.unwrap(), vec![]);
+    // Online too.
+    let c = cache.reopen();
+    let (_, r) = c.write(3 * u64::from(REGION), pattern(98, 10), false).await;
+    r.unwrap();
+    let v = Vol::open(backing.reopen(), vec![cache.reopen()], opts()).await.unwrap();
+    assert_eq!(v.verify(true).await.unwrap(), vec![(3 * u64::from(REGION), 4096)]);
+    assert_eq!(v.verify(false).await.unwrap(), vec![]);
+    assert_reads(&v, &model).await;
+}
+
+#[tokio::test]
+async fn reads_spanning_valid_and_invalid_regions_are_split() {
+    let backing = new_backing().await;
+    let cache = FaultDevice::new(new_cache(), 1);
+    let mut model = vec![0u8; DATA as usize];
+    let mut o = opts();
+    o.rebuild_min_bytes_per_s = 1 << 20;
+    o.rebuild_max_bytes_per_s = 1 << 20;
+    let v = FVol::open(backing.clone(), vec![cache.clone()], o).await.unwrap();
+    // Regions 1 and 3 become valid by full-region writes; 0, 2, 4 stay invalid (the rebuild is
+    // slow and the cache refuses its copies into them).
+    let rb = u64::from(REGION);
+    cache.handle().fail_range(0..rb, &[FaultOp::Write]);
+    cache.handle().fail_range(2 * rb..3 * rb, &[FaultOp::Write]);
+    cache.handle().fail_range(4 * rb..5 * rb, &[FaultOp::Write]);
+    write(&v, &mut model, rb, 16, REGION as usize).await;
+    write(&v, &mut model, 3 * rb, 17, REGION as usize).await;
+    let set = v.inner.cache_now().unwrap();
+    assert_eq!(set.table.get(1), RegionState::Valid);
+    assert_eq!(set.table.get(3), RegionState::Valid);
+    let (b, r) = v.read(rb / 2, AlignedBuf::zeroed(4 * REGION as usize)).await;
+    r.unwrap();
+    assert_eq!(&b[..], &model[(rb / 2) as usize..(rb / 2 + 4 * rb) as usize]);
+    assert_eq!(v.stats().reads_cache.load(Ordering::Relaxed), 2);
+}
+
+#[tokio::test]
+async fn hot_regions_are_rebuilt_first() {
+    let backing = new_backing().await;
+    let v = Vol::open(backing.clone(), vec![new_cache()], opts()).await.unwrap();
+    let set = v.inner.cache_now().unwrap();
+    // A client reads regions 50 and 60 while they are invalid.
+    let inner = &v.inner;
+    inner.push_hot(60);
+    inner.push_hot(50);
+    inner.push_hot(60);
+    let mut cursor = 0;
+    let batch = rebuild::pick(inner, &set, &mut cursor, 4);
+    assert_eq!(batch[..2], [60, 50]);
+    assert!(batch[2..].iter().all(|&r| r < 50));
+}
+
+#[tokio::test]
+async fn operations_out_of_range_are_refused() {
+    let backing = new_backing().await;
+    let v = Vol::open(backing, vec![new_cache()], opts()).await.unwrap();
+    let (_, r) = v.read(DATA - 1, AlignedBuf::zeroed(2)).await;
+    assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EINVAL));
+    let (_, r) = v.write(DATA, AlignedBuf::zeroed(1), false).await;
+    assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::ENOSPC));
+    let (_, r) = v.read(u64::MAX, AlignedBuf::zeroed(2)).await;
+    assert!(r.is_err());
+}
+
+/// Random writes, flushes and crashes (unflushed writes kept, dropped or torn on both devices)
+/// with restarts: every flushed write survives, reads match, and no valid cache region differs
+/// from the backing. A failure names its seed.
+#[tokio::test]
+async fn random_crashes_lose_no_flushed_write_and_never_leave_a_stale_valid_region() {
+    for seed in 0..12u64 {
+        let mut rng = SimRng::new(seed);
+        let backing = new_backing().await;
+        let cache = new_cache();
+        // `durable` is what must survive a crash except where `unflushed` is set (written since
+        // the last flush); `current` is what reads must return while running.
+        let mut current = vec![0u8; DATA as usize];
+        let mut durable = current.clone();
+        let mut unflushed = vec![false; DATA as usize];
+        let mut v = Vol::open(backing.clone(), vec![cache.clone()], opts()).await.unwrap();
+        for step in 0..40 {
+            match rng.below(10) {
+                0..=5 => {
+                    let off = rng.below(DATA - 1);
+                    let len = 1 + rng.below((DATA - off).min(3 * u64::from(REGION)));
+                    let fua = rng.below(4) == 0;
+                    let b = pattern(rng.next_u64(), len as usize);
+                    let range = off as usize..(off + len) as usize;
+                    current[range.clone()].copy_from_slice(&b);
+                    let (_, r) = v.write(off, b, fua).await;
+                    r.unwrap();
+                    if fua {
+                        durable[range.clone()].copy_from_slice(&current[range.clone()]);
+                        unflushed[range].fill(false);
+                    } else {
+                        unflushed[range].fill(true);
+                    }
+                }
+                6 => {
+                    v.flush().await.unwrap();
+                    durable.clone_from(&current);
+                    unflushed.fill(false);
+                }
+                7 => v.clean_metadata().await.unwrap(),
+                8 => {
+                    // Let the rebuild run a little.
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                _ => {
+                    let mut crash_rng = SimRng::new(rng.next_u64());
+                    backing.crash(&mut crash_rng);
+                    cache.crash(&mut crash_rng);
+                    drop(v);
+                    let image = backing.contents();
+                    for i in 0..DATA as usize {
+                        assert!(
+                            unflushed[i] || image[i] == durable[i],
+                            "seed {seed} step {step}: flushed byte {i} lost"
+                        );
+                    }
+                    current = image[..DATA as usize].to_vec();
+                    durable.clone_from(&current);
+                    unflushed.fill(false);
+                    let found = verify_offline(backing.reopen(), vec![cache.reopen()], false).await.unwrap();
+                    assert_eq!(found, vec![], "seed {seed} step {step}: a region the cache calls valid differs");
+                    v = Vol::open(backing.reopen(), vec![cache.reopen()], opts()).await.unwrap();
+                }
+            }
+            let got = read_all(&v).await;
+            assert!(got == current, "seed {seed} step {step}: stale or wrong read");
+        }
+        v.wait_rebuilt().await;
+        assert_eq!(v.verify(false).await.unwrap(), vec![], "seed {seed}");
+    }
+}
