@@ -7,4 +7,5 @@ pub mod meta;
 pub mod mirror;
 pub mod nbd;
 pub mod server;
+pub mod service;
 pub mod volume;

@@ -10,6 +10,7 @@ use superdisk::meta::store::{self, TailState};
 use superdisk::mirror::{self, MirrorOptions, MirrorVolume, Mode};
 use superdisk::nbd::ExportParams;
 use superdisk::server::{self, ServerConfig};
+use superdisk::service::Notifier;
 use superdisk::volume::{PlainVolume, Volume};
 
 #[derive(Parser)]
@@ -424,34 +425,51 @@ async fn serve_volume<V: Volume>(
         idle_timeout: std::time::Duration::from_secs(cfg.idle_timeout_secs),
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // Install the handlers now, before READY=1: a SIGTERM that arrives between READY and the
+    // first poll of a spawned task must still drain, not kill the process.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-            tracing::error!("cannot install signal handlers");
-            return;
-        };
         let name = tokio::select! { _ = term.recv() => "SIGTERM", _ = int.recv() => "SIGINT" };
         tracing::info!(signal = name, "shutting down: finishing in-flight requests");
         let _ = stop_tx.send(true);
     });
+    let notifier = Arc::new(Notifier::from_env());
     let mut stop_watch = stop_rx.clone();
+    let n = notifier.clone();
     tokio::spawn(async move {
         let mut last: Option<Mode> = None;
+        // The watchdog keep-alive comes from this task, so a wedged runtime stops it and systemd
+        // restarts the daemon.
+        let watchdog = Notifier::watchdog_interval();
+        let tick = watchdog.unwrap_or(std::time::Duration::from_millis(250)).min(std::time::Duration::from_millis(250));
         loop {
             if let Some(mode) = mode_changed(last) {
                 if last == Some(Mode::Rebuilding) && mode == Mode::Healthy {
                     tracing::info!("rebuild complete");
                 }
                 tracing::info!("mode={}", mode_name(mode));
+                n.notify(&format!("STATUS=serving, mode {}", mode_name(mode)));
                 last = Some(mode);
             }
+            if watchdog.is_some() {
+                n.notify("WATCHDOG=1");
+            }
             tokio::select! {
-                _ = tokio::time::sleep(std::time::Duration::from_millis(250)) => {}
+                _ = tokio::time::sleep(tick) => {}
                 _ = stop_watch.changed() => return,
             }
         }
     });
-    server::run(volume.clone(), server_cfg, stop_rx, on_ready).await?;
+    let ready_notifier = notifier.clone();
+    server::run(volume.clone(), server_cfg, stop_rx, |endpoints| {
+        // READY only now: recovery (superblock, bitmaps) is done and every listener is bound.
+        ready_notifier.notify(&format!("READY=1\nSTATUS=serving on {}", endpoints.join(", ")));
+        on_ready(endpoints)
+    })
+    .await?;
+    notifier.notify("STOPPING=1\nSTATUS=flushing");
     volume.shutdown().await.map_err(|e| format!("flush at shutdown failed: {e}"))?;
     tracing::info!("flushed; clean shutdown recorded");
     Ok(())

@@ -114,3 +114,37 @@ fn sigterm_drains_and_records_a_clean_shutdown() {
     d.spawn();
     assert!(d.log().contains("did not shut down cleanly"), "a SIGKILL must be noticed at the next start");
 }
+
+/// Under systemd (Type=notify), READY=1 comes only once the listener is up, and STOPPING=1 when
+/// SIGTERM starts the drain.
+#[test]
+fn notifies_systemd_ready_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("b.img");
+    run_ok(Command::new(BIN).args(["create", "--size", "8M", "--backing"]).arg(&img));
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let port = free_port();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--backing"])
+        .arg(&img)
+        .env("NOTIFY_SOCKET", &sock_path)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let n = sock.recv(&mut buf).expect("READY=1 within 20 s");
+    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(msg.contains("READY=1"), "{msg}");
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(), "READY=1 before the listener was up");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let mut seen = String::new();
+    while !seen.contains("STOPPING=1") {
+        let n = sock.recv(&mut buf).expect("STOPPING=1 after SIGTERM");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(child.wait().unwrap().success());
+}
