@@ -2,8 +2,9 @@
 //! so no borrow crosses an await point or a thread boundary (the io_uring thread holds it while
 //! the kernel owns the memory).
 
-use std::alloc::{alloc, alloc_zeroed, dealloc, Layout};
+use std::alloc::{alloc, dealloc, Layout};
 use std::ptr::NonNull;
+use std::sync::Mutex;
 
 /// Alignment of every buffer: enough for O_DIRECT on 512- and 4096-byte devices.
 pub const BUF_ALIGN_BYTES: usize = 4096;
@@ -23,27 +24,29 @@ impl AlignedBuf {
         Layout::from_size_align(capacity.max(BUF_ALIGN_BYTES), BUF_ALIGN_BYTES).expect("valid layout")
     }
 
-    /// A buffer of `len` bytes whose contents are unspecified until written (it is zeroed, since
-    /// handing stale heap memory to a client by mistake is worse than the memset).
+    /// A buffer of `len` bytes, zeroed.
     pub fn new(len: usize) -> Self {
         Self::zeroed(len)
     }
 
     pub fn zeroed(len: usize) -> Self {
-        let capacity = len.div_ceil(BUF_ALIGN_BYTES).max(1) * BUF_ALIGN_BYTES;
-        // SAFETY: layout has non-zero size.
-        let ptr = unsafe { alloc_zeroed(Self::layout(capacity)) };
-        let ptr = NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(Self::layout(capacity)));
-        AlignedBuf { ptr, len, capacity }
+        let mut b = Self::uninit_for_fill(len);
+        // SAFETY: the allocation holds `capacity` ≥ len bytes.
+        unsafe { std::ptr::write_bytes(b.ptr.as_ptr(), 0, b.capacity) };
+        b.len = len;
+        b
     }
 
     /// A buffer whose bytes will all be overwritten before anyone reads them (socket or device
-    /// reads of exactly `len` bytes); skips the memset on the hot path.
+    /// reads of exactly `len` bytes); skips the memset on the hot path. It may come from the pool
+    /// and hold a previous request's bytes, which is why callers never expose unfilled bytes (a
+    /// short read is an error and the buffer is dropped).
     pub fn uninit_for_fill(len: usize) -> Self {
-        let capacity = len.div_ceil(BUF_ALIGN_BYTES).max(1) * BUF_ALIGN_BYTES;
-        // SAFETY: layout has non-zero size. The memory is treated as initialised bytes only after
-        // the caller fills it; u8 has no invalid bit patterns, and the callers never expose
-        // unfilled bytes (a short read is an error and the buffer is dropped).
+        let capacity = size_class(len);
+        if let Some(ptr) = POOL.take(capacity) {
+            return AlignedBuf { ptr, len, capacity };
+        }
+        // SAFETY: layout has non-zero size. u8 has no invalid bit patterns.
         let ptr = unsafe { alloc(Self::layout(capacity)) };
         let ptr = NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(Self::layout(capacity)));
         AlignedBuf { ptr, len, capacity }
@@ -83,8 +86,52 @@ impl std::ops::DerefMut for AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        // SAFETY: allocated with the same layout in new/uninit_for_fill.
-        unsafe { dealloc(self.ptr.as_ptr(), Self::layout(self.capacity)) }
+        if !POOL.give(self.ptr, self.capacity) {
+            // SAFETY: allocated with the same layout in uninit_for_fill.
+            unsafe { dealloc(self.ptr.as_ptr(), Self::layout(self.capacity)) }
+        }
+    }
+}
+
+/// Capacities are powers of two from 4 KiB: one free list per size.
+fn size_class(len: usize) -> usize {
+    len.max(BUF_ALIGN_BYTES).next_power_of_two()
+}
+
+const POOL_CLASSES: usize = 16; // 4 KiB ..= 128 MiB
+/// Bytes kept idle per size class (at least one buffer is kept for every class).
+const POOL_BYTES_PER_CLASS: usize = 16 << 20;
+
+/// Free lists of recently used buffers. Large buffers are the point: a fresh 1 MiB allocation is
+/// an mmap, 256 page faults on first touch and an munmap on free, which cost more CPU than the
+/// copy the buffer is for. The pool is bounded, so idle memory stays small.
+struct Pool {
+    classes: [Mutex<Vec<NonNull<u8>>>; POOL_CLASSES],
+}
+
+// SAFETY: the pointers are owned, unaliased allocations handed out to one owner at a time.
+unsafe impl Sync for Pool {}
+
+static POOL: Pool = Pool { classes: [const { Mutex::new(Vec::new()) }; POOL_CLASSES] };
+
+impl Pool {
+    fn index(capacity: usize) -> Option<usize> {
+        let i = (capacity.trailing_zeros() as usize).checked_sub(BUF_ALIGN_BYTES.trailing_zeros() as usize)?;
+        (i < POOL_CLASSES && capacity.is_power_of_two()).then_some(i)
+    }
+
+    fn take(&self, capacity: usize) -> Option<NonNull<u8>> {
+        self.classes[Self::index(capacity)?].lock().ok()?.pop()
+    }
+
+    fn give(&self, ptr: NonNull<u8>, capacity: usize) -> bool {
+        let Some(i) = Self::index(capacity) else { return false };
+        let Ok(mut list) = self.classes[i].lock() else { return false };
+        if list.len() >= (POOL_BYTES_PER_CLASS / capacity).max(1) {
+            return false;
+        }
+        list.push(ptr);
+        true
     }
 }
 
@@ -97,6 +144,19 @@ impl std::fmt::Debug for AlignedBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pooled_buffers_are_reused_and_zeroed_when_asked() {
+        let mut a = AlignedBuf::uninit_for_fill(1 << 20);
+        a.fill(0x5a);
+        drop(a);
+        let b = AlignedBuf::zeroed(1 << 20);
+        assert!(b.iter().all(|&x| x == 0));
+        assert_eq!(size_class(1), 4096);
+        assert_eq!(size_class(4097), 8192);
+        assert_eq!(Pool::index(4096), Some(0));
+        assert_eq!(Pool::index(1 << 30), None);
+    }
 
     #[test]
     fn aligned_and_sized() {

@@ -24,6 +24,9 @@ pub(crate) struct ConnLimits {
 /// In-flight accounting unit: budgets are counted in 4 KiB pages so a u32 permit count covers
 /// budgets far above any sane setting.
 const BUDGET_UNIT_BYTES: usize = 4096;
+/// Once a request's first byte has arrived, the rest of it (header and payload) must follow within
+/// this. Generous: 32 MiB at 1 MB/s still fits.
+const PARTIAL_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 const SHUTDOWN_HANDSHAKE_GRACE: Duration = Duration::from_secs(2);
 /// Replies are batched into writes of about this much before the socket sees them.
 const WRITE_BUFFER_BYTES: usize = 256 * 1024;
@@ -188,10 +191,13 @@ where
                 Ok(op) => op,
                 Err(err) => {
                     // The payload of a refused write is still on the wire: skip it without buffering.
-                    drain(&mut reader, u64::from(h.payload_bytes())).await?;
+                    within(PARTIAL_REQUEST_TIMEOUT, drain(&mut reader, u64::from(h.payload_bytes()))).await?;
+                    // Refusals hold budget too: a client that streams bad requests and never reads
+                    // its replies must stall itself, not grow our reply queue without bound.
+                    let permit = budget.clone().acquire_owned().await.expect("budget semaphore is never closed");
                     let mut head = Vec::with_capacity(64);
                     reply::error(&mut head, h.cookie, structured, err, &refusal_message(&h, err));
-                    let _ = tx.send(Reply { head, data: None, _budget: None });
+                    let _ = tx.send(Reply { head, data: None, _budget: Some(permit) });
                     continue;
                 }
             };
@@ -209,7 +215,7 @@ where
             let payload = match op {
                 Op::Write { length, .. } => {
                     let mut buf = AlignedBuf::uninit_for_fill(length as usize);
-                    reader.read_exact(&mut buf).await?;
+                    within(PARTIAL_REQUEST_TIMEOUT, reader.read_exact(&mut buf)).await?;
                     Some(buf)
                 }
                 _ => None,
@@ -254,8 +260,16 @@ async fn read_header<R: AsyncRead + Unpin>(
     if first == 0 {
         return Ok(false);
     }
-    reader.read_exact(&mut hdr[1..]).await?;
+    within(PARTIAL_REQUEST_TIMEOUT, reader.read_exact(&mut hdr[1..])).await?;
     Ok(true)
+}
+
+/// Bounds an I/O that a client has started but may never finish (half a header, half a payload):
+/// such a connection holds a slot and budget, so it is closed rather than waited on forever.
+async fn within<T>(limit: Duration, io: impl Future<Output = io::Result<T>>) -> io::Result<T> {
+    tokio::time::timeout(limit, io)
+        .await
+        .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "client stalled in the middle of a request")))
 }
 
 async fn drain<R: AsyncRead + Unpin>(reader: &mut R, mut bytes: u64) -> io::Result<()> {
