@@ -249,11 +249,12 @@ impl FaultHandle {
         lock(&self.shared.plan).0.vanished
     }
 
-    /// Switches every fault off (the random sequence continues where it was).
+    /// Switches every error off: rates, bad ranges, vanishing. Latency and yields stay (they are
+    /// timing, not faults), and the random sequence continues where it was.
     pub fn heal(&self) {
         let mut g = lock(&self.shared.plan);
-        let rng = g.1.clone();
-        *g = (Plan::default(), rng);
+        let plan = &mut g.0;
+        *plan = Plan { latency_us: plan.latency_us.clone(), max_yields: plan.max_yields, ..Plan::default() };
     }
 
     /// Operations of this kind seen so far.

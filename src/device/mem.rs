@@ -15,6 +15,10 @@
 //! A crash also "powers off" every handle that existed before it: their operations fail with EIO
 //! from then on, so a volume (or a background task of one) that outlives the crash cannot write into
 //! the image that the next incarnation reads.
+//!
+//! [`ShadowDisk`] is the other half of the story: the model of what such a disk may legally read
+//! as, which model-based tests check every read against (tests/plain_model.rs,
+//! tests/mirror_model.rs). A unit test below keeps the two in agreement.
 
 use super::fault::SimRng;
 use super::{AlignedBuf, BlockDevice, Extent};
@@ -359,6 +363,18 @@ impl Logged {
     }
 }
 
+/// Sorted byte offsets → maximal ranges.
+fn to_ranges(bytes: Vec<u64>) -> Vec<Range<u64>> {
+    let mut ranges: Vec<Range<u64>> = Vec::new();
+    for i in bytes {
+        match ranges.last_mut() {
+            Some(r) if r.end == i => r.end = i + 1,
+            _ => ranges.push(i..i + 1),
+        }
+    }
+    ranges
+}
+
 /// The shadow model of a disk under these crash semantics, for model-based tests of anything
 /// built on block devices (a volume, the mirror): for every byte, what a read may legally return.
 ///
@@ -485,6 +501,39 @@ impl ShadowDisk {
         self.record(Logged { offset, data: None, len, fua });
     }
 
+    /// A write that failed: any byte of it may now hold the new value or what it held before (a
+    /// failed write can land in part). Returns the ranges that became uncertain: read them next
+    /// (with [`Self::check_read`]) to learn what they hold, and both copies of a mirror must agree.
+    pub fn write_failed(&mut self, offset: u64, data: &[u8]) -> Vec<Range<u64>> {
+        let r = offset as usize..offset as usize + data.len();
+        assert!(r.end <= self.cur.len(), "model write past the end");
+        let mut uncertain: Vec<u64> = Vec::new();
+        for (k, &v) in data.iter().enumerate() {
+            let i = r.start + k;
+            let mut set = if self.known[i] {
+                let mut one = ByteSet::default();
+                one.insert(self.cur[i]);
+                one
+            } else if let Some(set) = self.contested.get(&(i as u64)) {
+                *set
+            } else {
+                let mut set = self.alts_of(i);
+                set.insert(self.dur[i]);
+                set
+            };
+            if set.len() == 1 && set.contains(v) {
+                continue;
+            }
+            set.insert(v);
+            self.contested.insert(i as u64, set);
+            self.set_known(i, false);
+            uncertain.push(i as u64);
+        }
+        // Whatever landed is unflushed: a crash may keep or drop it.
+        self.log.push(Logged { offset, data: Some(data.to_vec()), len: data.len() as u64, fua: false });
+        to_ranges(uncertain)
+    }
+
     /// Writes that were in flight together and all acknowledged, none with FUA. Returns the
     /// ranges where they overlap with different data: read them next (with [`Self::check_read`])
     /// to learn which write won.
@@ -518,14 +567,7 @@ impl ShadowDisk {
             }
         }
         contested_bytes.sort_unstable();
-        let mut ranges: Vec<Range<u64>> = Vec::new();
-        for i in contested_bytes {
-            match ranges.last_mut() {
-                Some(r) if r.end == i => r.end = i + 1,
-                _ => ranges.push(i..i + 1),
-            }
-        }
-        ranges
+        to_ranges(contested_bytes)
     }
 
     /// An acknowledged flush: everything written is durable.
@@ -836,6 +878,28 @@ mod tests {
         m.flush();
         m.crash();
         assert_eq!(m.undecided_bytes(), 0);
+    }
+
+    #[test]
+    fn shadow_failed_write_leaves_old_or_new_per_byte() {
+        let mut m = ShadowDisk::new(vec![0; 100]);
+        m.write(0, &[1; 10], false);
+        m.flush();
+        assert_eq!(m.write_failed(0, &[2, 2, 2, 1, 1]), vec![0..3]);
+        assert!(m.check_read(0, &[3]).is_err(), "neither old nor new");
+        assert!(m.check_read(0, &[2, 1, 2, 1, 1, 1]).is_ok(), "any mix of old and new bytes");
+        assert!(m.check_read(1, &[2]).is_err(), "once read, the byte is what it was read as");
+        // The failed write is not durable, and not lost for certain either. (The model does not
+        // narrow a byte that read as old to "old" for the crash: lenient, never wrong.)
+        m.crash();
+        assert_eq!(m.undecided_bytes(), 3);
+        assert!(m.check_read(0, &[2, 1, 1]).is_ok());
+        // After a crash a failed write over undecided bytes widens their candidates.
+        m.write(50, &[5], false);
+        m.crash();
+        assert_eq!(m.write_failed(50, &[6]), vec![50..51]);
+        assert!(m.check_read(50, &[7]).is_err());
+        assert!(m.check_read(50, &[0]).is_ok(), "the durable value is still a candidate");
     }
 
     #[test]

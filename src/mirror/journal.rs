@@ -399,6 +399,9 @@ impl Journal {
     }
 }
 
+// Pages start on byte boundaries, so they can be settled byte by byte.
+const _: () = assert!(BITS_PER_PAGE % 8 == 0);
+
 /// `durable := snapshot ∧ memory` for the bits of each snapshotted page.
 fn settle(durable: &mut Bits, mem: &Bits, pages: &[(u64, Vec<u8>)]) {
     let total_bytes = mem.len().div_ceil(8);
@@ -412,7 +415,6 @@ fn settle(durable: &mut Bits, mem: &Bits, pages: &[(u64, Vec<u8>)]) {
             durable.set_byte(i, snap & mem.byte(i));
         }
     }
-    debug_assert!(BITS_PER_PAGE % 8 == 0);
 }
 
 /// Ends a write's registration (decrements its regions' in-flight counts).

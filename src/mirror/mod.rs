@@ -166,6 +166,8 @@ pub(crate) struct Inner<B: BlockDevice, C: BlockDevice> {
     /// Wakes [`MirrorVolume::wait_rebuilt`].
     settled: tokio::sync::Notify,
     rebuild_idle: AtomicBool,
+    /// The operator froze the rebuild (md's sync_action=frozen).
+    rebuild_paused: AtomicBool,
     /// Foreground requests, for the rebuild's rate adaptation.
     fg_ops: AtomicU64,
     closed: AtomicBool,
@@ -245,6 +247,7 @@ impl<B: BlockDevice, C: BlockDevice> MirrorVolume<B, C> {
             work: tokio::sync::Notify::new(),
             settled: tokio::sync::Notify::new(),
             rebuild_idle: AtomicBool::new(false),
+            rebuild_paused: AtomicBool::new(false),
             fg_ops: AtomicU64::new(0),
             closed: AtomicBool::new(false),
         });
@@ -313,6 +316,13 @@ impl<B: BlockDevice, C: BlockDevice> MirrorVolume<B, C> {
     /// backing.
     pub async fn verify(&self, repair: bool) -> io::Result<Vec<(u64, u64)>> {
         self.inner.verify_online(repair).await
+    }
+
+    /// Freezes (or resumes) the background rebuild, like md's `sync_action=frozen`: regions stay
+    /// invalid and are read from the backing until it resumes. `wait_rebuilt` waits meanwhile.
+    pub fn set_rebuild_paused(&self, paused: bool) {
+        self.inner.rebuild_paused.store(paused, Ordering::Release);
+        self.inner.work.notify_one();
     }
 
     /// Runs one metadata cleaner pass now (tests; the background task runs it periodically).
@@ -1048,10 +1058,11 @@ impl<B: BlockDevice, C: BlockDevice> Volume for MirrorVolume<B, C> {
 /// Formats `caches` as a new cache set for the backing described by `backing_sb` (for `superdisk
 /// create --cache`). Devices that already form this backing's set are left alone; a cache of
 /// another superdisk or a device with unknown data is refused unless `take_over_foreign_cache`.
-pub async fn create_cache<C: BlockDevice>(backing_sb: &Superblock, caches: &[C], opts: &MirrorOptions) -> io::Result<()>
-where
-    C: Clone,
-{
+pub async fn create_cache<C: BlockDevice + Clone>(
+    backing_sb: &Superblock,
+    caches: &[C],
+    opts: &MirrorOptions,
+) -> io::Result<()> {
     if caches.is_empty() {
         return Ok(());
     }

@@ -84,6 +84,10 @@ pub(crate) async fn rebuild_loop<B: BlockDevice, C: BlockDevice>(inner: Arc<Inne
         let notified = inner.work.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
+        if inner.rebuild_paused.load(Ordering::Acquire) {
+            notified.await;
+            continue;
+        }
         let set = match inner.cache_now() {
             Some(s) if !s.is_failed() && s.table.not_valid() > 0 => s,
             other => {
@@ -101,17 +105,18 @@ pub(crate) async fn rebuild_loop<B: BlockDevice, C: BlockDevice>(inner: Arc<Inne
             }
         };
         inner.rebuild_idle.store(false, Ordering::Release);
-        let batch = pick(&inner, &set, &mut cursor, FLUSH_EVERY_REGIONS);
-        if batch.is_empty() {
-            // Every not-valid region is being copied by someone else (cannot happen: only this
-            // task copies) or the table changed under us; look again shortly.
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            continue;
-        }
         let started = Instant::now();
-        let mut copied = Vec::with_capacity(batch.len());
+        let mut copied = Vec::with_capacity(FLUSH_EVERY_REGIONS);
+        let mut attempted = 0;
         let mut backing_failed = false;
-        for chunk in batch.chunks(COPY_PARALLEL) {
+        // A few regions at a time, picked afresh each time, so a region a client starts reading
+        // jumps the queue within one chunk.
+        while attempted < FLUSH_EVERY_REGIONS && !set.is_failed() {
+            let chunk = pick(&inner, &set, &mut cursor, COPY_PARALLEL);
+            if chunk.is_empty() {
+                break;
+            }
+            attempted += chunk.len();
             let bytes: u64 = chunk.iter().map(|&r| inner.region_bounds(r).1).sum();
             let wait = limiter.delay(bytes, inner.fg_ops.load(Ordering::Relaxed), Instant::now());
             if !wait.is_zero() {
@@ -132,9 +137,12 @@ pub(crate) async fn rebuild_loop<B: BlockDevice, C: BlockDevice>(inner: Arc<Inne
                     }
                 }
             }
-            if set.is_failed() {
-                break;
-            }
+        }
+        if attempted == 0 {
+            // Every not-valid region is being copied already (cannot happen: only this task
+            // copies) or the table changed under us; look again shortly.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
         }
         // Valid only once the copies are durable on the cache.
         match set.dev.flush().await {

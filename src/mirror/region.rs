@@ -79,6 +79,10 @@ impl RegionTable {
         self.states.len() as u64
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.states.is_empty()
+    }
+
     pub fn get(&self, r: u64) -> RegionState {
         RegionState::from_u8(self.states[r as usize].load(Ordering::Acquire))
     }
