@@ -536,7 +536,9 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
                     return self.finish_reattach(set, &bsb, set_epoch).await.map_err(AttachError::Io);
                 }
                 let (members, _, _, _) = parts.take().expect("parts present");
-                let why = if set_uuid != bsb.cache_set_uuid {
+                let why = if bsb.cache_set_uuid == [0; 16] {
+                    "the backing has no cache set paired with it yet (first use, or it was served without its cache)"
+                } else if set_uuid != bsb.cache_set_uuid {
                     "the cache set is not the one paired with this backing"
                 } else {
                     "the cache set missed writes and the record of them is gone"

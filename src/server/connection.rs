@@ -28,8 +28,8 @@ const BUDGET_UNIT_BYTES: usize = 4096;
 /// this. Generous: 32 MiB at 1 MB/s still fits.
 const PARTIAL_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 const SHUTDOWN_HANDSHAKE_GRACE: Duration = Duration::from_secs(2);
-/// Replies are batched into writes of about this much before the socket sees them.
-const WRITE_BUFFER_BYTES: usize = 256 * 1024;
+/// Buffer for the handshake's small messages (replies proper are written with writev).
+const WRITE_BUFFER_BYTES: usize = 16 * 1024;
 /// A block-status reply is capped at this many extents (spec SHOULD NOT exceed 2^20).
 const MAX_STATUS_EXTENTS: usize = 1024;
 
@@ -401,26 +401,70 @@ fn status_extents(extents: &[crate::device::Extent], length: u32, req_one: bool)
     out
 }
 
+/// Most replies gathered into one `writev`: enough to empty a deep queue of small replies in one
+/// syscall, well under IOV_MAX (two iovecs per reply).
+const MAX_BATCH_REPLIES: usize = 128;
+
 async fn write_replies<W: AsyncWrite + Unpin>(
     mut writer: BufWriter<W>,
     mut rx: mpsc::UnboundedReceiver<Reply>,
 ) -> io::Result<()> {
-    while let Some(r) = rx.recv().await {
-        write_one(&mut writer, r).await?;
-        // Batch whatever else is ready into the same flush: one syscall for many small replies.
-        while let Ok(r) = rx.try_recv() {
-            write_one(&mut writer, r).await?;
-        }
-        writer.flush().await?;
-    }
+    // The handshake's buffered bytes are all flushed; replies are written with writev from their
+    // own buffers (header and data in one syscall, no copy into a staging buffer).
     writer.flush().await?;
-    writer.shutdown().await
+    let mut sock = writer.into_inner();
+    let mut batch: Vec<Reply> = Vec::with_capacity(MAX_BATCH_REPLIES);
+    while let Some(r) = rx.recv().await {
+        batch.push(r);
+        while batch.len() < MAX_BATCH_REPLIES {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        write_batch(&mut sock, &batch).await?;
+        // Dropping the replies releases their in-flight budget only now that the bytes are out.
+        batch.clear();
+    }
+    sock.flush().await?;
+    sock.shutdown().await
 }
 
-async fn write_one<W: AsyncWrite + Unpin>(writer: &mut BufWriter<W>, r: Reply) -> io::Result<()> {
-    writer.write_all(&r.head).await?;
-    if let Some(d) = &r.data {
-        writer.write_all(d).await?;
+/// Writes every reply of the batch whole and in order, resuming after partial writes.
+async fn write_batch<W: AsyncWrite + Unpin>(sock: &mut W, batch: &[Reply]) -> io::Result<()> {
+    let mut parts: Vec<&[u8]> = Vec::with_capacity(batch.len() * 2);
+    for r in batch {
+        parts.push(&r.head);
+        if let Some(d) = &r.data {
+            parts.push(d);
+        }
+    }
+    let (mut part, mut skip) = (0usize, 0usize);
+    while part < parts.len() {
+        let slices: Vec<std::io::IoSlice<'_>> = std::iter::once(&parts[part][skip..])
+            .chain(parts[part + 1..].iter().copied())
+            .map(std::io::IoSlice::new)
+            .collect();
+        let mut n = sock.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        // Advance (part, skip) past the n bytes written.
+        while n > 0 && part < parts.len() {
+            let left = parts[part].len() - skip;
+            if n >= left {
+                n -= left;
+                part += 1;
+                skip = 0;
+            } else {
+                skip += n;
+                n = 0;
+            }
+        }
+        while part < parts.len() && parts[part].len() == skip {
+            part += 1;
+            skip = 0;
+        }
     }
     Ok(())
 }
