@@ -56,7 +56,7 @@ pub async fn inspect_tail<D: BlockDevice>(dev: &D, region_bytes: u32) -> io::Res
         let n = chunk.min(size - pos) as usize;
         let (buf, r) = dev.read(pos, AlignedBuf::zeroed(n)).await;
         r?;
-        if buf.iter().any(|&b| b != 0) {
+        if !is_zero(&buf) {
             return Ok(TailState::Foreign);
         }
         pos += n as u64;
@@ -122,4 +122,12 @@ pub fn was_open(sb: &Superblock) -> bool {
 
 pub fn to_io_error(e: SuperblockError) -> io::Error {
     to_io(e)
+}
+
+/// Word-at-a-time zero check: scanning a 1 MiB tail byte by byte dominates start-up in debug
+/// builds and the model tests.
+pub fn is_zero(buf: &[u8]) -> bool {
+    // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets the aligned middle.
+    let (head, words, tail) = unsafe { buf.align_to::<u64>() };
+    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
 }
