@@ -82,6 +82,8 @@ pub struct FileConfig {
     pub read_error_budget: Option<u32>,
     pub rebuild_min_bytes_per_s: Option<ByteSize>,
     pub rebuild_max_bytes_per_s: Option<ByteSize>,
+    /// Local control socket (mode 0600) for `superdisk verify --socket` and other commands.
+    pub admin_socket: Option<PathBuf>,
 }
 
 impl FileConfig {
@@ -116,6 +118,7 @@ pub struct ServeConfig {
     pub read_error_budget: u32,
     pub rebuild_min_bytes_per_s: u64,
     pub rebuild_max_bytes_per_s: u64,
+    pub admin_socket: Option<PathBuf>,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
@@ -211,6 +214,7 @@ impl ServeConfig {
             read_error_budget: f.read_error_budget.unwrap_or(20),
             rebuild_min_bytes_per_s,
             rebuild_max_bytes_per_s,
+            admin_socket: f.admin_socket,
         })
     }
 }

@@ -1,6 +1,7 @@
 //! superdisk: a block-device daemon that serves a virtual disk over NBD, reads from a local-SSD
 //! mirror and writes through to a durable network disk. See docs/ARCHITECTURE.md.
 
+pub mod admin;
 pub mod config;
 pub mod device;
 pub mod meta;

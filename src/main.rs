@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use superdisk::admin::{AdminOps, BoxFuture};
 use superdisk::config::{parse_size, FileConfig, ServeConfig};
 use superdisk::device::{BlockDevice, EngineKind, FileDevice, OpenOptions};
 use superdisk::meta::store::{self, TailState};
@@ -49,12 +50,16 @@ enum Command {
         #[arg(long)]
         take_over_cache: bool,
     },
-    /// Compare the cache with the backing for every region the cache calls valid (offline).
+    /// Compare the cache with the backing for every region the cache calls valid: offline
+    /// (--backing and --cache, daemon stopped) or inside a running daemon (--socket).
     Verify {
+        #[arg(long, required_unless_present = "socket", requires = "cache")]
+        backing: Option<PathBuf>,
         #[arg(long)]
-        backing: PathBuf,
-        #[arg(long, required = true)]
         cache: Vec<PathBuf>,
+        /// The running daemon's admin socket (its `admin_socket` setting).
+        #[arg(long, conflicts_with_all = ["backing", "cache"])]
+        socket: Option<PathBuf>,
         /// Rewrite mismatching ranges from the backing.
         #[arg(long)]
         repair: bool,
@@ -106,6 +111,9 @@ struct ServeArgs {
     /// Format a cache that belongs to another superdisk (or holds unknown data) and rebuild it.
     #[arg(long)]
     take_over_cache: bool,
+    /// Local control socket (mode 0600), e.g. for `superdisk verify --socket`.
+    #[arg(long)]
+    admin_socket: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -116,9 +124,17 @@ fn main() -> ExitCode {
             let geometry = Geometry { region_size, stripe_size, take_over_cache };
             runtime().and_then(|rt| rt.block_on(create(&backing, size, force, &cache, &geometry)))
         }
-        Command::Verify { backing, cache, repair } => {
+        Command::Verify { backing, cache, socket, repair } => {
             init_logging("info");
-            runtime().and_then(|rt| rt.block_on(verify(&backing, &cache, repair)))
+            runtime().and_then(|rt| {
+                rt.block_on(async {
+                    match (socket, backing) {
+                        (Some(sock), _) => verify_online(&sock, repair).await,
+                        (None, Some(b)) => verify(&b, &cache, repair).await,
+                        (None, None) => Err("give --socket, or --backing with --cache".into()),
+                    }
+                })
+            })
         }
         Command::Serve(args) => serve_cmd(args),
         Command::Demo { dir, listen, size, no_cache } => demo(dir, listen, size, no_cache),
@@ -274,6 +290,23 @@ async fn create(
     Ok(())
 }
 
+async fn verify_online(socket: &Path, repair: bool) -> Result<(), AnyError> {
+    let lines = superdisk::admin::request(socket, if repair { "verify repair" } else { "verify" }).await?;
+    let last = lines.last().cloned().unwrap_or_default();
+    let mismatches = lines.iter().filter(|l| l.starts_with("mismatch")).count();
+    for l in lines.iter().filter(|l| l.starts_with("mismatch")) {
+        println!("{l}");
+    }
+    if let Some(err) = last.strip_prefix("error ") {
+        return Err(format!("daemon: {err}").into());
+    }
+    println!("verify: {mismatches} mismatches (checked by the running daemon)");
+    if mismatches > 0 && !repair {
+        return Err(format!("{mismatches} mismatching ranges between cache and backing (rerun with --repair)").into());
+    }
+    Ok(())
+}
+
 async fn verify(backing: &Path, caches: &[PathBuf], repair: bool) -> Result<(), AnyError> {
     let b = Arc::new(open_device(backing, None, EngineKind::Psync)?);
     let cs: Vec<Arc<FileDevice>> =
@@ -328,6 +361,9 @@ fn serve_cmd(args: ServeArgs) -> Result<(), AnyError> {
     if args.take_over_cache {
         f.take_over_foreign_cache = Some(true);
     }
+    if args.admin_socket.is_some() {
+        f.admin_socket = args.admin_socket;
+    }
     let cfg = ServeConfig::from_file_config(f)?;
     init_logging(&cfg.log_level);
     runtime()?.block_on(serve(cfg, |_| {}))
@@ -354,7 +390,7 @@ async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(&[String])) -> Result<(),
         if volume.recovered_from_crash {
             tracing::warn!("the previous run did not shut down cleanly");
         }
-        return serve_volume(Arc::new(volume), &cfg, rotational, on_ready, |_| None).await;
+        return serve_volume(Arc::new(volume), Arc::new(PlainAdmin), &cfg, rotational, on_ready, |_| None).await;
     }
     let mut caches = Vec::new();
     for path in &cfg.cache {
@@ -379,11 +415,44 @@ async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(&[String])) -> Result<(),
     let volume =
         Arc::new(MirrorVolume::open(dev, caches, opts).await.map_err(|e| format!("{}: {e}", cfg.backing.display()))?);
     let watched = volume.clone();
-    serve_volume(volume, &cfg, rotational, on_ready, move |last| {
+    let admin = Arc::new(MirrorAdmin(volume.clone()));
+    serve_volume(volume, admin, &cfg, rotational, on_ready, move |last| {
         let mode = watched.mode();
         (Some(mode) != last).then_some(mode)
     })
     .await
+}
+
+struct PlainAdmin;
+
+impl AdminOps for PlainAdmin {
+    fn status(&self) -> String {
+        "mode=plain (no cache configured)".into()
+    }
+    fn verify(&self, _repair: bool) -> BoxFuture<std::io::Result<Vec<(u64, u64)>>> {
+        Box::pin(async { Err(std::io::Error::other("no cache device is configured: nothing to verify")) })
+    }
+}
+
+struct MirrorAdmin(Arc<MirrorVolume<FileDevice, FileDevice>>);
+
+impl AdminOps for MirrorAdmin {
+    fn status(&self) -> String {
+        use std::sync::atomic::Ordering::Relaxed;
+        let st = self.0.stats();
+        format!(
+            "mode={} reads_cache={} reads_backing={} repairs={} cache_errors={}",
+            mode_name(self.0.mode()),
+            st.reads_cache.load(Relaxed),
+            st.reads_backing.load(Relaxed),
+            st.repairs.load(Relaxed),
+            st.cache_errors.load(Relaxed)
+        )
+    }
+    fn verify(&self, repair: bool) -> BoxFuture<std::io::Result<Vec<(u64, u64)>>> {
+        let v = self.0.clone();
+        Box::pin(async move { v.verify(repair).await })
+    }
 }
 
 fn mode_name(m: Mode) -> &'static str {
@@ -398,6 +467,7 @@ fn mode_name(m: Mode) -> &'static str {
 /// polled to log mirror mode changes (None: unchanged, or no mirror).
 async fn serve_volume<V: Volume>(
     volume: Arc<V>,
+    admin: Arc<dyn AdminOps>,
     cfg: &ServeConfig,
     rotational: bool,
     on_ready: impl FnOnce(&[String]),
@@ -462,6 +532,15 @@ async fn serve_volume<V: Volume>(
             }
         }
     });
+    if let Some(path) = cfg.admin_socket.clone() {
+        let listener = superdisk::admin::bind(&path)?;
+        let admin_task = superdisk::admin::serve_admin(listener, path, admin, stop_rx.clone());
+        tokio::spawn(async move {
+            if let Err(e) = admin_task.await {
+                tracing::error!(error = %e, "admin socket failed");
+            }
+        });
+    }
     let ready_notifier = notifier.clone();
     server::run(volume.clone(), server_cfg, stop_rx, |endpoints| {
         // READY only now: recovery (superblock, bitmaps) is done and every listener is bound.
@@ -469,6 +548,10 @@ async fn serve_volume<V: Volume>(
         on_ready(endpoints)
     })
     .await?;
+    if let Some(path) = &cfg.admin_socket {
+        // The admin task also removes it, but the process may exit before that task runs.
+        let _ = std::fs::remove_file(path);
+    }
     notifier.notify("STOPPING=1\nSTATUS=flushing");
     volume.shutdown().await.map_err(|e| format!("flush at shutdown failed: {e}"))?;
     tracing::info!("flushed; clean shutdown recorded");

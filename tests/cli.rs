@@ -148,3 +148,69 @@ fn notifies_systemd_ready_and_stopping() {
     }
     assert!(child.wait().unwrap().success());
 }
+
+/// `superdisk verify --socket` runs the cache check inside the running daemon: clean after a
+/// rebuild, a corrupted cache range is reported (exit 1), `--repair` rewrites it from the backing,
+/// and a daemon without a cache says there is nothing to verify.
+#[test]
+fn online_verify_through_the_admin_socket() {
+    require_tool("qemu-io");
+    let dir = tempfile::tempdir().unwrap();
+    let (img, cache, sock) = (dir.path().join("b.img"), dir.path().join("c.img"), dir.path().join("admin.sock"));
+    std::fs::File::create(&cache).unwrap().set_len(40 << 20).unwrap();
+    run_ok(Command::new(BIN).args(["create", "--size", "32M", "--backing"]).arg(&img).arg("--cache").arg(&cache));
+    let port = free_port();
+    let log = std::fs::File::create(dir.path().join("log")).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--backing"])
+        .arg(&img)
+        .arg("--cache")
+        .arg(&cache)
+        .arg("--admin-socket")
+        .arg(&sock)
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let uri = format!("nbd://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "daemon did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    run_ok(Command::new("qemu-io").args(["-f", "raw", &uri, "-c", "write -P 0x5c 0 1M", "-c", "flush"]));
+    let verify =
+        |extra: &[&str]| Command::new(BIN).arg("verify").arg("--socket").arg(&sock).args(extra).output().unwrap();
+    // Wait for the rebuild to make region 0 valid in the cache: its bytes then equal the backing's.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = std::fs::read_to_string(dir.path().join("log")).unwrap();
+        if log.contains("mode=healthy") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no rebuild within 30 s:\n{log}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = verify(&[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("verify: 0 mismatches"));
+    // Corrupt 4 KiB of the cache copy of region 0 behind the daemon's back (same page cache).
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&cache).unwrap();
+        f.write_all_at(&[0xee; 4096], 8192).unwrap();
+    }
+    let out = verify(&[]);
+    assert!(!out.status.success(), "a corrupted cache must fail verify");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("mismatch offset="), "{stdout}");
+    let out = verify(&["--repair"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = verify(&[]);
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("verify: 0 mismatches"));
+    // And the client still reads the right bytes.
+    run_ok(Command::new("qemu-io").args(["-f", "raw", &uri, "-c", "read -P 0x5c 0 1M"]));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    assert!(!sock.exists(), "the admin socket is removed at exit");
+}
