@@ -152,3 +152,329 @@ impl Drop for Daemon {
 pub fn sha256_file(path: &Path) -> String {
     run_ok(Command::new("sha256sum").arg(path)).split_whitespace().next().unwrap().to_owned()
 }
+
+// ------------------------------------------------------------------------------------------------
+// Mirror helpers (tests/mirror_process.rs, tests/mirror_xfs.rs): a daemon whose backing is created
+// with cache devices, waits on its log, the offline `superdisk verify`, FUSE-presented files and
+// commands with a time limit.
+
+/// The Python with the `nbd` module (python3-libnbd is packaged for the system interpreter).
+pub const SYSTEM_PYTHON: &str = "/usr/bin/python3";
+
+/// A `tests/py` script run by [`SYSTEM_PYTHON`], without writing `__pycache__` into the tree.
+pub fn py_command(script: &str) -> Command {
+    require_tool(SYSTEM_PYTHON);
+    let ok = Command::new(SYSTEM_PYTHON).args(["-c", "import nbd"]).status().map(|s| s.success());
+    assert!(ok.unwrap_or(false), "{SYSTEM_PYTHON} cannot import nbd: install python3-libnbd (see .ci/run)");
+    let mut cmd = Command::new(SYSTEM_PYTHON);
+    cmd.env("PYTHONDONTWRITEBYTECODE", "1").arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py").join(script));
+    cmd
+}
+
+/// Runs `cmd`, killing it after `limit`; returns its output. A hung external tool must fail the
+/// test with a message instead of eating the CI budget.
+pub fn output_within(cmd: &mut Command, limit: Duration) -> std::process::Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    // Drain both pipes on threads so that a chatty child cannot block on a full pipe.
+    let mut so = child.stdout.take().unwrap();
+    let mut se = child.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut so, &mut v);
+        v
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut se, &mut v);
+        v
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let out = String::from_utf8_lossy(&t_out.join().unwrap()).into_owned();
+            let err = String::from_utf8_lossy(&t_err.join().unwrap()).into_owned();
+            panic!("{cmd:?} did not finish within {limit:?}\nstdout:\n{out}\nstderr:\n{err}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::process::Output { status, stdout: t_out.join().unwrap(), stderr: t_err.join().unwrap() }
+}
+
+/// What `superdisk verify` reported.
+#[derive(Debug)]
+pub struct VerifyReport {
+    pub exit_code: Option<i32>,
+    /// The `mismatch offset=N length=M` lines.
+    pub mismatches: Vec<(u64, u64)>,
+    /// From the summary line `verify: N regions checked, M mismatches`.
+    pub regions_checked: u64,
+    pub mismatch_count: u64,
+    pub output: String,
+}
+
+/// Parses `superdisk verify` output; panics if the summary line is missing (a verify that printed
+/// nothing has checked nothing).
+pub fn parse_verify(out: &std::process::Output) -> VerifyReport {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let output = format!("{stdout}{stderr}");
+    let num =
+        |s: &str| -> u64 { s.parse().unwrap_or_else(|_| panic!("not a number {s:?} in verify output:\n{output}")) };
+    let mut mismatches = Vec::new();
+    let mut summary = None;
+    for line in output.lines() {
+        let line = line.trim();
+        if let Some(rest) = line.strip_prefix("mismatch ") {
+            let mut off = None;
+            let mut len = None;
+            for kv in rest.split_whitespace() {
+                if let Some(v) = kv.strip_prefix("offset=") {
+                    off = Some(num(v));
+                } else if let Some(v) = kv.strip_prefix("length=") {
+                    len = Some(num(v));
+                }
+            }
+            mismatches.push((off.expect("mismatch line without offset="), len.expect("mismatch line without length=")));
+        } else if let Some(rest) = line.strip_prefix("verify: ") {
+            // "N regions checked, M mismatches"
+            let words: Vec<&str> =
+                rest.split(|c: char| c == ',' || c.is_whitespace()).filter(|w| !w.is_empty()).collect();
+            let n = words.iter().position(|w| *w == "regions").map(|i| num(words[i - 1]));
+            let m = words.iter().position(|w| w.starts_with("mismatch")).map(|i| num(words[i - 1]));
+            if let (Some(n), Some(m)) = (n, m) {
+                summary = Some((n, m));
+            }
+        }
+    }
+    let (regions_checked, mismatch_count) =
+        summary.unwrap_or_else(|| panic!("no `verify: N regions checked, M mismatches` line in:\n{output}"));
+    VerifyReport { exit_code: out.status.code(), mismatches, regions_checked, mismatch_count, output }
+}
+
+impl Daemon {
+    /// A daemon whose directory exists but whose backing is not yet created and which is not
+    /// running: cache files go into [`Daemon::path`] first, then [`Daemon::create_with`] and
+    /// [`Daemon::spawn`].
+    pub fn unstarted() -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        Daemon {
+            backing: dir.path().join("backing.img"),
+            unix: dir.path().join("nbd.sock"),
+            dir,
+            port: 0,
+            extra_args: Vec::new(),
+            child: None,
+        }
+    }
+
+    /// `superdisk create --backing B --size N ARGS…`; returns its stdout.
+    pub fn create_with(&self, size_bytes: u64, args: &[&std::ffi::OsStr]) -> String {
+        run_ok(
+            Command::new(BIN)
+                .args(["create", "--backing"])
+                .arg(&self.backing)
+                .args(["--size", &size_bytes.to_string()])
+                .args(args),
+        )
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Bytes in the log so far: pass to [`Daemon::log_since`] / [`Daemon::wait_log`] to look only
+    /// at what a later start printed (the log is appended across restarts).
+    pub fn log_mark(&self) -> usize {
+        self.log().len()
+    }
+
+    pub fn log_since(&self, mark: usize) -> String {
+        let log = self.log();
+        log.get(mark..).unwrap_or("").to_owned()
+    }
+
+    /// Waits until the log after `mark` contains `needle`; fails if the daemon dies or `limit`
+    /// passes. Returns the log after `mark`.
+    pub fn wait_log(&mut self, mark: usize, needle: &str, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            let log = self.log_since(mark);
+            if log.contains(needle) {
+                return log;
+            }
+            if let Some(c) = self.child.as_mut() {
+                if let Some(status) = c.try_wait().unwrap() {
+                    panic!("superdisk exited ({status}) while waiting for {needle:?}; log:\n{}", self.log());
+                }
+            }
+            assert!(Instant::now() < deadline, "no {needle:?} in the log within {limit:?}; log since start:\n{log}");
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// The last `mode=` value the log printed after `mark` (lowercased), if any.
+    pub fn last_mode(&self, mark: usize) -> Option<String> {
+        let log = self.log_since(mark);
+        // The field `mode=…`, not a longer key that ends in "mode" (`io_mode=`).
+        let pos = log
+            .match_indices("mode=")
+            .map(|(i, _)| i)
+            .filter(|&i| i == 0 || !log.as_bytes()[i - 1].is_ascii_alphanumeric() && log.as_bytes()[i - 1] != b'_')
+            .last()?;
+        let rest = &log[pos + 5..];
+        let end = rest.find(|c: char| !c.is_ascii_alphanumeric()).unwrap_or(rest.len());
+        Some(rest[..end].to_ascii_lowercase())
+    }
+
+    /// Waits until the last `mode=` logged after `mark` is `mode`.
+    pub fn wait_mode(&mut self, mark: usize, mode: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            if self.last_mode(mark).as_deref() == Some(mode) {
+                return;
+            }
+            if let Some(c) = self.child.as_mut() {
+                if let Some(status) = c.try_wait().unwrap() {
+                    panic!("superdisk exited ({status}) while waiting for mode={mode}; log:\n{}", self.log());
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "mode={mode} not reached within {limit:?} (last: {:?}); log since start:\n{}",
+                self.last_mode(mark),
+                self.log_since(mark)
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// After a SIGKILL the kernel may hold the dead daemon's files a moment longer (io_uring
+    /// requests in flight are torn down asynchronously), and with them its lock on the backing.
+    /// Waits until the lock is free so a restart does not race the teardown.
+    pub fn wait_backing_unlocked(&self) {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::open(&self.backing).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            // SAFETY: flock on a file descriptor we own; released at once.
+            let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if r == 0 {
+                unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_UN) };
+                return;
+            }
+            assert!(Instant::now() < deadline, "the backing is still locked 10 s after the daemon died");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// `superdisk verify --backing B --cache C… [EXTRA…]`, offline (the daemon must be stopped).
+    pub fn verify_offline(&self, caches: &[PathBuf], extra: &[&str]) -> VerifyReport {
+        assert!(self.child.is_none(), "verify is offline: stop the daemon first");
+        let mut cmd = Command::new(BIN);
+        cmd.args(["verify", "--backing"]).arg(&self.backing);
+        for c in caches {
+            cmd.arg("--cache").arg(c);
+        }
+        cmd.args(extra);
+        parse_verify(&output_within(&mut cmd, Duration::from_secs(60)))
+    }
+}
+
+/// A file presented by nbdfuse from an NBD URI: `DIR/NAME`. Dropping it unmounts (lazily if the
+/// file is still open, e.g. by a daemon that is still running) and reaps nbdfuse.
+pub struct FuseFile {
+    pub dir: PathBuf,
+    pub file: PathBuf,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl FuseFile {
+    /// Mounts `uri` at `dir/name` (dir is created) and waits until the file has `size` bytes.
+    pub fn mount(dir: &Path, name: &str, uri: &str, size: u64) -> FuseFile {
+        require_tool("nbdfuse");
+        require_tool("fusermount3");
+        std::fs::create_dir_all(dir).unwrap();
+        let pidfile = dir.with_extension("pid");
+        let log = dir.with_extension("log");
+        let _ = std::fs::remove_file(&pidfile);
+        let logf = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let child = Command::new("nbdfuse")
+            .arg("-P")
+            .arg(&pidfile)
+            .arg(dir.join(name))
+            .arg(uri)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .expect("spawn nbdfuse");
+        let mut f = FuseFile { dir: dir.to_path_buf(), file: dir.join(name), child: Some(child), log };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        // nbdfuse writes its pid file once the FUSE mount serves.
+        while !(pidfile.exists() && std::fs::metadata(&f.file).map(|m| m.len()).unwrap_or(0) == size) {
+            if let Some(status) = f.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("nbdfuse exited with {status}: {}", std::fs::read_to_string(&f.log).unwrap_or_default());
+            }
+            assert!(Instant::now() < deadline, "nbdfuse did not present {} bytes at {}", size, f.file.display());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        f
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("mounted").id()
+    }
+
+    /// Unmounts and waits for nbdfuse to exit; `lazy` detaches even while the file is open.
+    pub fn unmount(&mut self, lazy: bool) {
+        let Some(mut child) = self.child.take() else { return };
+        let flag = if lazy { "-uz" } else { "-u" };
+        let out = output_within(Command::new("fusermount3").arg(flag).arg(&self.dir), Duration::from_secs(20));
+        if !out.status.success() {
+            let _ = Command::new("fusermount3").arg("-uz").arg(&self.dir).status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            out.status.success() || lazy,
+            "fusermount3 {flag} {} failed: {}",
+            self.dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for FuseFile {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let ok = Command::new("fusermount3").arg("-u").arg(&self.dir).status().map(|s| s.success());
+            if !ok.unwrap_or(false) {
+                let _ = Command::new("fusermount3").arg("-uz").arg(&self.dir).status();
+            }
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
