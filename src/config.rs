@@ -84,6 +84,8 @@ pub struct FileConfig {
     pub rebuild_max_bytes_per_s: Option<ByteSize>,
     /// Local control socket (mode 0600) for `superdisk verify --socket` and other commands.
     pub admin_socket: Option<PathBuf>,
+    /// Period of the mirror's metadata cleaner (persists the valid bitmap, clears idle intent bits).
+    pub metadata_interval_ms: Option<u64>,
 }
 
 impl FileConfig {
@@ -119,6 +121,7 @@ pub struct ServeConfig {
     pub rebuild_min_bytes_per_s: u64,
     pub rebuild_max_bytes_per_s: u64,
     pub admin_socket: Option<PathBuf>,
+    pub metadata_interval_ms: u64,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
@@ -183,6 +186,10 @@ impl ServeConfig {
                 format!("{rebuild_max_bytes_per_s} is below rebuild_min_bytes_per_s ({rebuild_min_bytes_per_s})"),
             ));
         }
+        let metadata_interval_ms = f.metadata_interval_ms.unwrap_or(5000);
+        if !(100..=600_000).contains(&metadata_interval_ms) {
+            return Err(invalid("metadata_interval_ms", format!("{metadata_interval_ms} is outside 100..=600000")));
+        }
         let cache = f.cache.unwrap_or_default();
         if cache.iter().any(|c| c == &backing) {
             return Err(invalid("cache", "lists the backing device itself"));
@@ -215,6 +222,7 @@ impl ServeConfig {
             rebuild_min_bytes_per_s,
             rebuild_max_bytes_per_s,
             admin_socket: f.admin_socket,
+            metadata_interval_ms,
         })
     }
 }

@@ -311,9 +311,8 @@ async fn verify(backing: &Path, caches: &[PathBuf], repair: bool) -> Result<(), 
     let b = Arc::new(open_device(backing, None, EngineKind::Psync)?);
     let cs: Vec<Arc<FileDevice>> =
         caches.iter().map(|c| open_device(c, None, EngineKind::Psync).map(Arc::new)).collect::<Result<_, _>>()?;
-    let sb = store::read_superblock(&*b).await?.map_err(|e| format!("{}: {e}", backing.display()))?;
-    let regions = superdisk::meta::regions(sb.data_size_bytes, sb.region_bytes);
-    let mismatches = mirror::verify_offline(b, cs, repair).await?;
+    let report = mirror::verify_offline_report(b, cs, repair).await?;
+    let (regions, mismatches) = (report.regions_checked, report.mismatches);
     for (offset, length) in &mismatches {
         println!("mismatch offset={offset} length={length}{}", if repair { " (repaired)" } else { "" });
     }
@@ -410,6 +409,7 @@ async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(&[String])) -> Result<(),
         rebuild_min_bytes_per_s: cfg.rebuild_min_bytes_per_s,
         rebuild_max_bytes_per_s: cfg.rebuild_max_bytes_per_s,
         take_over_foreign_cache: cfg.take_over_foreign_cache,
+        metadata_interval_ms: cfg.metadata_interval_ms,
         ..MirrorOptions::default()
     };
     let volume =

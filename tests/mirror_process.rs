@@ -249,7 +249,6 @@ fn sigkill_at_random_moments_loses_no_flushed_write() {
             Some(3) if early => {}
             _ => panic!("workload exited with {status}\nstdout:\n{py_out}\n{}", ctx(&d, cycle, mark, &py_err)),
         }
-        d.wait_backing_unlocked();
         // Offline, straight after the crash: no region the cache may call valid (persisted valid
         // bit, no write-intent bit) differs from the backing. Regions outside the hot pairs of the
         // cycles since the last clean stop carry no intent bit, so some are always compared.

@@ -352,7 +352,6 @@ fn xfs_survives_sigkill_in_the_middle_of_a_copy() {
     println!("killed with {killed_at} of {} files of the copy fsync'ed; {} in the end", during.len(), durable.len());
     stack.tear_down_dead();
 
-    d.wait_backing_unlocked();
     let r = d.verify_offline(std::slice::from_ref(&cache), &[]);
     assert!(r.exit_code == Some(0) && r.mismatch_count == 0, "verify after the kill:\n{}", r.output);
 

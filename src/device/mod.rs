@@ -148,6 +148,7 @@ const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 const BLKSSZGET: libc::c_ulong = 0x1268;
 const BLKROTATIONAL: libc::c_ulong = 0x127e;
 const ZERO_CHUNK_BYTES: usize = 1 << 20;
+const LOCK_RETRY: std::time::Duration = std::time::Duration::from_secs(3);
 const MAX_EXTENTS: usize = 4096;
 
 fn annotate(path: &Path, what: &str, e: io::Error) -> io::Error {
@@ -179,10 +180,16 @@ impl FileDevice {
         let fd: OwnedFd = file.into();
         let raw = fd.as_raw_fd();
         // An exclusive advisory lock: two daemons writing one device would corrupt it silently.
+        // A daemon that was just SIGKILLed with io_uring requests in flight releases its files a
+        // moment after it is reaped, so a restart retries briefly before calling the device busy.
+        let deadline = std::time::Instant::now() + LOCK_RETRY;
         // SAFETY: plain syscall on our descriptor.
-        if unsafe { libc::flock(raw, libc::LOCK_EX | libc::LOCK_NB) } < 0 {
+        while unsafe { libc::flock(raw, libc::LOCK_EX | libc::LOCK_NB) } < 0 {
             let e = io::Error::last_os_error();
-            return Err(annotate(path, "already in use by another process (flock)", e));
+            if e.raw_os_error() != Some(libc::EWOULDBLOCK) || std::time::Instant::now() >= deadline {
+                return Err(annotate(path, "already in use by another process (flock)", e));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
         }
         let (size_bytes, logical_block_bytes) = if is_block_device {
             let mut size: u64 = 0;

@@ -39,7 +39,7 @@ mod verify;
 mod tests;
 
 pub use striped::Striped;
-pub use verify::verify_offline;
+pub use verify::{verify_offline, verify_offline_report, VerifyReport};
 
 use crate::device::{AlignedBuf, BlockDevice, Extent, RangeLocks};
 use crate::meta::store::{check_backing, read_superblock};

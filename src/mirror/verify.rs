@@ -124,22 +124,40 @@ pub async fn verify_offline<B: BlockDevice, C: BlockDevice>(
     caches: Vec<C>,
     repair: bool,
 ) -> io::Result<Vec<(u64, u64)>> {
+    Ok(verify_offline_report(backing, caches, repair).await?.mismatches)
+}
+
+/// What an offline verify compared and found.
+#[derive(Debug, Default)]
+pub struct VerifyReport {
+    /// Regions the cache may call valid, each compared byte for byte with the backing.
+    pub regions_checked: u64,
+    pub mismatches: Vec<(u64, u64)>,
+}
+
+/// [`verify_offline`], also saying how many regions were compared (0 when the cache holds
+/// nothing it could serve).
+pub async fn verify_offline_report<B: BlockDevice, C: BlockDevice>(
+    backing: B,
+    caches: Vec<C>,
+    repair: bool,
+) -> io::Result<VerifyReport> {
     let mut bsb = read_superblock(&backing)
         .await?
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("backing: {e}: not prepared for superdisk")))?;
     check_backing(&bsb, backing.size_bytes())?;
     let Some(bitmaps) = load_bitmaps(&backing, &bsb).await? else {
         tracing::info!("the backing was never served with a cache; nothing to verify");
-        return Ok(Vec::new());
+        return Ok(VerifyReport::default());
     };
     effective_pairing(&mut bsb, bitmaps.changed_complete);
     if caches.is_empty() {
-        return Ok(Vec::new());
+        return Ok(VerifyReport::default());
     }
     let (members, sbs, valid) = match classify(caches, &bsb, false).await? {
         Found::Format { reason, .. } => {
             tracing::info!(reason = %reason, "the cache holds no valid regions; nothing to verify");
-            return Ok(Vec::new());
+            return Ok(VerifyReport::default());
         }
         Found::Existing { members, sbs, valid, .. } => (members, sbs, valid),
     };
@@ -155,7 +173,7 @@ pub async fn verify_offline<B: BlockDevice, C: BlockDevice>(
         Some(v) => v,
         None => {
             tracing::info!("the cache set is not in sync with this backing; nothing it holds counts as valid");
-            return Ok(Vec::new());
+            return Ok(VerifyReport::default());
         }
     };
     let stripe = if members.len() > 1 { sbs[0].stripe_bytes } else { 4096 };
@@ -163,7 +181,9 @@ pub async fn verify_offline<B: BlockDevice, C: BlockDevice>(
     let region = u64::from(bsb.region_bytes);
     let mut out = Vec::new();
     let mut repaired = false;
+    let mut regions_checked = 0u64;
     for r in trusted.iter_ones() {
+        regions_checked += 1;
         let start = r * region;
         let len = region.min(bsb.data_size_bytes - start);
         let (outcome, written) = compare_range(&backing, &dev, start, len, repair).await?;
@@ -180,7 +200,7 @@ pub async fn verify_offline<B: BlockDevice, C: BlockDevice>(
     if repaired {
         dev.flush().await?;
     }
-    Ok(out)
+    Ok(VerifyReport { regions_checked, mismatches: out })
 }
 
 #[cfg(test)]
