@@ -203,6 +203,9 @@ async fn create(
         .iter()
         .map(|c| open_device(c, None, EngineKind::Psync).map(Arc::new).map_err(|e| format!("cache: {e}").into()))
         .collect::<Result<_, AnyError>>()?;
+    // What this call did to the backing file before any check could refuse: undone on refusal.
+    let mut created_file = false;
+    let mut extended_from: Option<u64> = None;
     if let Some(export_bytes) = size {
         if export_bytes == 0 || export_bytes % 4096 != 0 {
             return Err(format!("--size {export_bytes}: must be a non-zero multiple of 4096").into());
@@ -223,11 +226,13 @@ async fn create(
                 if m.len() < want {
                     // The old tail may hold data; it becomes part of the export and the new tail is blank.
                     std::fs::OpenOptions::new().write(true).open(backing)?.set_len(want)?;
+                    extended_from = Some(m.len());
                 }
             }
             Ok(_) => return Err(format!("{}: --size only applies to regular files", backing.display()).into()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 std::fs::OpenOptions::new().write(true).create_new(true).open(backing)?.set_len(want)?;
+                created_file = true;
             }
             Err(e) => return Err(format!("{}: {e}", backing.display()).into()),
         }
@@ -259,6 +264,22 @@ async fn create(
         }
         _ => false,
     };
+    let opts = MirrorOptions {
+        region_bytes: sb.region_bytes,
+        stripe_bytes,
+        take_over_foreign_cache: geo.take_over_cache,
+        ..MirrorOptions::default()
+    };
+    // Refuse an unfit cache before anything is written to any device.
+    if let Err(e) = mirror::preflight_cache(&sb, &cache_devs, &opts).await {
+        drop(dev);
+        if created_file {
+            let _ = std::fs::remove_file(backing);
+        } else if let Some(len) = extended_from {
+            let _ = std::fs::OpenOptions::new().write(true).open(backing).and_then(|f| f.set_len(len));
+        }
+        return Err(format!("cache: {e}").into());
+    }
     if !reuse {
         // Zero the metadata area first: stale bitmap bytes must never be read as ours.
         let meta_start = sb.data_size_bytes;
@@ -274,12 +295,6 @@ async fn create(
         );
     }
     if !cache_devs.is_empty() {
-        let opts = MirrorOptions {
-            region_bytes: sb.region_bytes,
-            stripe_bytes,
-            take_over_foreign_cache: geo.take_over_cache,
-            ..MirrorOptions::default()
-        };
         mirror::create_cache(&sb, &cache_devs, &opts).await?;
         println!(
             "cache set ready: {} device(s), stripe {} KiB; the first serve fills it",

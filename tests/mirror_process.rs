@@ -401,6 +401,18 @@ fn create_refuses_caches_too_small_for_the_export() {
     assert!(!out.status.success(), "create accepted a cache of half the export's size");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("too small"), "the error should say the cache is too small: {err}");
+    // Refused before anything was written: the backing file this call would have created is not
+    // left behind, and the cache is untouched (still all zeroes).
+    assert!(!d.backing.exists(), "a refused create left a backing file behind");
+    let c = std::fs::read(&cache).unwrap();
+    assert!(c.iter().all(|&b| b == 0), "a refused create wrote to the cache");
+    // The same with an existing, prepared backing: its superblock generation does not move.
+    run_ok(Command::new(BIN).args(["create", "--backing"]).arg(&d.backing).args(["--size", &SIZE.to_string()]));
+    let before = std::fs::read(&d.backing).unwrap();
+    let out =
+        Command::new(BIN).args(["create", "--backing"]).arg(&d.backing).arg("--cache").arg(&cache).output().unwrap();
+    assert!(!out.status.success());
+    assert!(std::fs::read(&d.backing).unwrap() == before, "a refused create changed the backing");
 }
 
 /// A cache paired with another backing is refused (its valid bits describe other data), unless

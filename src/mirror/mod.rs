@@ -1057,6 +1057,22 @@ impl<B: BlockDevice, C: BlockDevice> Volume for MirrorVolume<B, C> {
     }
 }
 
+/// Checks, without writing anything, that `caches` could become the cache set of the backing
+/// described by `backing_sb`: big enough, and not another superdisk's or holding unknown data
+/// (unless `take_over_foreign_cache`). `create` runs it before touching the backing, so a wrong
+/// cache path is refused with every device unchanged.
+pub async fn preflight_cache<C: BlockDevice + Clone>(
+    backing_sb: &Superblock,
+    caches: &[C],
+    opts: &MirrorOptions,
+) -> io::Result<()> {
+    if caches.is_empty() {
+        return Ok(());
+    }
+    cacheset::check_capacity(caches, backing_sb, opts.stripe_bytes)?;
+    classify(caches.to_vec(), backing_sb, opts.take_over_foreign_cache).await.map(|_| ())
+}
+
 /// Formats `caches` as a new cache set for the backing described by `backing_sb` (for `superdisk
 /// create --cache`). Devices that already form this backing's set are left alone; a cache of
 /// another superdisk or a device with unknown data is refused unless `take_over_foreign_cache`.
