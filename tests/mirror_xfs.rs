@@ -121,19 +121,6 @@ impl Drop for Stack {
     }
 }
 
-/// Seeded pseudo-random bytes from splitmix64 (the rand crate's generators are slow in an
-/// unoptimised test build for the tens of MiB written here).
-fn fill_random(buf: &mut [u8], seed: &mut u64) {
-    for chunk in buf.chunks_mut(8) {
-        *seed = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = *seed;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        chunk.copy_from_slice(&z.to_le_bytes()[..chunk.len()]);
-    }
-}
-
 /// Relative path -> content of ~`count` files of seeded random data and varied sizes (empty,
 /// sub-block, unaligned, several MiB) in nested directories.
 fn make_files(seed: u64, count: usize, max_len: usize) -> Vec<(String, Vec<u8>)> {

@@ -478,3 +478,16 @@ impl Drop for FuseFile {
         }
     }
 }
+
+/// Fills `buf` with seeded pseudo-random bytes (splitmix64), 8 bytes a step: the `rand` crate's
+/// per-byte generators are too slow in debug builds for the megabytes these tests write.
+pub fn fill_random(buf: &mut [u8], seed: &mut u64) {
+    for chunk in buf.chunks_mut(8) {
+        *seed = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = *seed;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        chunk.copy_from_slice(&z.to_le_bytes()[..chunk.len()]);
+    }
+}
