@@ -24,6 +24,8 @@ pub(crate) struct ConnLimits {
 /// In-flight accounting unit: budgets are counted in 4 KiB pages so a u32 permit count covers
 /// budgets far above any sane setting.
 const BUDGET_UNIT_BYTES: usize = 4096;
+/// Requests up to this many budget units (64 KiB) are polled in place; larger ones become tasks.
+const INLINE_MAX_UNITS: usize = 16;
 /// Once a request's first byte has arrived, the rest of it (header and payload) must follow within
 /// this. Generous: 32 MiB at 1 MB/s still fits.
 const PARTIAL_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -229,8 +231,11 @@ where
             // Poll once here: a page-cache hit completes synchronously, and then the request costs
             // no task spawn and no cross-thread wake-up. Only requests that really wait for a
             // device become tasks (their next poll registers the real waker).
+            // Large transfers are the exception: their copy takes long enough that doing it here
+            // would stop this reader from taking the next request, so they run as tasks, in
+            // parallel with the reader.
             let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-            if request.as_mut().poll(&mut cx).is_pending() {
+            if units > INLINE_MAX_UNITS || request.as_mut().poll(&mut cx).is_pending() {
                 tokio::spawn(request.in_current_span());
             }
         }
