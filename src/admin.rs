@@ -1,37 +1,38 @@
-//! The local admin socket: a Unix stream socket (mode 0600: root only by default) speaking one
-//! text command per connection, answered with text lines and closed. It is how `superdisk verify
-//! --socket` runs the cache check inside a running daemon, and the place later control commands
-//! (status, rebuild pause/resume, cache add/remove) attach to.
+//! The local admin socket: a Unix stream socket (mode 0600: root only by default) taking one
+//! command per connection and answering with lines, the last of which starts with `ok` or
+//! `error`. Long commands (`verify … wait`) stream progress lines before that.
 //!
-//! Protocol: the client sends one line (`verify`, `verify repair`, `status`); the server answers
-//! with lines, the last of which starts with `ok` or `error`.
+//! A command is one line: a JSON array of strings (`["cache","add","/dev/nvme1n1"]`, so paths
+//! with spaces survive), or words separated by spaces for people typing at `socat`.
 
 use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
-/// What the daemon exposes to the admin socket.
+/// What the daemon exposes to the admin socket: runs `args`, sending reply lines to `out`; the
+/// last line starts with `ok` or `error`.
 pub trait AdminOps: Send + Sync + 'static {
-    /// One line describing the daemon's state.
-    fn status(&self) -> String;
-    /// Compares cache and backing over every valid region; `Err` when there is no cache.
-    fn verify(&self, repair: bool) -> BoxFuture<io::Result<Vec<(u64, u64)>>>;
+    fn handle(self: Arc<Self>, args: Vec<String>, out: mpsc::UnboundedSender<String>) -> BoxFuture<()>;
 }
 
-const MAX_COMMAND_BYTES: u64 = 1024;
+const MAX_COMMAND_BYTES: u64 = 64 * 1024;
 
 /// Binds the socket (replacing a stale one) with owner-only permissions. Must run inside the
 /// runtime; done before READY=1 so a client that sees the daemon ready can reach it.
 pub fn bind(path: &Path) -> io::Result<UnixListener> {
     if std::fs::symlink_metadata(path).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())) {
         let _ = std::fs::remove_file(path);
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+        use std::os::unix::fs::DirBuilderExt;
+        let _ = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir);
     }
     let listener = UnixListener::bind(path)
         .map_err(|e| io::Error::new(e.kind(), format!("admin socket {}: {e}", path.display())))?;
@@ -41,10 +42,10 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
     Ok(listener)
 }
 
-pub async fn serve_admin(
+pub async fn serve_admin<A: AdminOps>(
     listener: UnixListener,
     path: PathBuf,
-    ops: Arc<dyn AdminOps>,
+    ops: Arc<A>,
     mut shutdown: watch::Receiver<bool>,
 ) -> io::Result<()> {
     loop {
@@ -70,51 +71,72 @@ pub async fn serve_admin(
     Ok(())
 }
 
-async fn handle(stream: UnixStream, ops: Arc<dyn AdminOps>) -> io::Result<()> {
+/// Splits a command line: a JSON array of strings, or whitespace-separated words.
+pub fn parse_command(line: &str) -> Result<Vec<String>, String> {
+    let t = line.trim();
+    if t.starts_with('[') {
+        serde_json::from_str::<Vec<String>>(t).map_err(|e| format!("bad command {t:?}: {e}"))
+    } else {
+        Ok(t.split_whitespace().map(str::to_owned).collect())
+    }
+}
+
+async fn handle<A: AdminOps>(stream: UnixStream, ops: Arc<A>) -> io::Result<()> {
     let (r, mut w) = stream.into_split();
     let mut line = String::new();
     // A bounded read: the socket is root-only, but a stuck or hostile client must not grow memory.
-    use tokio::io::AsyncReadExt;
-    BufReader::new(r.take(MAX_COMMAND_BYTES)).read_line(&mut line).await?;
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let reply = match words.as_slice() {
-        ["status"] => format!("{}\nok\n", ops.status()),
-        ["verify"] | ["verify", "repair"] => {
-            let repair = words.len() == 2;
-            tracing::info!(repair, "verify requested on the admin socket");
-            match ops.verify(repair).await {
-                Ok(m) => {
-                    let mut out = String::new();
-                    for (offset, length) in &m {
-                        out.push_str(&format!(
-                            "mismatch offset={offset} length={length}{}\n",
-                            if repair { " (repaired)" } else { "" }
-                        ));
-                    }
-                    out.push_str(&format!("ok {} mismatches\n", m.len()));
-                    out
-                }
-                Err(e) => format!("error {e}\n"),
-            }
-        }
-        _ => format!("error unknown command {:?}: expected status, verify or verify repair\n", line.trim()),
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        BufReader::new(r.take(MAX_COMMAND_BYTES)).read_line(&mut line),
+    )
+    .await;
+    if !matches!(read, Ok(Ok(_))) {
+        return w.write_all(b"error no command received\n").await;
+    }
+    let args = match parse_command(&line) {
+        Ok(a) => a,
+        Err(e) => return w.write_all(format!("error {e}\n").as_bytes()).await,
     };
-    w.write_all(reply.as_bytes()).await?;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    tokio::spawn(ops.handle(args, tx));
+    while let Some(l) = rx.recv().await {
+        w.write_all(l.as_bytes()).await?;
+        w.write_all(b"\n").await?;
+    }
     w.shutdown().await
 }
 
-/// Client side: sends `command`, returns the reply lines.
-pub async fn request(path: &Path, command: &str) -> io::Result<Vec<String>> {
+/// Client side: sends `args`, calls `on_line` for each reply line as it arrives, and returns the
+/// last one (which starts with `ok` or `error`).
+pub async fn request(path: &Path, args: &[String], mut on_line: impl FnMut(&str)) -> io::Result<String> {
     let stream = UnixStream::connect(path).await.map_err(|e| {
         io::Error::new(e.kind(), format!("cannot reach the daemon's admin socket {}: {e}", path.display()))
     })?;
     let (r, mut w) = stream.into_split();
-    w.write_all(format!("{command}\n").as_bytes()).await?;
-    w.shutdown().await?;
-    let mut lines = Vec::new();
+    let mut cmd = serde_json::to_string(args).map_err(io::Error::other)?;
+    cmd.push('\n');
+    w.write_all(cmd.as_bytes()).await?;
+    let mut last = String::new();
     let mut reader = BufReader::new(r).lines();
     while let Some(l) = reader.next_line().await? {
-        lines.push(l);
+        on_line(&l);
+        last = l;
     }
-    Ok(lines)
+    if !(last.starts_with("ok") || last.starts_with("error")) {
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the daemon closed the admin connection mid-reply"));
+    }
+    Ok(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_command;
+
+    #[test]
+    fn commands_parse_as_json_or_words() {
+        assert_eq!(parse_command("status\n").unwrap(), vec!["status"]);
+        assert_eq!(parse_command(" rebuild  rate 10M ").unwrap(), vec!["rebuild", "rate", "10M"]);
+        assert_eq!(parse_command(r#"["cache","add","/tmp/a b"]"#).unwrap(), vec!["cache", "add", "/tmp/a b"]);
+        assert!(parse_command(r#"["cache", 1]"#).is_err());
+    }
 }

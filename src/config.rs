@@ -86,6 +86,8 @@ pub struct FileConfig {
     pub admin_socket: Option<PathBuf>,
     /// Period of the mirror's metadata cleaner (persists the valid bitmap, clears idle intent bits).
     pub metadata_interval_ms: Option<u64>,
+    /// Prometheus endpoint, `[HOST:]PORT` (loopback without a host). Off when absent.
+    pub metrics: Option<String>,
 }
 
 impl FileConfig {
@@ -122,6 +124,49 @@ pub struct ServeConfig {
     pub rebuild_max_bytes_per_s: u64,
     pub admin_socket: Option<PathBuf>,
     pub metadata_interval_ms: u64,
+    pub metrics: Option<SocketAddr>,
+}
+
+impl ServeConfig {
+    /// Keys whose new value SIGHUP can apply to a running daemon.
+    pub const LIVE_KEYS: [&'static str; 4] =
+        ["log_level", "rebuild_min_bytes_per_s", "rebuild_max_bytes_per_s", "read_error_budget"];
+
+    /// The keys whose values differ between `self` and `other`, by name.
+    pub fn changed_keys(&self, other: &ServeConfig) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        macro_rules! cmp {
+            ($($field:ident),*) => {
+                $(if self.$field != other.$field { out.push(stringify!($field)); })*
+            };
+        }
+        cmp!(
+            backing,
+            listen,
+            unix,
+            unix_mode,
+            export,
+            description,
+            read_only,
+            io_engine,
+            direct,
+            max_connections,
+            max_inflight_bytes_per_connection,
+            handshake_timeout_secs,
+            idle_timeout_secs,
+            log_level,
+            cache,
+            cache_direct,
+            take_over_foreign_cache,
+            read_error_budget,
+            rebuild_min_bytes_per_s,
+            rebuild_max_bytes_per_s,
+            admin_socket,
+            metadata_interval_ms,
+            metrics
+        );
+        out
+    }
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
@@ -197,6 +242,10 @@ impl ServeConfig {
         if let Some(dup) = cache.iter().enumerate().find_map(|(i, c)| cache[..i].contains(c).then_some(c)) {
             return Err(invalid("cache", format!("lists {} twice", dup.display())));
         }
+        let metrics = match f.metrics.as_deref() {
+            None | Some("") => None,
+            Some(s) => Some(parse_listen(s).map_err(|r| invalid("metrics", r))?),
+        };
         if listen.is_none() && f.unix.is_none() {
             return Err(invalid("listen", "is empty and no `unix` socket is set: nothing to serve on"));
         }
@@ -223,6 +272,7 @@ impl ServeConfig {
             rebuild_max_bytes_per_s,
             admin_socket: f.admin_socket,
             metadata_interval_ms,
+            metrics,
         })
     }
 }
@@ -288,10 +338,24 @@ mod tests {
         assert!(e.contains("`cache`") && e.contains("twice"), "{e}");
         let e = parse("backing = \"/x\"\nrebuild_max_bytes_per_s = \"1M\"").unwrap_err().to_string();
         assert!(e.contains("rebuild_max_bytes_per_s"), "{e}");
+        let e = parse("backing = \"/x\"\nmetrics = \"localhost:notaport\"").unwrap_err().to_string();
+        assert!(e.contains("`metrics`"), "{e}");
         let e = parse("listen = \"1.2.3.4:5\"").unwrap_err().to_string();
         assert!(e.contains("`backing`"), "{e}");
         let e = parse("backing = \"/x\"\nmax_inflight_bytes_per_connection = \"12Q\"").unwrap_err().to_string();
         assert!(e.contains("max_inflight_bytes_per_connection"), "{e}");
+    }
+
+    #[test]
+    fn changed_keys_names_what_differs() {
+        let a = parse("backing = \"/x\"").unwrap();
+        let b = parse("backing = \"/x\"\nlog_level = \"debug\"\nlisten = \"127.0.0.1:1\"").unwrap();
+        assert_eq!(a.changed_keys(&a), Vec::<&str>::new());
+        assert_eq!(a.changed_keys(&b), vec!["listen", "log_level"]);
+        assert_eq!(
+            parse("backing = \"/x\"\nmetrics = \"9100\"").unwrap().metrics,
+            Some("127.0.0.1:9100".parse().unwrap())
+        );
     }
 
     #[test]

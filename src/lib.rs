@@ -3,10 +3,12 @@
 
 pub mod admin;
 pub mod config;
+pub mod daemon;
 pub mod device;
 pub mod meta;
 pub mod mirror;
 pub mod nbd;
 pub mod server;
 pub mod service;
+pub mod stats;
 pub mod volume;

@@ -1,18 +1,16 @@
 //! The `superdisk` command: create, serve, demo.
 
+mod ctl;
+
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use superdisk::admin::{AdminOps, BoxFuture};
 use superdisk::config::{parse_size, FileConfig, ServeConfig};
+use superdisk::daemon::{self, AnyError};
 use superdisk::device::{BlockDevice, EngineKind, FileDevice, OpenOptions};
 use superdisk::meta::store::{self, TailState};
-use superdisk::mirror::{self, MirrorOptions, MirrorVolume, Mode};
-use superdisk::nbd::ExportParams;
-use superdisk::server::{self, ServerConfig};
-use superdisk::service::Notifier;
-use superdisk::volume::{PlainVolume, Volume};
+use superdisk::mirror::{self, MirrorOptions};
 
 #[derive(Parser)]
 #[command(
@@ -60,9 +58,37 @@ enum Command {
         /// The running daemon's admin socket (its `admin_socket` setting).
         #[arg(long, conflicts_with_all = ["backing", "cache"])]
         socket: Option<PathBuf>,
+        /// The running daemon by systemd instance name (/run/superdisk/NAME/admin.sock).
+        #[arg(long, short = 'i', conflicts_with_all = ["backing", "cache", "socket"])]
+        instance: Option<String>,
         /// Rewrite mismatching ranges from the backing.
         #[arg(long)]
         repair: bool,
+        /// Online: wait for the result, showing progress (otherwise it runs in the background).
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Show the running daemon's mode, devices, rates, latencies, rebuild and connections.
+    Status {
+        #[command(flatten)]
+        target: ctl::Target,
+        /// Print the report as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pause, resume or pace the running daemon's cache rebuild.
+    Rebuild {
+        #[command(flatten)]
+        target: ctl::Target,
+        #[command(subcommand)]
+        action: RebuildAction,
+    },
+    /// Fail, remove, add or replace the running daemon's cache SSD(s) while the disk stays online.
+    Cache {
+        #[command(flatten)]
+        target: ctl::Target,
+        #[command(subcommand)]
+        action: CacheAction,
     },
     /// Serve the disk over NBD.
     Serve(ServeArgs),
@@ -79,7 +105,44 @@ enum Command {
     },
 }
 
-#[derive(clap::Args, Default)]
+#[derive(Subcommand)]
+enum RebuildAction {
+    /// Freeze the copy; invalid regions keep being read from the backing.
+    Pause,
+    Resume,
+    /// Set the rate limits, e.g. `rate 50M` or `rate 50M 500M` (bytes per second).
+    Rate {
+        /// While clients are busy (md's speed_limit_min).
+        min: String,
+        /// While idle (md's speed_limit_max); `unlimited` allowed.
+        max: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CacheAction {
+    /// Drop the cache set now, as if it had failed; the disk is served from the backing.
+    Fail,
+    /// Save the set's progress and release its devices (before pulling an SSD).
+    Remove,
+    /// Attach a cache set while none is attached; it is rebuilt in the background.
+    Add {
+        #[arg(required = true)]
+        devices: Vec<PathBuf>,
+        /// Format devices that belong to another superdisk or hold unknown data.
+        #[arg(long)]
+        take_over: bool,
+    },
+    /// Swap the attached set for another while serving.
+    Replace {
+        #[arg(required = true)]
+        devices: Vec<PathBuf>,
+        #[arg(long)]
+        take_over: bool,
+    },
+}
+
+#[derive(clap::Args, Default, Clone)]
 struct ServeArgs {
     /// TOML configuration file; flags given here override its keys.
     #[arg(long)]
@@ -111,9 +174,12 @@ struct ServeArgs {
     /// Format a cache that belongs to another superdisk (or holds unknown data) and rebuild it.
     #[arg(long)]
     take_over_cache: bool,
-    /// Local control socket (mode 0600), e.g. for `superdisk verify --socket`.
+    /// Local control socket (mode 0600) for `superdisk status`, `cache`, `rebuild`, `verify`.
     #[arg(long)]
     admin_socket: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://[HOST:]PORT/metrics (loopback without a host).
+    #[arg(long, value_name = "[HOST:]PORT")]
+    metrics: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -124,17 +190,46 @@ fn main() -> ExitCode {
             let geometry = Geometry { region_size, stripe_size, take_over_cache };
             runtime().and_then(|rt| rt.block_on(create(&backing, size, force, &cache, &geometry)))
         }
-        Command::Verify { backing, cache, socket, repair } => {
+        Command::Verify { backing, cache, socket, instance, repair, wait } => {
             init_logging("info");
             runtime().and_then(|rt| {
                 rt.block_on(async {
-                    match (socket, backing) {
-                        (Some(sock), _) => verify_online(&sock, repair).await,
-                        (None, Some(b)) => verify(&b, &cache, repair).await,
-                        (None, None) => Err("give --socket, or --backing with --cache".into()),
+                    match backing {
+                        Some(b) => verify(&b, &cache, repair).await,
+                        None => ctl::verify(&ctl::Target { socket, instance }, repair, wait).await,
                     }
                 })
             })
+        }
+        Command::Status { target, json } => runtime().and_then(|rt| rt.block_on(ctl::status(&target, json))),
+        Command::Rebuild { target, action } => {
+            let args: Vec<String> = match action {
+                RebuildAction::Pause => vec!["pause".into()],
+                RebuildAction::Resume => vec!["resume".into()],
+                RebuildAction::Rate { min, max } => ["rate".to_string(), min].into_iter().chain(max).collect(),
+            };
+            let mut words = vec!["rebuild"];
+            words.extend(args.iter().map(String::as_str));
+            runtime().and_then(|rt| rt.block_on(ctl::simple(&target, &words)))
+        }
+        Command::Cache { target, action } => {
+            let (verb, devices, take_over) = match action {
+                CacheAction::Fail => ("fail", vec![], false),
+                CacheAction::Remove => ("remove", vec![], false),
+                CacheAction::Add { devices, take_over } => ("add", devices, take_over),
+                CacheAction::Replace { devices, take_over } => ("replace", devices, take_over),
+            };
+            // The daemon opens the paths itself: make them absolute from here.
+            let devices: Vec<String> = devices
+                .iter()
+                .map(|d| std::path::absolute(d).unwrap_or_else(|_| d.clone()).display().to_string())
+                .collect();
+            let mut words = vec!["cache", verb];
+            if take_over {
+                words.push("--take-over");
+            }
+            words.extend(devices.iter().map(String::as_str));
+            runtime().and_then(|rt| rt.block_on(ctl::simple(&target, &words)))
         }
         Command::Serve(args) => serve_cmd(args),
         Command::Demo { dir, listen, size, no_cache } => demo(dir, listen, size, no_cache),
@@ -148,22 +243,12 @@ fn main() -> ExitCode {
     }
 }
 
-type AnyError = Box<dyn std::error::Error + Send + Sync>;
-
 fn runtime() -> Result<tokio::runtime::Runtime, AnyError> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("superdisk").build()?)
 }
 
 fn init_logging(level: &str) {
-    use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SUPERDISK_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("superdisk={level},warn")));
-    // One line per event; colour only on a terminal (journald and log files get plain text).
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
+    daemon::logging::init(level);
 }
 
 /// Create-time geometry: recorded on the devices, fixed for their life.
@@ -305,23 +390,6 @@ async fn create(
     Ok(())
 }
 
-async fn verify_online(socket: &Path, repair: bool) -> Result<(), AnyError> {
-    let lines = superdisk::admin::request(socket, if repair { "verify repair" } else { "verify" }).await?;
-    let last = lines.last().cloned().unwrap_or_default();
-    let mismatches = lines.iter().filter(|l| l.starts_with("mismatch")).count();
-    for l in lines.iter().filter(|l| l.starts_with("mismatch")) {
-        println!("{l}");
-    }
-    if let Some(err) = last.strip_prefix("error ") {
-        return Err(format!("daemon: {err}").into());
-    }
-    println!("verify: {mismatches} mismatches (checked by the running daemon)");
-    if mismatches > 0 && !repair {
-        return Err(format!("{mismatches} mismatching ranges between cache and backing (rerun with --repair)").into());
-    }
-    Ok(())
-}
-
 async fn verify(backing: &Path, caches: &[PathBuf], repair: bool) -> Result<(), AnyError> {
     let b = Arc::new(open_device(backing, None, EngineKind::Psync)?);
     let cs: Vec<Arc<FileDevice>> =
@@ -341,10 +409,26 @@ async fn verify(backing: &Path, caches: &[PathBuf], repair: bool) -> Result<(), 
 }
 
 fn serve_cmd(args: ServeArgs) -> Result<(), AnyError> {
-    let mut f = match &args.config {
-        Some(p) => FileConfig::load(p)?,
-        None => FileConfig::default(),
+    let cfg_of = |args: &ServeArgs| -> Result<ServeConfig, AnyError> {
+        let f = match &args.config {
+            Some(p) => FileConfig::load(p)?,
+            None => FileConfig::default(),
+        };
+        Ok(ServeConfig::from_file_config(merge_flags(f, args))?)
     };
+    let cfg = cfg_of(&args)?;
+    // SIGHUP re-reads the file; the command line still wins over it.
+    let reload: Option<daemon::Reloader> = match args.config.is_some() {
+        true => Some(Box::new(move || cfg_of(&args))),
+        false => None,
+    };
+    init_logging(&cfg.log_level);
+    runtime()?.block_on(daemon::serve(cfg, reload, |_| {}))
+}
+
+/// Writes the flags given on the command line over the file's keys.
+fn merge_flags(mut f: FileConfig, args: &ServeArgs) -> FileConfig {
+    let args = args.clone();
     if args.backing.is_some() {
         f.backing = args.backing;
     }
@@ -378,199 +462,10 @@ fn serve_cmd(args: ServeArgs) -> Result<(), AnyError> {
     if args.admin_socket.is_some() {
         f.admin_socket = args.admin_socket;
     }
-    let cfg = ServeConfig::from_file_config(f)?;
-    init_logging(&cfg.log_level);
-    runtime()?.block_on(serve(cfg, |_| {}))
-}
-
-async fn serve(cfg: ServeConfig, on_ready: impl FnOnce(&[String])) -> Result<(), AnyError> {
-    // With a mirror the daemon writes metadata to the backing even for a read-only export.
-    let backing_read_only = cfg.read_only && cfg.cache.is_empty();
-    let dev = FileDevice::open(
-        &cfg.backing,
-        &OpenOptions { read_only: backing_read_only, direct: cfg.direct, engine: cfg.io_engine },
-    )?;
-    tracing::info!(
-        backing = %cfg.backing.display(),
-        engine = dev.engine_name(),
-        direct = dev.is_direct(),
-        block_device = dev.is_block_device(),
-        "opened backing device"
-    );
-    let rotational = dev.rotational();
-    if cfg.cache.is_empty() {
-        let volume =
-            PlainVolume::open(dev, cfg.read_only).await.map_err(|e| format!("{}: {e}", cfg.backing.display()))?;
-        if volume.recovered_from_crash {
-            tracing::warn!("the previous run did not shut down cleanly");
-        }
-        return serve_volume(Arc::new(volume), Arc::new(PlainAdmin), &cfg, rotational, on_ready, |_| None).await;
+    if args.metrics.is_some() {
+        f.metrics = args.metrics;
     }
-    let mut caches = Vec::new();
-    for path in &cfg.cache {
-        // A missing SSD (a migrated VM, a dead device) must not stop the disk: serve degraded.
-        match FileDevice::open(path, &OpenOptions { read_only: false, direct: cfg.cache_direct, engine: cfg.io_engine })
-        {
-            Ok(c) => caches.push(c),
-            Err(e) => {
-                tracing::error!(cache = %path.display(), error = %e, "cache device unavailable; the whole cache set is left out");
-                caches.clear();
-                break;
-            }
-        }
-    }
-    let opts = MirrorOptions {
-        read_error_budget: cfg.read_error_budget,
-        rebuild_min_bytes_per_s: cfg.rebuild_min_bytes_per_s,
-        rebuild_max_bytes_per_s: cfg.rebuild_max_bytes_per_s,
-        take_over_foreign_cache: cfg.take_over_foreign_cache,
-        metadata_interval_ms: cfg.metadata_interval_ms,
-        ..MirrorOptions::default()
-    };
-    let volume =
-        Arc::new(MirrorVolume::open(dev, caches, opts).await.map_err(|e| format!("{}: {e}", cfg.backing.display()))?);
-    let watched = volume.clone();
-    let admin = Arc::new(MirrorAdmin(volume.clone()));
-    serve_volume(volume, admin, &cfg, rotational, on_ready, move |last| {
-        let mode = watched.mode();
-        (Some(mode) != last).then_some(mode)
-    })
-    .await
-}
-
-struct PlainAdmin;
-
-impl AdminOps for PlainAdmin {
-    fn status(&self) -> String {
-        "mode=plain (no cache configured)".into()
-    }
-    fn verify(&self, _repair: bool) -> BoxFuture<std::io::Result<Vec<(u64, u64)>>> {
-        Box::pin(async { Err(std::io::Error::other("no cache device is configured: nothing to verify")) })
-    }
-}
-
-struct MirrorAdmin(Arc<MirrorVolume<FileDevice, FileDevice>>);
-
-impl AdminOps for MirrorAdmin {
-    fn status(&self) -> String {
-        use std::sync::atomic::Ordering::Relaxed;
-        let st = self.0.stats();
-        format!(
-            "mode={} reads_cache={} reads_backing={} repairs={} cache_errors={}",
-            mode_name(self.0.mode()),
-            st.reads_cache.load(Relaxed),
-            st.reads_backing.load(Relaxed),
-            st.repairs.load(Relaxed),
-            st.cache_errors.load(Relaxed)
-        )
-    }
-    fn verify(&self, repair: bool) -> BoxFuture<std::io::Result<Vec<(u64, u64)>>> {
-        let v = self.0.clone();
-        Box::pin(async move { v.verify(repair).await })
-    }
-}
-
-fn mode_name(m: Mode) -> &'static str {
-    match m {
-        Mode::Healthy => "healthy",
-        Mode::Degraded => "degraded",
-        Mode::Rebuilding => "rebuilding",
-    }
-}
-
-/// Runs the NBD server over `volume` until SIGTERM/SIGINT, then flushes it. `mode_changed` is
-/// polled to log mirror mode changes (None: unchanged, or no mirror).
-async fn serve_volume<V: Volume>(
-    volume: Arc<V>,
-    admin: Arc<dyn AdminOps>,
-    cfg: &ServeConfig,
-    rotational: bool,
-    on_ready: impl FnOnce(&[String]),
-    mut mode_changed: impl FnMut(Option<Mode>) -> Option<Mode> + Send + 'static,
-) -> Result<(), AnyError> {
-    let export = ExportParams {
-        name: cfg.export.clone(),
-        description: cfg.description.clone(),
-        size_bytes: volume.size_bytes(),
-        read_only: cfg.read_only,
-        fast_zero: volume.fast_zero(),
-        rotational,
-        min_block_bytes: 1,
-        preferred_block_bytes: 4096,
-        max_payload_bytes: 32 << 20,
-    };
-    let server_cfg = ServerConfig {
-        listen: cfg.listen,
-        unix: cfg.unix.clone(),
-        unix_mode: cfg.unix_mode,
-        export,
-        max_connections: cfg.max_connections,
-        max_inflight_bytes_per_connection: cfg.max_inflight_bytes_per_connection,
-        handshake_timeout: std::time::Duration::from_secs(cfg.handshake_timeout_secs),
-        idle_timeout: std::time::Duration::from_secs(cfg.idle_timeout_secs),
-    };
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    // Install the handlers now, before READY=1: a SIGTERM that arrives between READY and the
-    // first poll of a spawned task must still drain, not kill the process.
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::spawn(async move {
-        let name = tokio::select! { _ = term.recv() => "SIGTERM", _ = int.recv() => "SIGINT" };
-        tracing::info!(signal = name, "shutting down: finishing in-flight requests");
-        let _ = stop_tx.send(true);
-    });
-    let notifier = Arc::new(Notifier::from_env());
-    let mut stop_watch = stop_rx.clone();
-    let n = notifier.clone();
-    tokio::spawn(async move {
-        let mut last: Option<Mode> = None;
-        // The watchdog keep-alive comes from this task, so a wedged runtime stops it and systemd
-        // restarts the daemon.
-        let watchdog = Notifier::watchdog_interval();
-        let tick = watchdog.unwrap_or(std::time::Duration::from_millis(250)).min(std::time::Duration::from_millis(250));
-        loop {
-            if let Some(mode) = mode_changed(last) {
-                if last == Some(Mode::Rebuilding) && mode == Mode::Healthy {
-                    tracing::info!("rebuild complete");
-                }
-                tracing::info!("mode={}", mode_name(mode));
-                n.notify(&format!("STATUS=serving, mode {}", mode_name(mode)));
-                last = Some(mode);
-            }
-            if watchdog.is_some() {
-                n.notify("WATCHDOG=1");
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(tick) => {}
-                _ = stop_watch.changed() => return,
-            }
-        }
-    });
-    if let Some(path) = cfg.admin_socket.clone() {
-        let listener = superdisk::admin::bind(&path)?;
-        let admin_task = superdisk::admin::serve_admin(listener, path, admin, stop_rx.clone());
-        tokio::spawn(async move {
-            if let Err(e) = admin_task.await {
-                tracing::error!(error = %e, "admin socket failed");
-            }
-        });
-    }
-    let ready_notifier = notifier.clone();
-    server::run(volume.clone(), server_cfg, stop_rx, |endpoints| {
-        // READY only now: recovery (superblock, bitmaps) is done and every listener is bound.
-        ready_notifier.notify(&format!("READY=1\nSTATUS=serving on {}", endpoints.join(", ")));
-        on_ready(endpoints)
-    })
-    .await?;
-    if let Some(path) = &cfg.admin_socket {
-        // The admin task also removes it, but the process may exit before that task runs.
-        let _ = std::fs::remove_file(path);
-    }
-    notifier.notify("STOPPING=1\nSTATUS=flushing");
-    volume.shutdown().await.map_err(|e| format!("flush at shutdown failed: {e}"))?;
-    tracing::info!("flushed; clean shutdown recorded");
-    Ok(())
+    f
 }
 
 fn demo(dir: Option<PathBuf>, listen: String, size: u64, no_cache: bool) -> Result<(), AnyError> {
@@ -598,7 +493,7 @@ fn demo(dir: Option<PathBuf>, listen: String, size: u64, no_cache: bool) -> Resu
         cache: Some(caches),
         ..Default::default()
     })?;
-    rt.block_on(serve(cfg, |endpoints| {
+    rt.block_on(daemon::serve(cfg, None, |endpoints| {
         let uri = endpoints.first().cloned().unwrap_or_default();
         println!("\nsuperdisk demo is serving {} — try, from another terminal:", dir.display());
         println!("  nbdinfo {uri}");

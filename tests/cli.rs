@@ -178,8 +178,9 @@ fn online_verify_through_the_admin_socket() {
         std::thread::sleep(Duration::from_millis(20));
     }
     run_ok(Command::new("qemu-io").args(["-f", "raw", &uri, "-c", "write -P 0x5c 0 1M", "-c", "flush"]));
-    let verify =
-        |extra: &[&str]| Command::new(BIN).arg("verify").arg("--socket").arg(&sock).args(extra).output().unwrap();
+    let verify = |extra: &[&str]| {
+        Command::new(BIN).args(["verify", "--wait", "--socket"]).arg(&sock).args(extra).output().unwrap()
+    };
     // Wait for the rebuild to make region 0 valid in the cache: its bytes then equal the backing's.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

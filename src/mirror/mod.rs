@@ -132,6 +132,10 @@ pub struct MirrorStats {
     pub intent_commits: AtomicU64,
     /// Mismatches found by verify.
     pub verify_mismatches: AtomicU64,
+    /// 1 while a verify runs; its progress in regions.
+    pub verify_running: AtomicU64,
+    pub verify_done_regions: AtomicU64,
+    pub verify_total_regions: AtomicU64,
 }
 
 /// Bounds the hot-first queue: beyond this, reads of invalid regions just wait for the scan.
@@ -168,6 +172,10 @@ pub(crate) struct Inner<B: BlockDevice, C: BlockDevice> {
     rebuild_idle: AtomicBool,
     /// The operator froze the rebuild (md's sync_action=frozen).
     rebuild_paused: AtomicBool,
+    /// Live copies of the options an operator can change while serving (SIGHUP, admin socket).
+    rebuild_min_bytes_per_s: AtomicU64,
+    rebuild_max_bytes_per_s: AtomicU64,
+    read_error_budget: AtomicU64,
     /// Foreground requests, for the rebuild's rate adaptation.
     fg_ops: AtomicU64,
     closed: AtomicBool,
@@ -230,6 +238,8 @@ impl<B: BlockDevice, C: BlockDevice> MirrorVolume<B, C> {
                 "the previous run did not stop cleanly; regions with write-intent bits will be resynced"
             );
         }
+        let (rebuild_min, rebuild_max, error_budget) =
+            (opts.rebuild_min_bytes_per_s, opts.rebuild_max_bytes_per_s, opts.read_error_budget);
         let inner = Arc::new_cyclic(|me| Inner {
             me: me.clone(),
             data_bytes: sb.data_size_bytes,
@@ -248,6 +258,9 @@ impl<B: BlockDevice, C: BlockDevice> MirrorVolume<B, C> {
             settled: tokio::sync::Notify::new(),
             rebuild_idle: AtomicBool::new(false),
             rebuild_paused: AtomicBool::new(false),
+            rebuild_min_bytes_per_s: AtomicU64::new(rebuild_min),
+            rebuild_max_bytes_per_s: AtomicU64::new(rebuild_max),
+            read_error_budget: AtomicU64::new(u64::from(error_budget)),
             fg_ops: AtomicU64::new(0),
             closed: AtomicBool::new(false),
         });
@@ -255,7 +268,7 @@ impl<B: BlockDevice, C: BlockDevice> MirrorVolume<B, C> {
             tracing::warn!("no cache device: serving degraded from the backing");
             inner.start_degraded().await?;
         } else {
-            match inner.attach(caches).await {
+            match inner.attach(caches, inner.opts.take_over_foreign_cache).await {
                 Ok(()) => {}
                 Err(AttachError::Refused(e)) => return Err(e),
                 Err(AttachError::Io(e)) => {
@@ -304,11 +317,72 @@ impl<B: BlockDevice, C: BlockDevice> MirrorVolume<B, C> {
     /// Attaches `caches` as the cache set (replacing the current one, if any): the same set comes
     /// back with only what it missed resynced; a blank or unknown one is formatted and rebuilt.
     pub async fn replace_cache(&self, caches: Vec<C>) -> io::Result<()> {
+        self.replace_cache_with(caches, self.inner.opts.take_over_foreign_cache).await
+    }
+
+    /// [`Self::replace_cache`], saying whether a foreign or unknown set may be formatted (an
+    /// operator's explicit `--take-over` on the admin socket).
+    pub async fn replace_cache_with(&self, caches: Vec<C>, take_over: bool) -> io::Result<()> {
         if caches.is_empty() {
             self.fail_cache().await;
             return Ok(());
         }
-        self.inner.attach(caches).await.map_err(io::Error::from)
+        self.inner.attach(caches, take_over).await.map_err(io::Error::from)
+    }
+
+    /// Takes the cache set out of service on purpose (before pulling an SSD): its progress is made
+    /// durable first, so bringing the same set back later resyncs only what changed meanwhile.
+    /// Unlike [`Self::fail_cache`] it does not count as a cache failure. False if none was attached.
+    pub async fn remove_cache(&self) -> bool {
+        let Some(set) = self.inner.cache_now() else {
+            return false;
+        };
+        let saved = async {
+            set.dev.flush().await?;
+            set.persist_valid().await
+        }
+        .await;
+        if let Err(e) = saved {
+            tracing::warn!(error = %e, "cannot save the cache set's progress before removing it; it will need a fuller resync");
+        }
+        let removed = self.inner.detach_for(&set, "removed by the operator", false);
+        let _t = self.inner.transition.lock().await;
+        if let Err(e) = self.inner.complete_degrade().await {
+            tracing::error!(error = %e, "cannot record degraded operation on the backing; will retry");
+        }
+        removed
+    }
+
+    /// Changes the rebuild's rate limits while serving (SIGHUP or the admin socket).
+    pub fn set_rebuild_rates(&self, min_bytes_per_s: u64, max_bytes_per_s: u64) {
+        self.inner.rebuild_min_bytes_per_s.store(min_bytes_per_s, Ordering::Relaxed);
+        self.inner.rebuild_max_bytes_per_s.store(max_bytes_per_s, Ordering::Relaxed);
+        self.inner.work.notify_one();
+    }
+
+    /// (min, max) rebuild rate in bytes/s.
+    pub fn rebuild_rates(&self) -> (u64, u64) {
+        (
+            self.inner.rebuild_min_bytes_per_s.load(Ordering::Relaxed),
+            self.inner.rebuild_max_bytes_per_s.load(Ordering::Relaxed),
+        )
+    }
+
+    pub fn rebuild_paused(&self) -> bool {
+        self.inner.rebuild_paused.load(Ordering::Acquire)
+    }
+
+    pub fn set_read_error_budget(&self, budget: u32) {
+        self.inner.read_error_budget.store(u64::from(budget), Ordering::Relaxed);
+    }
+
+    pub fn read_error_budget(&self) -> u32 {
+        self.inner.read_error_budget.load(Ordering::Relaxed) as u32
+    }
+
+    /// Size of one region (the unit of the bitmaps) and how many the disk has.
+    pub fn regions(&self) -> u64 {
+        self.inner.regions
     }
 
     /// Compares the cache with the backing for every valid region; returns the mismatching
@@ -431,7 +505,7 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
         }
         self.stats.cache_errors.fetch_add(1, Ordering::Relaxed);
         let n = set.errors.fetch_add(1, Ordering::AcqRel) + 1;
-        if n > u64::from(self.opts.read_error_budget) {
+        if n > self.read_error_budget.load(Ordering::Relaxed) {
             self.fail_set(set, "cache error budget exceeded");
             return true;
         }
@@ -456,6 +530,12 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
     /// every region written (or possibly in flight) joins the changed record. The backing epoch
     /// is bumped by [`Inner::complete_degrade`]; until then no intent bit is cleared.
     fn detach(&self, set: &Arc<CacheSet<C>>, why: &str) -> bool {
+        self.detach_for(set, why, true)
+    }
+
+    /// [`Inner::detach`]; `failure` says whether it counts as a cache failure (not when the
+    /// operator removes the set on purpose).
+    fn detach_for(&self, set: &Arc<CacheSet<C>>, why: &str, failure: bool) -> bool {
         let detached = self.journal.start_recording_if(|| {
             let mut cur = self.cache.write().expect("cache pointer poisoned");
             if cur.as_ref().is_some_and(|c| Arc::ptr_eq(c, set)) {
@@ -471,7 +551,9 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
         });
         if detached {
             tracing::warn!(reason = why, "cache set detached; serving degraded from the backing");
-            self.stats.cache_failures.fetch_add(1, Ordering::Relaxed);
+            if failure {
+                self.stats.cache_failures.fetch_add(1, Ordering::Relaxed);
+            }
             self.update_invalid_gauge();
             self.settled.notify_waiters();
         }
@@ -503,7 +585,7 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
         self.journal.commit(&self.backing).await
     }
 
-    async fn attach(&self, members: Vec<C>) -> Result<(), AttachError> {
+    async fn attach(&self, members: Vec<C>, take_over: bool) -> Result<(), AttachError> {
         let _t = self.transition.lock().await;
         self.complete_degrade().await.map_err(AttachError::Io)?;
         if let Some(cur) = self.cache_now() {
@@ -511,7 +593,7 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
             self.complete_degrade().await.map_err(AttachError::Io)?;
         }
         let bsb = self.journal.sb();
-        let found = classify(members, &bsb, self.opts.take_over_foreign_cache).await.map_err(|e| {
+        let found = classify(members, &bsb, take_over).await.map_err(|e| {
             if e.kind() == io::ErrorKind::InvalidData {
                 AttachError::Refused(e)
             } else {

@@ -74,7 +74,11 @@ enum CopyError {
 }
 
 pub(crate) async fn rebuild_loop<B: BlockDevice, C: BlockDevice>(inner: Arc<Inner<B, C>>) {
-    let mut limiter = RateLimiter::new(inner.opts.rebuild_min_bytes_per_s, inner.opts.rebuild_max_bytes_per_s);
+    let rates = || {
+        (inner.rebuild_min_bytes_per_s.load(Ordering::Relaxed), inner.rebuild_max_bytes_per_s.load(Ordering::Relaxed))
+    };
+    let mut limits = rates();
+    let mut limiter = RateLimiter::new(limits.0, limits.1);
     let mut cursor = 0u64;
     let mut last_persist = Instant::now();
     loop {
@@ -105,6 +109,11 @@ pub(crate) async fn rebuild_loop<B: BlockDevice, C: BlockDevice>(inner: Arc<Inne
             }
         };
         inner.rebuild_idle.store(false, Ordering::Release);
+        if rates() != limits {
+            // The operator changed the limits (SIGHUP or the admin socket): they apply from now.
+            limits = rates();
+            limiter = RateLimiter::new(limits.0, limits.1);
+        }
         let started = Instant::now();
         let mut copied = Vec::with_capacity(FLUSH_EVERY_REGIONS);
         let mut attempted = 0;

@@ -4,7 +4,7 @@ use super::cacheset::{classify, Found};
 use super::journal::{effective_pairing, load_bitmaps};
 use super::region::RegionState;
 use super::striped::Striped;
-use super::{reusable_valid, Inner};
+use super::{reusable_valid, Inner, MirrorStats};
 use crate::device::{AlignedBuf, BlockDevice};
 use crate::meta::store::{check_backing, read_superblock};
 use crate::meta::Bits;
@@ -71,12 +71,26 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
         let Some(set) = self.cache_now() else {
             return Ok(Vec::new());
         };
+        // One at a time: two would only slow each other and double the load on the backing.
+        if self.stats.verify_running.compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire).is_err() {
+            return Err(io::Error::new(io::ErrorKind::ResourceBusy, "a verify is already running"));
+        }
+        struct Running<'a>(&'a MirrorStats);
+        impl Drop for Running<'_> {
+            fn drop(&mut self) {
+                self.0.verify_running.store(0, Ordering::Release);
+            }
+        }
+        let _running = Running(&self.stats);
+        self.stats.verify_done_regions.store(0, Ordering::Relaxed);
+        self.stats.verify_total_regions.store(self.regions - set.table.not_valid(), Ordering::Relaxed);
         let mut out = Vec::new();
         let mut repaired = false;
         for r in 0..self.regions {
             if set.table.get(r) != RegionState::Valid {
                 continue;
             }
+            self.stats.verify_done_regions.fetch_add(1, Ordering::Relaxed);
             let (start, len) = self.region_bounds(r);
             // Under the range lock, no write is between the two devices while we compare.
             let _g = self.locks.lock(start, start + len).await;

@@ -5,6 +5,7 @@ use crate::nbd::consts::*;
 use crate::nbd::handshake::{self, Handshake, Next, MAX_OPTION_DATA_BYTES};
 use crate::nbd::request::{self, Op, RequestHeader};
 use crate::nbd::{reply, ExportParams, NbdError, Session};
+use crate::stats::{ReqOp, ServerStats};
 use crate::volume::Volume;
 use std::future::Future;
 use std::io;
@@ -19,6 +20,7 @@ pub(crate) struct ConnLimits {
     pub max_inflight_bytes: usize,
     pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
+    pub stats: Arc<ServerStats>,
 }
 
 /// In-flight accounting unit: budgets are counted in 4 KiB pages so a u32 permit count covers
@@ -41,6 +43,8 @@ struct Reply {
     head: Vec<u8>,
     data: Option<AlignedBuf>,
     _budget: Option<OwnedSemaphorePermit>,
+    /// The request failed (counted as an error by the front end's statistics).
+    failed: bool,
 }
 
 /// Serves one connection to its end. The caller instruments it with a span naming the connection,
@@ -199,7 +203,7 @@ where
                     let permit = budget.clone().acquire_owned().await.expect("budget semaphore is never closed");
                     let mut head = Vec::with_capacity(64);
                     reply::error(&mut head, h.cookie, structured, err, &refusal_message(&h, err));
-                    let _ = tx.send(Reply { head, data: None, _budget: Some(permit) });
+                    let _ = tx.send(Reply { head, data: None, _budget: Some(permit), failed: true });
                     continue;
                 }
             };
@@ -222,9 +226,9 @@ where
                 }
                 _ => None,
             };
-            let (volume, tx, session) = (volume.clone(), tx.clone(), session.clone());
+            let (volume, tx, session, stats) = (volume.clone(), tx.clone(), session.clone(), limits.stats.clone());
             let mut request = Box::pin(async move {
-                let mut r = execute(&*volume, &session, h.cookie, op, payload).await;
+                let mut r = execute(&*volume, &session, &stats, h.cookie, op, payload).await;
                 r._budget = Some(permit);
                 let _ = tx.send(r);
             });
@@ -305,7 +309,35 @@ fn io_failure(what: &str, e: &io::Error) -> (NbdError, String) {
 }
 
 /// Runs one validated request against the volume and builds its whole reply.
-async fn execute<V: Volume>(volume: &V, session: &Session, cookie: u64, op: Op, payload: Option<AlignedBuf>) -> Reply {
+async fn execute<V: Volume>(
+    volume: &V,
+    session: &Session,
+    stats: &ServerStats,
+    cookie: u64,
+    op: Op,
+    payload: Option<AlignedBuf>,
+) -> Reply {
+    let started = std::time::Instant::now();
+    let (kind, bytes) = match op {
+        Op::Read { length, .. } => (ReqOp::Read, u64::from(length)),
+        Op::Write { length, .. } => (ReqOp::Write, u64::from(length)),
+        Op::Flush => (ReqOp::Flush, 0),
+        Op::Trim { length, .. } => (ReqOp::Trim, u64::from(length)),
+        Op::WriteZeroes { length, .. } => (ReqOp::WriteZeroes, u64::from(length)),
+        _ => (ReqOp::Other, 0),
+    };
+    let reply = execute_op(volume, session, cookie, op, payload).await;
+    stats.request(kind).record(bytes, !reply.failed, started);
+    reply
+}
+
+async fn execute_op<V: Volume>(
+    volume: &V,
+    session: &Session,
+    cookie: u64,
+    op: Op,
+    payload: Option<AlignedBuf>,
+) -> Reply {
     let structured = session.structured_replies;
     let mut head = Vec::with_capacity(64);
     let outcome: Result<Option<AlignedBuf>, (NbdError, String)> = match op {
@@ -338,7 +370,7 @@ async fn execute<V: Volume>(volume: &V, session: &Session, cookie: u64, op: Op, 
                     Ok(extents) => {
                         let list = status_extents(&extents, length, req_one);
                         reply::block_status(&mut head, cookie, META_BASE_ALLOCATION_ID, &list, true);
-                        return Reply { head, data: None, _budget: None };
+                        return Reply { head, data: None, _budget: None, failed: false };
                     }
                     Err(e) => Err(io_failure("block status", &e)),
                 }
@@ -352,7 +384,7 @@ async fn execute<V: Volume>(volume: &V, session: &Session, cookie: u64, op: Op, 
                 if data.is_empty() {
                     // OFFSET_DATA must carry at least one byte; an empty read is just "done".
                     reply::none_done(&mut head, cookie);
-                    return Reply { head, data: None, _budget: None };
+                    return Reply { head, data: None, _budget: None, failed: false };
                 }
                 let offset = match op {
                     Op::Read { offset, .. } => offset,
@@ -362,15 +394,15 @@ async fn execute<V: Volume>(volume: &V, session: &Session, cookie: u64, op: Op, 
             } else {
                 reply::simple(&mut head, cookie, None);
             }
-            Reply { head, data: Some(data), _budget: None }
+            Reply { head, data: Some(data), _budget: None, failed: false }
         }
         Ok(None) => {
             reply::ok(&mut head, cookie, structured);
-            Reply { head, data: None, _budget: None }
+            Reply { head, data: None, _budget: None, failed: false }
         }
         Err((err, msg)) => {
             reply::error(&mut head, cookie, structured, err, &msg);
-            Reply { head, data: None, _budget: None }
+            Reply { head, data: None, _budget: None, failed: true }
         }
     }
 }

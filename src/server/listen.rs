@@ -3,10 +3,12 @@
 
 use super::connection::{serve_connection, ConnLimits};
 use crate::nbd::ExportParams;
+use crate::stats::ServerStats;
 use crate::volume::Volume;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, UnixListener};
@@ -26,6 +28,8 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// Zero disables it: see `tune_tcp` for why half-open detection uses keepalive instead.
     pub idle_timeout: Duration,
+    /// Counters shared with the status command and the metrics endpoint.
+    pub stats: Arc<ServerStats>,
 }
 
 /// Serves until `shutdown` turns true, then drains and returns. `ready` is called once every
@@ -82,6 +86,7 @@ pub async fn run<V: Volume>(
         max_inflight_bytes: cfg.max_inflight_bytes_per_connection,
         handshake_timeout: cfg.handshake_timeout,
         idle_timeout: cfg.idle_timeout,
+        stats: cfg.stats.clone(),
     });
     let slots = Arc::new(Semaphore::new(cfg.max_connections));
     let mut conns = JoinSet::new();
@@ -104,6 +109,7 @@ pub async fn run<V: Volume>(
             }
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
+            cfg.stats.connections_refused.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(max = cfg.max_connections, "connection limit reached; refusing a client");
             continue; // dropping the stream closes it
         };
@@ -113,6 +119,7 @@ pub async fn run<V: Volume>(
         conns.spawn(
             async move {
                 let _permit = permit;
+                let _active = ActiveGuard::new(&limits.stats);
                 match conn {
                     Accepted::Tcp((s, peer)) => {
                         tracing::Span::current().record("peer", tracing::field::display(peer));
@@ -156,5 +163,22 @@ async fn accept_unix(l: &Option<UnixListener>) -> io::Result<tokio::net::UnixStr
     match l {
         Some(l) => l.accept().await.map(|(s, _)| s),
         None => std::future::pending().await,
+    }
+}
+
+/// Counts a connection as active for its life, whichever way it ends.
+struct ActiveGuard(Arc<ServerStats>);
+
+impl ActiveGuard {
+    fn new(stats: &Arc<ServerStats>) -> Self {
+        stats.connections_accepted.fetch_add(1, Ordering::Relaxed);
+        stats.connections_active.fetch_add(1, Ordering::Relaxed);
+        ActiveGuard(stats.clone())
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.connections_active.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -1,0 +1,268 @@
+//! The Prometheus endpoint: text exposition format 0.0.4 over a minimal HTTP/1.1 server (GET
+//! /metrics, one request per connection). Names follow Prometheus' conventions: the unit in the
+//! name (`_seconds`, `_bytes`), `_total` on counters, base units, one histogram family per latency
+//! with `device` and `op` labels.
+
+use super::Node;
+use crate::stats::{DevOp, HistSnapshot, ReqOp};
+use std::fmt::Write;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// Escapes a label value as the exposition format requires.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+struct Out(String);
+
+impl Out {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+        self.0.push_str(name);
+        if !labels.is_empty() {
+            self.0.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                let _ = write!(self.0, "{}{k}=\"{}\"", if i > 0 { "," } else { "" }, label(v));
+            }
+            self.0.push('}');
+        }
+        let _ = writeln!(self.0, " {value}");
+    }
+    fn histogram(&mut self, name: &str, labels: &[(&str, &str)], h: &HistSnapshot) {
+        let bucket = format!("{name}_bucket");
+        for (le, count) in h.cumulative_octaves() {
+            let le = format!("{le:e}");
+            let mut with_le = labels.to_vec();
+            with_le.push(("le", &le));
+            self.sample(&bucket, &with_le, count);
+        }
+        let count = h.count();
+        let mut with_le = labels.to_vec();
+        with_le.push(("le", "+Inf"));
+        self.sample(&bucket, &with_le, count);
+        self.sample(&format!("{name}_sum"), labels, h.sum_ns as f64 / 1e9);
+        self.sample(&format!("{name}_count"), labels, count);
+    }
+}
+
+/// The whole exposition.
+pub fn render(node: &Node) -> String {
+    let mut o = Out(String::with_capacity(64 * 1024));
+    let cfg = node.config();
+    o.family("superdisk_build_info", "gauge", "Always 1; the labels say which superdisk this is.");
+    o.sample("superdisk_build_info", &[("version", env!("CARGO_PKG_VERSION"))], 1);
+    o.family("superdisk_start_time_seconds", "gauge", "When the daemon started, in seconds since the epoch.");
+    let started = std::time::SystemTime::now() - node.started.elapsed();
+    o.sample(
+        "superdisk_start_time_seconds",
+        &[],
+        started.duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()),
+    );
+    o.family("superdisk_export_size_bytes", "gauge", "Size of the exported disk.");
+    o.sample("superdisk_export_size_bytes", &[("export", &cfg.export)], node.export_size_bytes);
+
+    let mode = node.mode_name();
+    o.family("superdisk_mode", "gauge", "1 for the current mode, 0 for the others.");
+    for m in ["plain", "healthy", "rebuilding", "degraded", "verifying"] {
+        o.sample("superdisk_mode", &[("mode", m)], u8::from(m == mode));
+    }
+    o.family("superdisk_degraded", "gauge", "1 while no cache set serves reads (reads go to the backing).");
+    o.sample("superdisk_degraded", &[], u8::from(mode == "degraded"));
+
+    let devices = node.devices();
+    o.family("superdisk_device_info", "gauge", "Always 1; names each device's role, path and health.");
+    for (d, role) in &devices {
+        let health = if *role == "backing" { "ok" } else { node.health_of_cache() };
+        o.sample(
+            "superdisk_device_info",
+            &[("device", &d.name), ("role", role), ("path", &d.path), ("health", health)],
+            1,
+        );
+    }
+    o.family("superdisk_device_size_bytes", "gauge", "Size of each device.");
+    for (d, _) in &devices {
+        o.sample("superdisk_device_size_bytes", &[("device", &d.name)], d.size_bytes);
+    }
+    let snaps: Vec<_> = devices.iter().map(|(d, _)| (d.name.clone(), d.snapshot())).collect();
+    o.family("superdisk_device_operations_total", "counter", "Operations completed by each device, by kind.");
+    for (name, s) in &snaps {
+        for op in DevOp::ALL {
+            o.sample("superdisk_device_operations_total", &[("device", name), ("op", op.name())], s[op as usize].ops);
+        }
+    }
+    o.family("superdisk_device_bytes_total", "counter", "Bytes moved by each device, by kind (zero: bytes zeroed).");
+    for (name, s) in &snaps {
+        for op in [DevOp::Read, DevOp::Write, DevOp::Zero] {
+            o.sample("superdisk_device_bytes_total", &[("device", name), ("op", op.name())], s[op as usize].bytes);
+        }
+    }
+    o.family("superdisk_device_errors_total", "counter", "Operations that failed on each device, by kind.");
+    for (name, s) in &snaps {
+        for op in DevOp::ALL {
+            o.sample("superdisk_device_errors_total", &[("device", name), ("op", op.name())], s[op as usize].errors);
+        }
+    }
+    o.family("superdisk_device_latency_seconds", "histogram", "Time each device took per operation.");
+    for (name, s) in &snaps {
+        for op in DevOp::ALL {
+            o.histogram(
+                "superdisk_device_latency_seconds",
+                &[("device", name), ("op", op.name())],
+                &s[op as usize].latency,
+            );
+        }
+    }
+
+    let reqs: Vec<_> = ReqOp::ALL.iter().map(|op| (op.name(), node.server.request(*op).snapshot())).collect();
+    o.family("superdisk_requests_total", "counter", "NBD requests answered, by kind.");
+    for (op, s) in &reqs {
+        o.sample("superdisk_requests_total", &[("op", op)], s.ops);
+    }
+    o.family("superdisk_request_errors_total", "counter", "NBD requests answered with an error, by kind.");
+    for (op, s) in &reqs {
+        o.sample("superdisk_request_errors_total", &[("op", op)], s.errors);
+    }
+    o.family("superdisk_request_bytes_total", "counter", "Bytes NBD clients read, wrote, trimmed or zeroed.");
+    for (op, s) in &reqs {
+        o.sample("superdisk_request_bytes_total", &[("op", op)], s.bytes);
+    }
+    o.family("superdisk_request_latency_seconds", "histogram", "Time from a request's arrival to its reply, by kind.");
+    for (op, s) in &reqs {
+        o.histogram("superdisk_request_latency_seconds", &[("op", op)], &s.latency);
+    }
+    o.family("superdisk_connections", "gauge", "NBD connections open now.");
+    o.sample("superdisk_connections", &[], node.server.connections_active.load(Relaxed));
+    o.family("superdisk_connections_accepted_total", "counter", "NBD connections accepted.");
+    o.sample("superdisk_connections_accepted_total", &[], node.server.connections_accepted.load(Relaxed));
+    o.family("superdisk_connections_refused_total", "counter", "NBD connections refused at max_connections.");
+    o.sample("superdisk_connections_refused_total", &[], node.server.connections_refused.load(Relaxed));
+
+    if let Some(m) = &node.mirror {
+        let st = m.stats();
+        let (cache_bytes, backing_bytes) = (st.read_bytes_cache.load(Relaxed), st.read_bytes_backing.load(Relaxed));
+        o.family("superdisk_read_bytes_total", "counter", "Bytes of client reads, by the device that served them.");
+        o.sample("superdisk_read_bytes_total", &[("source", "cache")], cache_bytes);
+        o.sample("superdisk_read_bytes_total", &[("source", "backing")], backing_bytes);
+        o.family(
+            "superdisk_reads_total",
+            "counter",
+            "Client reads (or parts of them), by the device that served them.",
+        );
+        o.sample("superdisk_reads_total", &[("source", "cache")], st.reads_cache.load(Relaxed));
+        o.sample("superdisk_reads_total", &[("source", "backing")], st.reads_backing.load(Relaxed));
+        o.family(
+            "superdisk_cache_read_ratio",
+            "gauge",
+            "Share of read bytes served by the cache since start (1 before any read); rate() the \
+             read_bytes_total counters for a recent figure.",
+        );
+        let total = cache_bytes + backing_bytes;
+        o.sample("superdisk_cache_read_ratio", &[], if total == 0 { 1.0 } else { cache_bytes as f64 / total as f64 });
+        o.family(
+            "superdisk_cache_repairs_total",
+            "counter",
+            "Cache ranges rewritten from the backing after a read error.",
+        );
+        o.sample("superdisk_cache_repairs_total", &[], st.repairs.load(Relaxed));
+        o.family("superdisk_cache_errors_total", "counter", "Cache I/O errors absorbed (never seen by clients).");
+        o.sample("superdisk_cache_errors_total", &[], st.cache_errors.load(Relaxed));
+        o.family("superdisk_cache_failures_total", "counter", "Times a cache set was dropped (errors or operator).");
+        o.sample("superdisk_cache_failures_total", &[], st.cache_failures.load(Relaxed));
+        o.family("superdisk_backing_errors_total", "counter", "Backing I/O errors (these reach clients).");
+        o.sample("superdisk_backing_errors_total", &[], st.backing_errors.load(Relaxed));
+        o.family("superdisk_rebuild_done_bytes", "gauge", "Bytes the current rebuild has copied.");
+        o.sample("superdisk_rebuild_done_bytes", &[], st.rebuild_done_bytes.load(Relaxed));
+        o.family("superdisk_rebuild_total_bytes", "gauge", "Bytes the current rebuild has had to copy.");
+        o.sample("superdisk_rebuild_total_bytes", &[], st.rebuild_total_bytes.load(Relaxed));
+        o.family("superdisk_rebuild_remaining_bytes", "gauge", "Bytes not yet valid in the cache set.");
+        o.sample("superdisk_rebuild_remaining_bytes", &[], st.invalid_regions.load(Relaxed) * m.region_bytes());
+        o.family("superdisk_rebuild_rate_bytes_per_second", "gauge", "Recent rebuild copy rate.");
+        o.sample("superdisk_rebuild_rate_bytes_per_second", &[], st.rebuild_rate_bytes_per_s.load(Relaxed));
+        o.family("superdisk_rebuild_paused", "gauge", "1 while an operator has paused the rebuild.");
+        o.sample("superdisk_rebuild_paused", &[], u8::from(m.rebuild_paused()));
+        o.family("superdisk_write_intent_commits_total", "counter", "Write-intent bitmap commits to the backing.");
+        o.sample("superdisk_write_intent_commits_total", &[], st.intent_commits.load(Relaxed));
+        o.family(
+            "superdisk_verify_mismatches_total",
+            "counter",
+            "Cache ranges verify found differing from the backing.",
+        );
+        o.sample("superdisk_verify_mismatches_total", &[], st.verify_mismatches.load(Relaxed));
+        o.family("superdisk_verify_running", "gauge", "1 while a verify runs.");
+        o.sample("superdisk_verify_running", &[], st.verify_running.load(Relaxed));
+    }
+    o.0
+}
+
+const MAX_REQUEST_HEAD_BYTES: usize = 8192;
+
+/// Serves GET /metrics until shutdown. Scrapes are rare and small: one task per connection, one
+/// request per connection, a short deadline for a client that sends nothing.
+pub async fn serve(listener: TcpListener, node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let stream = tokio::select! {
+            _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let node = node.clone();
+        tokio::spawn(async move {
+            if let Err(e) = tokio::time::timeout(Duration::from_secs(10), answer(stream, &node)).await {
+                tracing::debug!(error = %e, "metrics client timed out");
+            }
+        });
+    }
+}
+
+async fn answer(mut s: TcpStream, node: &Node) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        head.extend_from_slice(&buf[..n]);
+        if head.len() > MAX_REQUEST_HEAD_BYTES {
+            return respond(&mut s, "431 Request Header Fields Too Large", "text/plain", "request head too large\n")
+                .await;
+        }
+    }
+    let text = String::from_utf8_lossy(&head);
+    let mut first = text.lines().next().unwrap_or("").split_whitespace();
+    let (method, target) = (first.next().unwrap_or(""), first.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
+    match (method, path) {
+        ("GET" | "HEAD", "/metrics") => {
+            let body = render(node);
+            let body = if method == "HEAD" { String::new() } else { body };
+            respond(&mut s, "200 OK", "text/plain; version=0.0.4; charset=utf-8", &body).await
+        }
+        ("GET", "/") => respond(&mut s, "200 OK", "text/plain", "superdisk: metrics at /metrics\n").await,
+        ("GET" | "HEAD", _) => respond(&mut s, "404 Not Found", "text/plain", "not found: try /metrics\n").await,
+        _ => respond(&mut s, "405 Method Not Allowed", "text/plain", "only GET\n").await,
+    }
+}
+
+async fn respond(s: &mut TcpStream, status: &str, content_type: &str, body: &str) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await?;
+    s.write_all(body.as_bytes()).await?;
+    s.shutdown().await
+}

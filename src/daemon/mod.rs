@@ -1,0 +1,531 @@
+//! The running daemon: opens the devices named by the config, builds the volume (plain, or the
+//! mirror), and runs the NBD server, the admin socket, the metrics endpoint and the service-manager
+//! notifications around it until SIGTERM. [`Node`] is the state they share.
+
+pub mod control;
+pub mod logging;
+pub mod metrics;
+pub mod status;
+
+use crate::config::ServeConfig;
+use crate::device::{FileDevice, OpenOptions};
+use crate::mirror::{MirrorOptions, MirrorVolume, Mode};
+use crate::nbd::ExportParams;
+use crate::server::{self, ServerConfig};
+use crate::service::Notifier;
+use crate::stats::{DevOp, DeviceStats, Instrumented, OpSnapshot, ReqOp, ServerStats};
+use crate::volume::{PlainVolume, Volume};
+use status::{
+    op_status, CacheStatus, ConnectionStatus, DeviceStatus, ExportStatus, RebuildStatus, Status, VerifyOutcome,
+    VerifyStatus,
+};
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub type AnyError = Box<dyn std::error::Error + Send + Sync>;
+/// Every device the daemon opens is counted.
+pub type Dev = Instrumented<FileDevice>;
+pub type Mirror = MirrorVolume<Dev, Dev>;
+/// Re-reads the configuration (file plus the command line's overrides) for SIGHUP.
+pub type Reloader = Box<dyn Fn() -> Result<ServeConfig, AnyError> + Send + Sync>;
+
+/// How far back status rates and percentiles look.
+const WINDOW: Duration = Duration::from_secs(10);
+const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+
+struct Sample {
+    at: Instant,
+    /// (device name, path) → its counters then.
+    devices: Vec<((String, String), [OpSnapshot; 4])>,
+    requests: Vec<OpSnapshot>,
+}
+
+struct LastVerify {
+    outcome: Result<Vec<(u64, u64)>, String>,
+    repair: bool,
+    finished: Instant,
+}
+
+/// What the daemon's control paths (admin socket, metrics, SIGHUP, mode monitor) share.
+pub struct Node {
+    started: Instant,
+    cfg: Mutex<ServeConfig>,
+    export_size_bytes: u64,
+    pub backing: Arc<DeviceStats>,
+    pub server: Arc<ServerStats>,
+    pub mirror: Option<Arc<Mirror>>,
+    /// The attached (or last failed) cache set's members; emptied by `cache remove`.
+    caches: Mutex<Vec<Arc<DeviceStats>>>,
+    samples: Mutex<VecDeque<Sample>>,
+    verify_task: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    last_verify: Mutex<Option<LastVerify>>,
+    reload: Option<Reloader>,
+}
+
+fn device_stats(name: &str, dev: &FileDevice) -> Arc<DeviceStats> {
+    use crate::device::BlockDevice;
+    Arc::new(DeviceStats::new(name, &dev.path().display().to_string(), dev.size_bytes()))
+}
+
+impl Node {
+    pub fn config(&self) -> ServeConfig {
+        self.cfg.lock().expect("config poisoned").clone()
+    }
+
+    pub fn mode_name(&self) -> &'static str {
+        let Some(m) = &self.mirror else {
+            return "plain";
+        };
+        match m.mode() {
+            Mode::Healthy if self.verify_running() => "verifying",
+            Mode::Healthy => "healthy",
+            Mode::Degraded => "degraded",
+            Mode::Rebuilding => "rebuilding",
+        }
+    }
+
+    fn verify_running(&self) -> bool {
+        self.mirror.as_ref().is_some_and(|m| m.stats().verify_running.load(Relaxed) == 1)
+    }
+
+    pub fn cache_members(&self) -> Vec<Arc<DeviceStats>> {
+        self.caches.lock().expect("caches poisoned").clone()
+    }
+
+    fn set_cache_members(&self, members: Vec<Arc<DeviceStats>>) {
+        *self.caches.lock().expect("caches poisoned") = members;
+    }
+
+    /// Every device, backing first.
+    pub fn devices(&self) -> Vec<(Arc<DeviceStats>, &'static str)> {
+        let mut out = vec![(self.backing.clone(), "backing")];
+        out.extend(self.cache_members().into_iter().map(|d| (d, "cache")));
+        out
+    }
+
+    fn take_sample(&self) -> Sample {
+        Sample {
+            at: Instant::now(),
+            devices: self.devices().iter().map(|(d, _)| ((d.name.clone(), d.path.clone()), d.snapshot())).collect(),
+            requests: ReqOp::ALL.iter().map(|op| self.server.request(*op).snapshot()).collect(),
+        }
+    }
+
+    fn record_sample(&self) {
+        let s = self.take_sample();
+        let mut q = self.samples.lock().expect("samples poisoned");
+        q.push_back(s);
+        while q.len() > 2 && q[1].at.elapsed() >= WINDOW {
+            q.pop_front();
+        }
+    }
+
+    pub fn health_of_cache(&self) -> &'static str {
+        match self.mirror.as_ref().map(|m| m.mode()) {
+            Some(Mode::Healthy) => "in-sync",
+            Some(Mode::Rebuilding) => "rebuilding",
+            _ => "failed",
+        }
+    }
+
+    pub fn status(&self) -> Status {
+        let now = self.take_sample();
+        let (then_at, then_devices, then_requests) = {
+            let q = self.samples.lock().expect("samples poisoned");
+            match q.front() {
+                Some(s) => (s.at, s.devices.clone(), s.requests.clone()),
+                None => (self.started, Vec::new(), Vec::new()),
+            }
+        };
+        let secs = now.at.duration_since(then_at).as_secs_f64();
+        let zero = OpSnapshot::default();
+        let cfg = self.config();
+        let mut devices = Vec::new();
+        for (d, role) in self.devices() {
+            let key = (d.name.clone(), d.path.clone());
+            let before = then_devices.iter().find(|(k, _)| *k == key).map(|(_, s)| s.clone());
+            let after = d.snapshot();
+            let ops = DevOp::ALL
+                .iter()
+                .map(|op| {
+                    let i = *op as usize;
+                    op_status(op.name(), &after[i], before.as_ref().map_or(&zero, |b| &b[i]), secs)
+                })
+                .collect::<Vec<_>>();
+            let health = if role == "backing" {
+                // Errors within the window say the backing is in trouble now, not once.
+                let errors_then = before.as_ref().map_or(0, |b| b.iter().map(|s| s.errors).sum::<u64>());
+                if after.iter().map(|s| s.errors).sum::<u64>() > errors_then {
+                    "erroring"
+                } else {
+                    "ok"
+                }
+            } else {
+                self.health_of_cache()
+            };
+            devices.push(DeviceStatus {
+                name: d.name.clone(),
+                role: role.into(),
+                path: d.path.clone(),
+                size_bytes: d.size_bytes,
+                health: health.into(),
+                ops,
+            });
+        }
+        let requests = ReqOp::ALL
+            .iter()
+            .enumerate()
+            .map(|(i, op)| op_status(op.name(), &now.requests[i], then_requests.get(i).unwrap_or(&zero), secs))
+            .collect();
+        let (cache, rebuild, verify) = match &self.mirror {
+            None => (None, None, None),
+            Some(m) => {
+                let st = m.stats();
+                let (from_cache, from_backing) =
+                    (st.read_bytes_cache.load(Relaxed), st.read_bytes_backing.load(Relaxed));
+                let total = from_cache + from_backing;
+                let cache = CacheStatus {
+                    reads_from_cache_total: st.reads_cache.load(Relaxed),
+                    reads_from_backing_total: st.reads_backing.load(Relaxed),
+                    cache_read_share: if total == 0 { 1.0 } else { from_cache as f64 / total as f64 },
+                    repairs_total: st.repairs.load(Relaxed),
+                    errors_total: st.cache_errors.load(Relaxed),
+                    failures_total: st.cache_failures.load(Relaxed),
+                    read_error_budget: m.read_error_budget(),
+                };
+                let (min, max) = m.rebuild_rates();
+                let done = st.rebuild_done_bytes.load(Relaxed);
+                let total = st.rebuild_total_bytes.load(Relaxed);
+                let rate = st.rebuild_rate_bytes_per_s.load(Relaxed);
+                let invalid = st.invalid_regions.load(Relaxed);
+                let left = invalid * m.region_bytes();
+                let rebuild = RebuildStatus {
+                    done_bytes: done,
+                    total_bytes: total,
+                    rate_bytes_per_s: rate,
+                    eta_secs: (rate > 0 && left > 0).then(|| left.div_ceil(rate)).or((left == 0).then_some(0)),
+                    paused: m.rebuild_paused(),
+                    min_bytes_per_s: min,
+                    max_bytes_per_s: (max != u64::MAX).then_some(max),
+                    invalid_regions: invalid,
+                    region_bytes: m.region_bytes(),
+                };
+                let last = self.last_verify.lock().expect("verify poisoned").as_ref().map(|l| VerifyOutcome {
+                    repair: l.repair,
+                    mismatches: l.outcome.as_ref().map_or(0, |v| v.len() as u64),
+                    error: l.outcome.as_ref().err().cloned(),
+                    finished_secs_ago: l.finished.elapsed().as_secs(),
+                });
+                let verify = VerifyStatus {
+                    running: self.verify_running(),
+                    done_regions: st.verify_done_regions.load(Relaxed),
+                    total_regions: st.verify_total_regions.load(Relaxed),
+                    last,
+                };
+                (Some(cache), Some(rebuild), Some(verify))
+            }
+        };
+        Status {
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            mode: self.mode_name().into(),
+            export: ExportStatus {
+                name: cfg.export.clone(),
+                size_bytes: self.export_size_bytes,
+                read_only: cfg.read_only,
+            },
+            window_secs: secs,
+            devices,
+            cache,
+            rebuild,
+            verify,
+            connections: ConnectionStatus {
+                active: self.server.connections_active.load(Relaxed),
+                accepted_total: self.server.connections_accepted.load(Relaxed),
+                refused_total: self.server.connections_refused.load(Relaxed),
+            },
+            requests,
+        }
+    }
+
+    /// The STATUS= line for the service manager.
+    fn service_status(&self) -> String {
+        let mode = self.mode_name();
+        if let (Some(m), "rebuilding") = (&self.mirror, mode) {
+            let st = m.stats();
+            let left = st.invalid_regions.load(Relaxed) * m.region_bytes();
+            let total = st.rebuild_total_bytes.load(Relaxed).max(left);
+            let rate = st.rebuild_rate_bytes_per_s.load(Relaxed);
+            let pct = if total == 0 { 100.0 } else { 100.0 * (total - left) as f64 / total as f64 };
+            let eta = if rate > 0 { status::human_duration(left.div_ceil(rate)) } else { "unknown".into() };
+            return format!(
+                "serving, rebuilding {pct:.1}% ({} left, {}/s, ETA {eta}){}",
+                status::human_bytes(left as f64),
+                status::human_bytes(rate as f64),
+                if m.rebuild_paused() { ", paused" } else { "" }
+            );
+        }
+        format!("serving, mode {mode}")
+    }
+
+    /// SIGHUP: re-reads the configuration and applies what can change while serving.
+    pub fn reload(&self) {
+        let Some(reload) = &self.reload else {
+            tracing::warn!("SIGHUP: no configuration file to reload (started without --config)");
+            return;
+        };
+        let new = match reload() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: the configuration has an error; nothing changed");
+                return;
+            }
+        };
+        let mut cur = self.cfg.lock().expect("config poisoned");
+        let changed = cur.changed_keys(&new);
+        if changed.is_empty() {
+            tracing::info!("SIGHUP: configuration reloaded; nothing changed");
+            return;
+        }
+        let (live, restart): (Vec<_>, Vec<_>) = changed.iter().partition(|k| ServeConfig::LIVE_KEYS.contains(k));
+        if live.contains(&"log_level") {
+            logging::set_level(&new.log_level);
+            cur.log_level = new.log_level.clone();
+        }
+        if let Some(m) = &self.mirror {
+            m.set_rebuild_rates(new.rebuild_min_bytes_per_s, new.rebuild_max_bytes_per_s);
+            m.set_read_error_budget(new.read_error_budget);
+        }
+        cur.rebuild_min_bytes_per_s = new.rebuild_min_bytes_per_s;
+        cur.rebuild_max_bytes_per_s = new.rebuild_max_bytes_per_s;
+        cur.read_error_budget = new.read_error_budget;
+        let live = live.iter().map(|k| k.to_string()).collect::<Vec<_>>().join(", ");
+        let restart = restart.iter().map(|k| k.to_string()).collect::<Vec<_>>().join(", ");
+        if !live.is_empty() {
+            tracing::info!(applied = %live, "SIGHUP: configuration reloaded");
+        }
+        if !restart.is_empty() {
+            tracing::warn!(keys = %restart, "SIGHUP: these changed keys take effect only after a restart");
+        }
+    }
+}
+
+/// Opens the devices, builds the volume and serves until SIGTERM/SIGINT. `on_ready` runs once
+/// every listener is bound, with their addresses.
+pub async fn serve(
+    cfg: ServeConfig,
+    reload: Option<Reloader>,
+    on_ready: impl FnOnce(&[String]),
+) -> Result<(), AnyError> {
+    // With a mirror the daemon writes metadata to the backing even for a read-only export.
+    let backing_read_only = cfg.read_only && cfg.cache.is_empty();
+    let dev = FileDevice::open(
+        &cfg.backing,
+        &OpenOptions { read_only: backing_read_only, direct: cfg.direct, engine: cfg.io_engine },
+    )?;
+    tracing::info!(
+        backing = %cfg.backing.display(),
+        engine = dev.engine_name(),
+        direct = dev.is_direct(),
+        block_device = dev.is_block_device(),
+        "opened backing device"
+    );
+    let rotational = dev.rotational();
+    let backing_stats = device_stats("backing", &dev);
+    let dev = Instrumented::new(dev, backing_stats.clone());
+    let server_stats = Arc::new(ServerStats::default());
+    let node = |mirror: Option<Arc<Mirror>>, caches: Vec<Arc<DeviceStats>>, size: u64, cfg: &ServeConfig| {
+        Arc::new(Node {
+            started: Instant::now(),
+            cfg: Mutex::new(cfg.clone()),
+            export_size_bytes: size,
+            backing: backing_stats.clone(),
+            server: server_stats.clone(),
+            mirror,
+            caches: Mutex::new(caches),
+            samples: Mutex::new(VecDeque::new()),
+            verify_task: tokio::sync::Mutex::new(None),
+            last_verify: Mutex::new(None),
+            reload,
+        })
+    };
+    if cfg.cache.is_empty() {
+        let volume =
+            PlainVolume::open(dev, cfg.read_only).await.map_err(|e| format!("{}: {e}", cfg.backing.display()))?;
+        if volume.recovered_from_crash {
+            tracing::warn!("the previous run did not shut down cleanly");
+        }
+        let node = node(None, Vec::new(), volume.size_bytes(), &cfg);
+        return run(Arc::new(volume), node, &cfg, rotational, on_ready).await;
+    }
+    let (caches, members) = match open_caches(&cfg.cache, &cfg) {
+        Ok(c) => c,
+        Err(e) => {
+            // A missing SSD (a migrated VM, a dead device) must not stop the disk: serve degraded.
+            tracing::error!(error = %e, "cache device unavailable; the whole cache set is left out");
+            (Vec::new(), Vec::new())
+        }
+    };
+    let opts = MirrorOptions {
+        read_error_budget: cfg.read_error_budget,
+        rebuild_min_bytes_per_s: cfg.rebuild_min_bytes_per_s,
+        rebuild_max_bytes_per_s: cfg.rebuild_max_bytes_per_s,
+        take_over_foreign_cache: cfg.take_over_foreign_cache,
+        metadata_interval_ms: cfg.metadata_interval_ms,
+        ..MirrorOptions::default()
+    };
+    let volume =
+        Arc::new(MirrorVolume::open(dev, caches, opts).await.map_err(|e| format!("{}: {e}", cfg.backing.display()))?);
+    let node = node(Some(volume.clone()), members, volume.size_bytes(), &cfg);
+    run(volume, node, &cfg, rotational, on_ready).await
+}
+
+/// Opens cache devices as the config says (O_DIRECT, engine), each counted under `cacheN`.
+pub fn open_caches(
+    paths: &[std::path::PathBuf],
+    cfg: &ServeConfig,
+) -> Result<(Vec<Dev>, Vec<Arc<DeviceStats>>), AnyError> {
+    let mut devs = Vec::new();
+    let mut members = Vec::new();
+    for (i, path) in paths.iter().enumerate() {
+        let d =
+            FileDevice::open(path, &OpenOptions { read_only: false, direct: cfg.cache_direct, engine: cfg.io_engine })
+                .map_err(|e| format!("cache {}: {e}", path.display()))?;
+        let s = device_stats(&format!("cache{i}"), &d);
+        members.push(s.clone());
+        devs.push(Instrumented::new(d, s));
+    }
+    Ok((devs, members))
+}
+
+/// Runs the NBD server over `volume` until SIGTERM/SIGINT, then flushes it.
+async fn run<V: Volume>(
+    volume: Arc<V>,
+    node: Arc<Node>,
+    cfg: &ServeConfig,
+    rotational: bool,
+    on_ready: impl FnOnce(&[String]),
+) -> Result<(), AnyError> {
+    let export = ExportParams {
+        name: cfg.export.clone(),
+        description: cfg.description.clone(),
+        size_bytes: volume.size_bytes(),
+        read_only: cfg.read_only,
+        fast_zero: volume.fast_zero(),
+        rotational,
+        min_block_bytes: 1,
+        preferred_block_bytes: 4096,
+        max_payload_bytes: 32 << 20,
+    };
+    let server_cfg = ServerConfig {
+        listen: cfg.listen,
+        unix: cfg.unix.clone(),
+        unix_mode: cfg.unix_mode,
+        export,
+        max_connections: cfg.max_connections,
+        max_inflight_bytes_per_connection: cfg.max_inflight_bytes_per_connection,
+        handshake_timeout: Duration::from_secs(cfg.handshake_timeout_secs),
+        idle_timeout: Duration::from_secs(cfg.idle_timeout_secs),
+        stats: node.server.clone(),
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // Install the handlers now, before READY=1: a SIGTERM that arrives between READY and the
+    // first poll of a spawned task must still drain, not kill the process.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        let name = tokio::select! { _ = term.recv() => "SIGTERM", _ = int.recv() => "SIGINT" };
+        tracing::info!(signal = name, "shutting down: finishing in-flight requests");
+        let _ = stop_tx.send(true);
+    });
+    let notifier = Arc::new(Notifier::from_env());
+    let hup_node = node.clone();
+    let hup_notifier = notifier.clone();
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            hup_notifier.notify("RELOADING=1");
+            hup_node.reload();
+            hup_notifier.notify("READY=1");
+        }
+    });
+    spawn_monitor(node.clone(), notifier.clone(), stop_rx.clone());
+    if let Some(path) = cfg.admin_socket.clone() {
+        let listener = crate::admin::bind(&path)?;
+        let admin_task = crate::admin::serve_admin(listener, path, node.clone(), stop_rx.clone());
+        tokio::spawn(async move {
+            if let Err(e) = admin_task.await {
+                tracing::error!(error = %e, "admin socket failed");
+            }
+        });
+    }
+    if let Some(addr) = cfg.metrics {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("config key `metrics`: cannot listen on {addr}: {e}"))?;
+        tracing::info!(%addr, "metrics at http://{addr}/metrics");
+        tokio::spawn(metrics::serve(listener, node.clone(), stop_rx.clone()));
+    }
+    let ready_notifier = notifier.clone();
+    let ready_node = node.clone();
+    server::run(volume.clone(), server_cfg, stop_rx, |endpoints| {
+        // READY only now: recovery (superblock, bitmaps) is done and every listener is bound.
+        ready_notifier.notify(&format!("READY=1\nSTATUS={} on {}", ready_node.service_status(), endpoints.join(", ")));
+        on_ready(endpoints)
+    })
+    .await?;
+    if let Some(path) = &cfg.admin_socket {
+        // The admin task also removes it, but the process may exit before that task runs.
+        let _ = std::fs::remove_file(path);
+    }
+    notifier.notify("STOPPING=1\nSTATUS=flushing");
+    volume.shutdown().await.map_err(|e| format!("flush at shutdown failed: {e}"))?;
+    tracing::info!("flushed; clean shutdown recorded");
+    Ok(())
+}
+
+/// Logs mode changes, keeps the service manager's STATUS= line current, sends watchdog
+/// keep-alives and samples the counters for status rates.
+fn spawn_monitor(node: Arc<Node>, n: Arc<Notifier>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    tokio::spawn(async move {
+        let mut last_mode: Option<&'static str> = None;
+        let mut last_status = String::new();
+        let mut last_sample = Instant::now() - SAMPLE_EVERY;
+        // The watchdog keep-alive comes from this task, so a wedged runtime stops it and systemd
+        // restarts the daemon.
+        let watchdog = Notifier::watchdog_interval();
+        let tick = watchdog.unwrap_or(Duration::from_millis(250)).min(Duration::from_millis(250));
+        loop {
+            if node.mirror.is_some() {
+                let mode = node.mode_name();
+                if last_mode != Some(mode) {
+                    if last_mode == Some("rebuilding") && mode == "healthy" {
+                        tracing::info!("rebuild complete");
+                    }
+                    tracing::info!("mode={mode}");
+                    last_mode = Some(mode);
+                }
+            }
+            let status = node.service_status();
+            if status != last_status {
+                n.notify(&format!("STATUS={status}"));
+                last_status = status;
+            }
+            if watchdog.is_some() {
+                n.notify("WATCHDOG=1");
+            }
+            if last_sample.elapsed() >= SAMPLE_EVERY {
+                node.record_sample();
+                last_sample = Instant::now();
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(tick) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    });
+}

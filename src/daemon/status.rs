@@ -1,0 +1,285 @@
+//! The status report: built by the daemon, sent as JSON over the admin socket, and rendered for
+//! people by `superdisk status`. One structure for both, so `--json` and the table never disagree.
+
+use crate::stats::{HistSnapshot, OpSnapshot};
+use serde::{Deserialize, Serialize};
+use std::fmt::Write;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub pid: u32,
+    pub uptime_secs: u64,
+    /// plain (no cache configured), healthy, rebuilding, degraded, or verifying.
+    pub mode: String,
+    pub export: ExportStatus,
+    /// Rates and latency percentiles cover this many most recent seconds.
+    pub window_secs: f64,
+    pub devices: Vec<DeviceStatus>,
+    pub cache: Option<CacheStatus>,
+    pub rebuild: Option<RebuildStatus>,
+    pub verify: Option<VerifyStatus>,
+    pub connections: ConnectionStatus,
+    /// What clients asked for, end to end (the NBD front end).
+    pub requests: Vec<OpStatus>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ExportStatus {
+    pub name: String,
+    pub size_bytes: u64,
+    pub read_only: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DeviceStatus {
+    /// `backing`, `cache0`, `cache1`, …
+    pub name: String,
+    pub role: String,
+    pub path: String,
+    pub size_bytes: u64,
+    /// backing: ok or erroring; cache: in-sync, rebuilding or failed.
+    pub health: String,
+    pub ops: Vec<OpStatus>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct OpStatus {
+    pub op: String,
+    pub iops: f64,
+    pub bytes_per_s: f64,
+    pub ops_total: u64,
+    pub bytes_total: u64,
+    pub errors_total: u64,
+    /// Over the window; None when nothing happened in it.
+    pub latency_us: Option<Percentiles>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CacheStatus {
+    pub reads_from_cache_total: u64,
+    pub reads_from_backing_total: u64,
+    /// Share of read bytes served by the cache since start (1.0 when no read has happened yet).
+    pub cache_read_share: f64,
+    pub repairs_total: u64,
+    pub errors_total: u64,
+    pub failures_total: u64,
+    pub read_error_budget: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RebuildStatus {
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+    pub rate_bytes_per_s: u64,
+    pub eta_secs: Option<u64>,
+    pub paused: bool,
+    pub min_bytes_per_s: u64,
+    /// None: unlimited.
+    pub max_bytes_per_s: Option<u64>,
+    pub invalid_regions: u64,
+    pub region_bytes: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VerifyStatus {
+    pub running: bool,
+    pub done_regions: u64,
+    pub total_regions: u64,
+    pub last: Option<VerifyOutcome>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VerifyOutcome {
+    pub repair: bool,
+    pub mismatches: u64,
+    pub error: Option<String>,
+    pub finished_secs_ago: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ConnectionStatus {
+    pub active: u64,
+    pub accepted_total: u64,
+    pub refused_total: u64,
+}
+
+/// Window figures from two snapshots `secs` apart, totals from the newer.
+pub fn op_status(op: &str, now: &OpSnapshot, then: &OpSnapshot, secs: f64) -> OpStatus {
+    let d = now.since(then);
+    let secs = secs.max(1e-3);
+    OpStatus {
+        op: op.into(),
+        iops: d.ops as f64 / secs,
+        bytes_per_s: d.bytes as f64 / secs,
+        ops_total: now.ops,
+        bytes_total: now.bytes,
+        errors_total: now.errors,
+        latency_us: percentiles(&d.latency),
+    }
+}
+
+fn percentiles(h: &HistSnapshot) -> Option<Percentiles> {
+    Some(Percentiles {
+        p50: h.quantile_us(0.5)?,
+        p90: h.quantile_us(0.9)?,
+        p99: h.quantile_us(0.99)?,
+        p999: h.quantile_us(0.999)?,
+    })
+}
+
+pub fn human_bytes(n: f64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{v:.0} {}", UNITS[u])
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn human_us(us: f64) -> String {
+    if us >= 1_000_000.0 {
+        format!("{:.2}s", us / 1e6)
+    } else if us >= 1000.0 {
+        format!("{:.1}ms", us / 1000.0)
+    } else {
+        format!("{us:.0}µs")
+    }
+}
+
+pub fn human_duration(secs: u64) -> String {
+    match secs {
+        s if s >= 3600 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+        s if s >= 60 => format!("{}m{:02}s", s / 60, s % 60),
+        s => format!("{s}s"),
+    }
+}
+
+/// The table `superdisk status` prints.
+pub fn render(s: &Status) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "superdisk {} (pid {}, up {}): {}",
+        s.version,
+        s.pid,
+        human_duration(s.uptime_secs),
+        s.mode.to_uppercase()
+    );
+    let _ = writeln!(
+        o,
+        "export {:?}: {}{}; connections {} active, {} accepted, {} refused",
+        s.export.name,
+        human_bytes(s.export.size_bytes as f64),
+        if s.export.read_only { " read-only" } else { "" },
+        s.connections.active,
+        s.connections.accepted_total,
+        s.connections.refused_total
+    );
+    if let Some(r) = &s.rebuild {
+        if r.total_bytes > 0 && (r.done_bytes < r.total_bytes || r.invalid_regions > 0) {
+            let pct = 100.0 * r.done_bytes as f64 / r.total_bytes as f64;
+            let _ = writeln!(
+                o,
+                "rebuild: {:.1}% ({} of {}), {}/s, ETA {}{}",
+                pct,
+                human_bytes(r.done_bytes as f64),
+                human_bytes(r.total_bytes as f64),
+                human_bytes(r.rate_bytes_per_s as f64),
+                r.eta_secs.map_or("unknown".into(), human_duration),
+                if r.paused { " — PAUSED" } else { "" }
+            );
+        } else if r.paused {
+            let _ = writeln!(o, "rebuild: paused (nothing to copy)");
+        }
+        let _ = writeln!(
+            o,
+            "rebuild limits: min {}/s, max {}",
+            human_bytes(r.min_bytes_per_s as f64),
+            r.max_bytes_per_s.map_or("unlimited".into(), |m| format!("{}/s", human_bytes(m as f64)))
+        );
+    }
+    if let Some(v) = &s.verify {
+        if v.running {
+            let _ = writeln!(o, "verify: running, {} of {} regions", v.done_regions, v.total_regions);
+        }
+        if let Some(l) = &v.last {
+            let _ = match &l.error {
+                Some(e) => writeln!(o, "last verify: failed: {e} ({} ago)", human_duration(l.finished_secs_ago)),
+                None => writeln!(
+                    o,
+                    "last verify: {} mismatches{} ({} ago)",
+                    l.mismatches,
+                    if l.repair { ", repaired" } else { "" },
+                    human_duration(l.finished_secs_ago)
+                ),
+            };
+        }
+    }
+    if let Some(c) = &s.cache {
+        let _ = writeln!(
+            o,
+            "cache reads: {:.1}% of read bytes from the cache; {} repairs, {} errors (budget {}), {} failures",
+            100.0 * c.cache_read_share,
+            c.repairs_total,
+            c.errors_total,
+            c.read_error_budget,
+            c.failures_total
+        );
+    }
+    let _ = writeln!(o, "\nlast {:.0}s:", s.window_secs);
+    let _ = writeln!(
+        o,
+        "{:<10} {:<7} {:>9} {:>11} {:>8} {:>8} {:>8} {:>8}",
+        "device", "op", "IOPS", "throughput", "p50", "p99", "p99.9", "errors"
+    );
+    let mut line = |name: &str, op: &OpStatus| {
+        let (p50, p99, p999) = op
+            .latency_us
+            .as_ref()
+            .map_or(("-".into(), "-".into(), "-".into()), |l| (human_us(l.p50), human_us(l.p99), human_us(l.p999)));
+        let _ = writeln!(
+            o,
+            "{:<10} {:<7} {:>9.0} {:>9}/s {:>8} {:>8} {:>8} {:>8}",
+            name,
+            op.op,
+            op.iops,
+            human_bytes(op.bytes_per_s),
+            p50,
+            p99,
+            p999,
+            op.errors_total
+        );
+    };
+    for op in &s.requests {
+        if op.ops_total > 0 {
+            line("clients", op);
+        }
+    }
+    for d in &s.devices {
+        for op in &d.ops {
+            if op.ops_total > 0 {
+                line(&d.name, op);
+            }
+        }
+    }
+    let _ = writeln!(o);
+    for d in &s.devices {
+        let _ = writeln!(o, "{:<10} {:<10} {:>10}  {}", d.name, d.health, human_bytes(d.size_bytes as f64), d.path);
+    }
+    o
+}
