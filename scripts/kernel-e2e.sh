@@ -23,7 +23,7 @@ Exits non-zero naming the step that failed.
 Environment:
   SUPERDISK_BIN           superdisk binary to test (default: `cargo build --release`, then
                           target/release/superdisk)
-  SUPERDISK_KERNEL_CACHE  where the kernel package and the extracted kernel are kept
+  SUPERDISK_KERNEL_CACHE  where the kernel, its config and the needed modules are kept
                           (default ${XDG_CACHE_HOME:-~/.cache}/superdisk-kernel-e2e)
   E2E_ACCEL               kvm, tcg or auto (default auto; --tcg is E2E_ACCEL=tcg; kvm skips
                           the usability check)
