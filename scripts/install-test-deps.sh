@@ -3,6 +3,14 @@
 # (nbdkit, qemu-nbd), and the filesystem tools for the XFS-on-export tests. Idempotent.
 set -euo pipefail
 pkgs=(libnbd-bin python3-libnbd qemu-utils fio nbdkit xfsprogs fuse3 util-linux coreutils)
+# tests/postgres.rs: PostgreSQL on XFS on the export (server, pgbench, pg_amcheck, pg_checksums).
+pkgs+=(postgresql)
+# tests/admin.rs: the metrics endpoint is parsed with Prometheus' own Python parser.
+pkgs+=(python3-prometheus-client)
+# scripts/kernel-e2e.sh: a Debian kernel under qemu with nbd-client, mkfs.xfs and fio in an initramfs.
+pkgs+=(qemu-system-x86 busybox-static nbd-client cpio gzip xz-utils zstd)
+# tests/ops.rs: systemd-analyze verify on the units.
+pkgs+=(systemd)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -8,3 +8,5 @@ cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 # Integration tests start daemons and mount filesystems; two at a time keeps a 2-core machine honest.
 cargo test --all-targets -- --test-threads=2
+# The kernel's own NBD client against the debug binary cargo test just built (about 1-2 min here).
+SUPERDISK_BIN=target/debug/superdisk scripts/kernel-e2e.sh
