@@ -11,10 +11,10 @@ pub const RUN_DIR: &str = "/run/superdisk";
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct Target {
     /// The daemon's admin socket (its `admin_socket` setting).
-    #[arg(long, env = "SUPERDISK_SOCKET", conflicts_with = "instance")]
+    #[arg(long, global = true, env = "SUPERDISK_SOCKET", conflicts_with = "instance")]
     pub socket: Option<PathBuf>,
     /// The systemd instance NAME (superdisk@NAME): its socket is /run/superdisk/NAME/admin.sock.
-    #[arg(long, short = 'i')]
+    #[arg(long, short = 'i', global = true)]
     pub instance: Option<String>,
 }
 

@@ -290,7 +290,16 @@ impl Node {
             tracing::info!("SIGHUP: configuration reloaded; nothing changed");
             return;
         }
-        let (live, restart): (Vec<_>, Vec<_>) = changed.iter().partition(|k| ServeConfig::LIVE_KEYS.contains(k));
+        let (live, restart): (Vec<&str>, Vec<&str>) = changed.iter().partition(|k| ServeConfig::LIVE_KEYS.contains(k));
+        let applied = live.join(", ");
+        let restart = restart.join(", ");
+        // Said before the level changes, so a quieter level does not swallow the news of itself.
+        if !applied.is_empty() {
+            tracing::info!(applied = %applied, "SIGHUP: configuration reloaded");
+        }
+        if !restart.is_empty() {
+            tracing::warn!(keys = %restart, "SIGHUP: these changed keys take effect only after a restart");
+        }
         if live.contains(&"log_level") {
             logging::set_level(&new.log_level);
             cur.log_level = new.log_level.clone();
@@ -302,14 +311,6 @@ impl Node {
         cur.rebuild_min_bytes_per_s = new.rebuild_min_bytes_per_s;
         cur.rebuild_max_bytes_per_s = new.rebuild_max_bytes_per_s;
         cur.read_error_budget = new.read_error_budget;
-        let live = live.iter().map(|k| k.to_string()).collect::<Vec<_>>().join(", ");
-        let restart = restart.iter().map(|k| k.to_string()).collect::<Vec<_>>().join(", ");
-        if !live.is_empty() {
-            tracing::info!(applied = %live, "SIGHUP: configuration reloaded");
-        }
-        if !restart.is_empty() {
-            tracing::warn!(keys = %restart, "SIGHUP: these changed keys take effect only after a restart");
-        }
     }
 }
 

@@ -588,18 +588,21 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
     async fn attach(&self, members: Vec<C>, take_over: bool) -> Result<(), AttachError> {
         let _t = self.transition.lock().await;
         self.complete_degrade().await.map_err(AttachError::Io)?;
-        if let Some(cur) = self.cache_now() {
-            self.detach(&cur, "replaced");
-            self.complete_degrade().await.map_err(AttachError::Io)?;
-        }
-        let bsb = self.journal.sb();
-        let found = classify(members, &bsb, take_over).await.map_err(|e| {
+        // Look at the new devices before letting go of the attached set: a refused or unreadable
+        // replacement leaves the old set serving.
+        let found = classify(members, &self.journal.sb(), take_over).await.map_err(|e| {
             if e.kind() == io::ErrorKind::InvalidData {
                 AttachError::Refused(e)
             } else {
                 AttachError::Io(e)
             }
         })?;
+        if let Some(cur) = self.cache_now() {
+            self.detach(&cur, "replaced");
+            self.complete_degrade().await.map_err(AttachError::Io)?;
+        }
+        // After the detach: the epoch it bumped is what the new set is judged against.
+        let bsb = self.journal.sb();
         let (members, generations, reason) = match found {
             Found::Existing { members, sbs, bitmaps, valid } => {
                 let set_uuid = sbs[0].cache_set_uuid;
