@@ -126,7 +126,7 @@ fn status_and_metrics_report_devices_latencies_and_mode() {
     }
 
     let check = |url: &str| -> Value {
-        let out = output_within(&mut py_command("metrics_check.py").arg(url), Duration::from_secs(30));
+        let out = output_within(py_command("metrics_check.py").arg(url), Duration::from_secs(30));
         assert!(out.status.success(), "metrics check failed: {}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice(&out.stdout).unwrap()
     };
@@ -313,7 +313,7 @@ fn cache_swapped_online_under_client_writes() {
     let v = ctl_ok(&sock, &["verify", "--wait"]);
     assert!(v.contains("verify: 0 mismatches"), "{v}");
     assert!(d.stop().success());
-    let report = d.verify_offline(&[c1.clone()], &[]);
+    let report = d.verify_offline(std::slice::from_ref(c1), &[]);
     assert_eq!(report.mismatch_count, 0, "{}", report.output);
     assert!(report.regions_checked > 0, "{}", report.output);
 }
