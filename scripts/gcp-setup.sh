@@ -105,7 +105,7 @@ if ! [[ "$connections" =~ ^[1-9][0-9]*$ ]] || [ "$connections" -gt 64 ]; then
 fi
 [[ "$timeout_secs" =~ ^[1-9][0-9]*$ ]] || die "--timeout '$timeout_secs': a whole number of seconds, at least 1"
 [[ "$mountpoint" == /* && "$mountpoint" != "/" ]] || die "--mountpoint '$mountpoint' must be an absolute path other than /"
-[ -z "$metrics" ] || [[ "$metrics" =~ ^([A-Za-z0-9.-]+:|\[[0-9A-Fa-f:]+\]:)?[0-9]{1,5}$ ]] \
+[ -z "$metrics" ] || [[ "$metrics" =~ ^(([A-Za-z0-9.-]+|\[[0-9A-Fa-f:]+\])?:)?[0-9]{1,5}$ ]] \
     || die "--metrics '$metrics' is not [HOST:]PORT"
 [ -z "$for_service" ] || [[ "$for_service" =~ ^[A-Za-z0-9@_.:-]+\.service$ ]] \
     || die "--for-service '$for_service' is not a service unit name"
@@ -425,18 +425,22 @@ fi
 # --- step 4: configuration --------------------------------------------------------------------------
 
 say "step 4: configuration"
+for p in "$backing" "${caches[@]}"; do
+    [[ "$p" != *[\"\\]* ]] || die "device path '$p' holds a quote or backslash; name it by another path"
+done
 {
     echo "# superdisk instance $name, written by scripts/gcp-setup.sh. Keys: docs/CONFIG.md."
-    echo "# Under superdisk@$name.service the NBD socket is /run/superdisk/$name/nbd.sock and the admin"
-    echo "# socket /run/superdisk/$name/admin.sock: the unit sets both on the command line."
     echo "backing = \"$backing\""
     echo "cache = ["
     for c in "${caches[@]}"; do echo "    \"$c\","; done
     echo "]"
     echo "export = \"$name\""
-    echo "# No TCP listener: nbd-client attaches over the Unix socket."
+    echo "# No TCP listener: nbd-client attaches over the Unix socket. superdisk@$name.service passes"
+    echo "# these two socket paths on its command line too (its RuntimeDirectory holds them)."
     echo "listen = \"\""
+    echo "unix = \"/run/superdisk/$name/nbd.sock\""
     echo "unix_mode = \"0600\""
+    echo "admin_socket = \"/run/superdisk/$name/admin.sock\""
     [ -z "$metrics" ] || echo "metrics = \"$metrics\""
 } >"$work/config"
 install_file "$config" 0644 "$work/config" config

@@ -355,6 +355,117 @@ fn service_command_lines_work_without_capabilities() {
     assert!(read(&log).contains("clean shutdown recorded"), "log:\n{}", read(&log));
 }
 
+/// What runs inside the container of the next test, as a oneshot service under its systemd: it
+/// drives superdisk@opstest with systemctl and reports `key=value` lines to /out/result.txt.
+const IN_CONTAINER: &str = r#"#!/bin/bash
+exec >/out/result.txt 2>&1
+I=opstest
+U=superdisk@$I.service
+PD=$(cat /out/pd); SSD=$(cat /out/ssd)
+URI="nbd+unix:///$I?socket=/run/superdisk/$I/nbd.sock"
+mkdir -p /etc/superdisk
+/usr/local/bin/superdisk create --backing "$PD" --cache "$SSD"
+printf 'backing = "%s"\ncache = ["%s"]\nlisten = ""\nexport = "%s"\n' "$PD" "$SSD" "$I" >/etc/superdisk/$I.toml
+systemctl start $U; echo "start_rc=$?"
+systemctl show -p ActiveState -p SubState -p StatusText -p NRestarts $U
+echo "sockets=$(stat -c '%n:%a' /run/superdisk/$I/nbd.sock /run/superdisk/$I/admin.sock | tr '\n' ' ')"
+echo "size=$(nbdinfo --size "$URI")"
+head -c 16M /dev/urandom >/tmp/data
+nbdcopy /tmp/data "$URI"; echo "write_rc=$?"
+if cmp -s /tmp/data <(nbdcopy "$URI" - | head -c 16M); then echo "data_ok=yes"; else echo "data_ok=no"; fi
+/usr/local/bin/superdisk status --instance $I >/dev/null; echo "status_rc=$?"
+echo 'log_level = "debug"' >>/etc/superdisk/$I.toml
+systemctl reload $U; echo "reload_rc=$?"
+sleep 1
+echo "after_reload=$(systemctl is-active $U)"
+pid=$(systemctl show -p MainPID --value $U)
+grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/$pid/status | tr -d '\t ' | sed 's/:/=/'
+echo "watchdog_ping_usec=$(systemctl show -p WatchdogTimestampMonotonic --value $U)"
+systemctl stop $U; echo "stop_rc=$?"
+systemctl show -p Result -p ExecMainStatus -p ActiveState $U | sed 's/^/after_stop_/'
+if [ -e /run/superdisk/$I ]; then echo "rundir_after_stop=present"; else echo "rundir_after_stop=removed"; fi
+journalctl -u $U --no-pager -o cat | sed 's/^/journal: /'
+echo "done=yes"
+kill -s RTMIN+4 1
+"#;
+
+/// The daemon unit itself, under a real systemd (252 on Debian 12) as PID 1 of a container that
+/// boots the host's /usr: every sandboxing setting applies (empty capability set, seccomp filter,
+/// read-only filesystem, device policy), Type=notify start, RuntimeDirectory= sockets, data
+/// written and read back through the NBD socket, ExecReload= (SIGHUP), the watchdog, and a stop
+/// that drains, flushes and removes the runtime directory. The devices are loop devices.
+#[test]
+fn daemon_unit_runs_under_systemd_in_a_container() {
+    install_binary();
+    require_tool("systemd-nspawn");
+    require_tool("nbdinfo");
+    require_tool("nbdcopy");
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let mut cleanup = Cleanup::default();
+    sparse_file(&dir.path().join("pd.img"), 96 << 20);
+    sparse_file(&dir.path().join("ssd.img"), 112 << 20);
+    let pd = losetup(&dir.path().join("pd.img"), &mut cleanup);
+    let ssd = losetup(&dir.path().join("ssd.img"), &mut cleanup);
+    std::fs::write(out_dir.join("pd"), &pd).unwrap();
+    std::fs::write(out_dir.join("ssd"), &ssd).unwrap();
+    let script = out_dir.join("run.sh");
+    std::fs::write(&script, IN_CONTAINER).unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let runner = dir.path().join("opstest.service");
+    std::fs::write(&runner, "[Unit]\nAfter=basic.target\n[Service]\nType=oneshot\nExecStart=/out/run.sh\n").unwrap();
+
+    let bind = |from: &Path, to: &str| format!("{}:{to}", from.display());
+    let out = output_within(
+        Command::new("systemd-nspawn")
+            .args(["--quiet", "--keep-unit", "--register=no", "--volatile=yes", "--directory=/"])
+            .arg(format!("--machine=opstest-{}", std::process::id()))
+            .arg(format!("--bind={}", bind(&out_dir, "/out")))
+            .arg(format!("--bind={pd}"))
+            .arg(format!("--bind={ssd}"))
+            .arg(format!(
+                "--bind-ro={}",
+                bind(&repo("systemd/superdisk@.service"), "/etc/systemd/system/superdisk@.service")
+            ))
+            .arg(format!("--bind-ro={}", bind(&runner, "/etc/systemd/system/opstest.service")))
+            .args(["--boot", "--", "systemd.firstboot=off", "systemd.unit=opstest.service"]),
+        Duration::from_secs(180),
+    );
+    let result = read(&out_dir.join("result.txt"));
+    let context = format!("result.txt:\n{result}\nsystemd-nspawn ({}):\n{}", out.status, text(&out));
+    let facts: HashMap<&str, &str> = result.lines().filter_map(|l| l.split_once('=')).collect();
+    let fact = |k: &str| *facts.get(k).unwrap_or_else(|| panic!("no {k}= in the report; {context}"));
+    assert_eq!(fact("done"), "yes", "{context}");
+    assert_eq!(fact("start_rc"), "0", "{context}");
+    assert_eq!((fact("ActiveState"), fact("SubState"), fact("NRestarts")), ("active", "running", "0"), "{context}");
+    // STATUS= from the daemon (it starts rebuilding the new cache at once).
+    assert!(fact("StatusText").starts_with("serving"), "{context}");
+    assert_eq!(
+        fact("sockets").trim(),
+        "/run/superdisk/opstest/nbd.sock:660 /run/superdisk/opstest/admin.sock:600",
+        "{context}"
+    );
+    assert!(fact("size").parse::<u64>().unwrap() > 16 << 20, "{context}");
+    assert_eq!((fact("write_rc"), fact("data_ok"), fact("status_rc")), ("0", "yes", "0"), "{context}");
+    assert_eq!((fact("reload_rc"), fact("after_reload")), ("0", "active"), "{context}");
+    assert!(result.contains("SIGHUP: configuration reloaded applied=log_level"), "{context}");
+    assert_eq!((fact("CapEff"), fact("CapBnd")), ("0000000000000000", "0000000000000000"), "{context}");
+    assert_eq!((fact("NoNewPrivs"), fact("Seccomp")), ("1", "2"), "{context}");
+    assert!(fact("watchdog_ping_usec").parse::<u64>().unwrap() > 0, "no watchdog ping recorded; {context}");
+    // The syscall filter and the missing capabilities must not push it off io_uring.
+    assert!(result.contains("engine=\"uring\""), "{context}");
+    assert_eq!(fact("stop_rc"), "0", "{context}");
+    assert_eq!(
+        (fact("after_stop_Result"), fact("after_stop_ExecMainStatus"), fact("after_stop_ActiveState")),
+        ("success", "0", "inactive"),
+        "{context}"
+    );
+    assert!(result.contains("clean shutdown recorded"), "{context}");
+    assert_eq!(fact("rundir_after_stop"), "removed", "{context}");
+    assert!(!result.contains("panicked"), "{context}");
+}
+
 /// Splits a unit command line into words as systemd does for the forms the units use: blanks
 /// separate words, single and double quotes group (and are removed).
 fn systemd_words(line: &str) -> Vec<(String, bool)> {
@@ -607,7 +718,9 @@ fn gcp_setup_dry_run_prints_the_config_and_every_command_in_order() {
             "]",
             "export = \"disk0\"",
             "listen = \"\"",
+            "unix = \"/run/superdisk/disk0/nbd.sock\"",
             "unix_mode = \"0600\"",
+            "admin_socket = \"/run/superdisk/disk0/admin.sock\"",
             "metrics = \"127.0.0.1:9510\"",
         ],
         "{out}"
@@ -856,6 +969,68 @@ fn gcp_setup_config_is_accepted_by_the_daemon() {
         }
         assert!(Instant::now() < deadline, "the export never served; log:\n{}", read(&log));
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+// --- docs/OPERATIONS.md ---------------------------------------------------------------------------
+
+/// The `superdisk` commands in code blocks of docs/OPERATIONS.md that talk to a running daemon
+/// (status, cache, rebuild, verify --socket), one per entry, continuation lines joined and
+/// trailing comments dropped.
+fn doc_daemon_commands() -> Vec<String> {
+    let doc = std::fs::read_to_string(repo("docs/OPERATIONS.md")).unwrap();
+    let mut in_fence = false;
+    let mut code = Vec::new();
+    for line in doc.lines() {
+        if line.trim_start().starts_with("```") {
+            in_fence = !in_fence;
+        } else if in_fence {
+            code.push(line.trim().to_string());
+        } else if let Some(indented) = line.strip_prefix("    ") {
+            code.push(indented.trim().to_string());
+        }
+    }
+    let mut cmds = Vec::new();
+    let mut pending: Option<String> = None;
+    for line in code {
+        let line = line.split(" #").next().unwrap().trim().to_string();
+        let joined = match pending.take() {
+            Some(p) => format!("{p} {line}"),
+            None if line.starts_with("superdisk ") => line,
+            None => continue,
+        };
+        match joined.strip_suffix('\\') {
+            Some(head) => pending = Some(head.trim().to_string()),
+            None => cmds.push(joined),
+        }
+    }
+    cmds.retain(|c| ["status", "cache", "rebuild", "verify"].contains(&c.split_whitespace().nth(1).unwrap_or("")));
+    cmds
+}
+
+/// Every such command parses: run against an instance that does not exist, each must get as far
+/// as looking for its admin socket (exit 1), not stop at the argument parser (exit 2, usage).
+#[test]
+fn operations_doc_commands_are_accepted_by_the_cli() {
+    let cmds = doc_daemon_commands();
+    for sub in ["status", "cache", "rebuild", "verify"] {
+        assert!(cmds.iter().any(|c| c.split_whitespace().nth(1) == Some(sub)), "no `superdisk {sub}` found: {cmds:?}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let missing = "ops-doc-test-no-such-instance";
+    for cmd in &cmds {
+        let cmd = cmd
+            .replace("--instance disk0", &format!("--instance {missing}"))
+            .replace("/run/superdisk/disk0/", &format!("{}/", dir.path().display()));
+        assert!(!cmd.contains("disk0 "), "a daemon command the test cannot point elsewhere: {cmd}");
+        let argv: Vec<&str> = cmd.split_whitespace().collect();
+        let out = Command::new(BIN).args(&argv[1..]).env_remove("SUPERDISK_SOCKET").output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.code() == Some(1) && err.contains("admin socket"),
+            "docs/OPERATIONS.md: `{cmd}` was not accepted ({}): {err}",
+            out.status
+        );
     }
 }
 
