@@ -9,8 +9,8 @@ pkgs+=(postgresql)
 pkgs+=(python3-prometheus-client)
 # scripts/kernel-e2e.sh: a Debian kernel under qemu with nbd-client, mkfs.xfs and fio in an initramfs.
 pkgs+=(qemu-system-x86 busybox-static nbd-client cpio gzip xz-utils zstd)
-# tests/ops.rs: systemd-analyze verify on the units.
-pkgs+=(systemd)
+# tests/ops.rs: systemd-analyze verify on the units, and the unit run under systemd-nspawn.
+pkgs+=(systemd systemd-container)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -51,7 +51,7 @@ enum Command {
     /// Compare the cache with the backing for every region the cache calls valid: offline
     /// (--backing and --cache, daemon stopped) or inside a running daemon (--socket).
     Verify {
-        #[arg(long, required_unless_present = "socket", requires = "cache")]
+        #[arg(long, required_unless_present_any = ["socket", "instance"], requires = "cache")]
         backing: Option<PathBuf>,
         #[arg(long)]
         cache: Vec<PathBuf>,
@@ -67,6 +67,13 @@ enum Command {
         /// Online: wait for the result, showing progress (otherwise it runs in the background).
         #[arg(long)]
         wait: bool,
+    },
+    /// Unpair the backing from its cache set (daemon stopped): the next serve formats the cache
+    /// and rebuilds it in full. Run it after the backing was written without superdisk (a
+    /// read-write emergency mount) or restored from a snapshot, so no cache can serve old data.
+    ForgetCache {
+        #[arg(long)]
+        backing: PathBuf,
     },
     /// Show the running daemon's mode, devices, rates, latencies, rebuild and connections.
     Status {
@@ -200,6 +207,10 @@ fn main() -> ExitCode {
                     }
                 })
             })
+        }
+        Command::ForgetCache { backing } => {
+            init_logging("info");
+            runtime().and_then(|rt| rt.block_on(forget_cache(&backing)))
         }
         Command::Status { target, json } => runtime().and_then(|rt| rt.block_on(ctl::status(&target, json))),
         Command::Rebuild { target, action } => {
@@ -387,6 +398,26 @@ async fn create(
             stripe_bytes >> 10
         );
     }
+    Ok(())
+}
+
+async fn forget_cache(backing: &Path) -> Result<(), AnyError> {
+    // The open takes the backing's lock: a running daemon makes this fail instead of racing it.
+    let dev = open_device(backing, None, EngineKind::Psync)?;
+    let mut sb = store::read_superblock(&dev)
+        .await?
+        .map_err(|e| format!("{}: {e}: not prepared for superdisk", backing.display()))?;
+    // A new epoch with no changed-regions record and no paired set: every cache is judged stale
+    // and rebuilt from the backing, whatever its own metadata says.
+    sb.cache_set_uuid = [0; 16];
+    sb.changed_since_epoch = 0;
+    sb.epoch += 1;
+    store::update_superblock(&dev, &mut sb).await?;
+    println!(
+        "{}: unpaired from its cache set (epoch {}); the next serve formats the cache and rebuilds it in full",
+        backing.display(),
+        sb.epoch
+    );
     Ok(())
 }
 

@@ -333,3 +333,31 @@ fn plain_daemon_says_there_is_no_cache_to_control() {
     ctl_err(&sock_dir.path().join("nope.sock"), &["status"], "cannot reach the daemon's admin socket");
     assert!(d.stop().success());
 }
+
+/// The backing written behind superdisk's back (an emergency read-write mount, a restored
+/// snapshot): `forget-cache` unpairs the cache so the next start rebuilds it and serves the
+/// backing's bytes, not the cache's older copy. It refuses to run under a live daemon.
+#[test]
+fn forget_cache_after_the_backing_changed_behind_our_back() {
+    let (mut d, sock, caches) = mirrored(32 * MIB, &["cache.img"], &[]);
+    wait_status(&sock, "healthy", Duration::from_secs(60), |s| s["mode"] == "healthy");
+    qemu_io(&d.uri(), &["write -P 0x11 0 1M", "flush"]);
+    let out =
+        output_within(Command::new(BIN).args(["forget-cache", "--backing"]).arg(&d.backing), Duration::from_secs(30));
+    assert!(!out.status.success(), "forget-cache must not run under a live daemon");
+    assert!(d.stop().success());
+    // The outside write: straight into the exported area of the backing.
+    qemu_io_file(&d.backing, "write -P 0x22 0 1M");
+    let out = run_ok(Command::new(BIN).args(["forget-cache", "--backing"]).arg(&d.backing));
+    assert!(out.contains("unpaired"), "{out}");
+    let mark = d.log_mark();
+    d.spawn();
+    d.wait_log(mark, "full rebuild", Duration::from_secs(30));
+    // Served from the backing until rebuilt, and from the rebuilt cache after: the new bytes.
+    qemu_io(&d.uri(), &["read -P 0x22 0 1M"]);
+    wait_status(&sock, "healthy", Duration::from_secs(60), |s| s["mode"] == "healthy");
+    qemu_io(&d.uri(), &["read -P 0x22 0 1M"]);
+    assert!(d.stop().success());
+    let report = d.verify_offline(&caches, &[]);
+    assert_eq!(report.mismatch_count, 0, "{}", report.output);
+}
