@@ -135,9 +135,15 @@ fn notifies_systemd_ready_and_stopping() {
         .spawn()
         .unwrap();
     let mut buf = [0u8; 512];
-    let n = sock.recv(&mut buf).expect("READY=1 within 20 s");
-    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
-    assert!(msg.contains("READY=1"), "{msg}");
+    // STATUS= lines may come first (the mode, while starting); READY=1 only with the listener up.
+    loop {
+        let n = sock.recv(&mut buf).expect("READY=1 within 20 s");
+        let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+        if msg.contains("READY=1") {
+            break;
+        }
+        assert!(msg.starts_with("STATUS="), "unexpected notification before READY: {msg}");
+    }
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(), "READY=1 before the listener was up");
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -214,4 +220,49 @@ fn online_verify_through_the_admin_socket() {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert!(child.wait().unwrap().success());
     assert!(!sock.exists(), "the admin socket is removed at exit");
+}
+
+/// While a cache rebuilds, systemd's STATUS= line carries the progress: percentage, rate and ETA.
+#[test]
+fn notifies_systemd_of_rebuild_progress() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let (img, cache) = (dir.path().join("b.img"), dir.path().join("c.img"));
+    std::fs::File::create(&cache).unwrap().set_len(80 << 20).unwrap();
+    run_ok(Command::new(BIN).args(["create", "--size", "64M", "--backing"]).arg(&img).arg("--cache").arg(&cache));
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "backing = {img:?}\ncache = [{cache:?}]\nlisten = \"127.0.0.1:{}\"\n\
+             rebuild_min_bytes_per_s = \"4M\"\nrebuild_max_bytes_per_s = \"4M\"\n",
+            free_port()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &sock_path)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let mut seen = Vec::new();
+    let progress = loop {
+        let n = sock.recv(&mut buf).unwrap_or_else(|e| panic!("no rebuild STATUS= within 20 s ({e}): {seen:?}"));
+        let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+        // Once the copy has a rate, the line says how long is left.
+        if msg.contains("rebuilding") && msg.contains("% (") && msg.contains("ETA") && !msg.contains("ETA unknown") {
+            break msg;
+        }
+        seen.push(msg);
+    };
+    assert!(progress.contains("STATUS=serving, rebuilding") && progress.contains("/s"), "{progress}");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
 }

@@ -439,12 +439,15 @@ async fn run<V: Volume>(
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
+    let notifier = Arc::new(Notifier::from_env());
+    let stop_notifier = notifier.clone();
     tokio::spawn(async move {
         let name = tokio::select! { _ = term.recv() => "SIGTERM", _ = int.recv() => "SIGINT" };
         tracing::info!(signal = name, "shutting down: finishing in-flight requests");
+        // STOPPING while draining, so `systemctl status` says why the disk is going away.
+        stop_notifier.notify("STOPPING=1\nSTATUS=draining: finishing in-flight requests");
         let _ = stop_tx.send(true);
     });
-    let notifier = Arc::new(Notifier::from_env());
     let hup_node = node.clone();
     let hup_notifier = notifier.clone();
     tokio::spawn(async move {
@@ -483,7 +486,7 @@ async fn run<V: Volume>(
         // The admin task also removes it, but the process may exit before that task runs.
         let _ = std::fs::remove_file(path);
     }
-    notifier.notify("STOPPING=1\nSTATUS=flushing");
+    notifier.notify("STOPPING=1\nSTATUS=flushing the devices");
     volume.shutdown().await.map_err(|e| format!("flush at shutdown failed: {e}"))?;
     tracing::info!("flushed; clean shutdown recorded");
     Ok(())
