@@ -61,12 +61,30 @@ struct MetaSelection {
     base_allocation: bool,
 }
 
+/// How the server treats TLS (spec, "TLS support"), fixed for the life of a connection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TlsMode {
+    /// NOTLS: STARTTLS is refused with `NBD_REP_ERR_POLICY`.
+    #[default]
+    Off,
+    /// SELECTIVETLS with no TLS-only export: a client may upgrade, nothing requires it.
+    Optional,
+    /// FORCEDTLS: every option before the upgrade but STARTTLS and ABORT gets
+    /// `NBD_REP_ERR_TLS_REQD`, and EXPORT_NAME (which cannot carry an error) ends the session.
+    Required,
+}
+
 pub struct Handshake<'a> {
     export: &'a ExportParams,
     no_zeroes: bool,
     structured: bool,
     meta: Option<MetaSelection>,
     shutting_down: bool,
+    tls_mode: TlsMode,
+    /// STARTTLS was acknowledged: everything after it travels inside TLS.
+    tls_active: bool,
+    /// Set by an acknowledged STARTTLS until the driver takes it (see [`Handshake::take_tls_upgrade`]).
+    upgrade_pending: bool,
 }
 
 /// A cursor over option data that never panics on short input.
@@ -112,8 +130,37 @@ fn option_error(out: &mut Vec<u8>, option: u32, kind: u32, message: &str) {
 }
 
 impl<'a> Handshake<'a> {
+    /// A handshake without TLS (NOTLS); see [`Handshake::with_tls`].
     pub fn new(export: &'a ExportParams, no_zeroes: bool) -> Self {
-        Handshake { export, no_zeroes, structured: false, meta: None, shutting_down: false }
+        Handshake {
+            export,
+            no_zeroes,
+            structured: false,
+            meta: None,
+            shutting_down: false,
+            tls_mode: TlsMode::Off,
+            tls_active: false,
+            upgrade_pending: false,
+        }
+    }
+
+    /// Sets the TLS mode. The driver must then check [`Handshake::take_tls_upgrade`] after every
+    /// option, since an acknowledged STARTTLS returns [`Next::Continue`].
+    pub fn with_tls(mut self, mode: TlsMode) -> Self {
+        self.tls_mode = mode;
+        self
+    }
+
+    /// True once, right after an option whose reply was the ACK to STARTTLS: the driver sends
+    /// `out`, then runs the TLS handshake on the socket before reading the next option. (A flag
+    /// rather than a `Next` variant keeps `Next` matchable by code that only knows NOTLS.)
+    pub fn take_tls_upgrade(&mut self) -> bool {
+        std::mem::take(&mut self.upgrade_pending)
+    }
+
+    /// Whether STARTTLS has been acknowledged on this connection.
+    pub fn tls_active(&self) -> bool {
+        self.tls_active
     }
 
     /// From now on every option but ABORT is answered with ERR_SHUTDOWN.
@@ -148,6 +195,17 @@ impl<'a> Handshake<'a> {
             option_error(out, option, REP_ERR_SHUTDOWN, "server is shutting down");
             return Next::Continue;
         }
+        if self.tls_mode == TlsMode::Required && !self.tls_active {
+            match option {
+                OPT_STARTTLS | OPT_ABORT => {}
+                // EXPORT_NAME cannot carry an error: the spec says to terminate the session.
+                OPT_EXPORT_NAME => return Next::HardDisconnect("EXPORT_NAME before STARTTLS on a TLS-only server"),
+                _ => {
+                    option_error(out, option, REP_ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS first");
+                    return Next::Continue;
+                }
+            }
+        }
         match option {
             OPT_EXPORT_NAME => self.export_name(data, out),
             OPT_ABORT => {
@@ -168,10 +226,7 @@ impl<'a> Handshake<'a> {
                 option_reply(out, option, REP_ACK, &[]);
                 Next::Continue
             }
-            OPT_STARTTLS => {
-                option_error(out, option, REP_ERR_POLICY, "TLS is not enabled on this server");
-                Next::Continue
-            }
+            OPT_STARTTLS => self.starttls(data, out),
             OPT_INFO | OPT_GO => self.info_or_go(option, data, out),
             OPT_STRUCTURED_REPLY => {
                 if !data.is_empty() {
@@ -190,6 +245,26 @@ impl<'a> Handshake<'a> {
                 Next::Continue
             }
         }
+    }
+
+    fn starttls(&mut self, data: &[u8], out: &mut Vec<u8>) -> Next {
+        let option = OPT_STARTTLS;
+        if self.tls_mode == TlsMode::Off {
+            option_error(out, option, REP_ERR_POLICY, "TLS is not enabled on this server");
+        } else if !data.is_empty() {
+            option_error(out, option, REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data");
+        } else if self.tls_active {
+            option_error(out, option, REP_ERR_INVALID, "TLS is already negotiated");
+        } else {
+            // "the server MUST NOT preserve any negotiation state ... issued before this command":
+            // an attacker in the middle may have sent those options.
+            self.structured = false;
+            self.meta = None;
+            self.tls_active = true;
+            self.upgrade_pending = true;
+            option_reply(out, option, REP_ACK, &[]);
+        }
+        Next::Continue
     }
 
     fn export_name(&mut self, data: &[u8], out: &mut Vec<u8>) -> Next {
@@ -469,6 +544,116 @@ mod tests {
         let mut out = Vec::new();
         Handshake::new(&e, true).option(OPT_STARTTLS, &[], &mut out);
         assert_eq!(replies(&out)[0].1, REP_ERR_POLICY);
+    }
+
+    #[test]
+    fn starttls_with_optional_tls_resets_negotiation_state() {
+        let e = export();
+        let mut h = Handshake::new(&e, true).with_tls(TlsMode::Optional);
+        let mut out = Vec::new();
+        h.option(OPT_STRUCTURED_REPLY, &[], &mut out);
+        h.option(OPT_SET_META_CONTEXT, &meta_data("disk", &[META_BASE_ALLOCATION]), &mut out);
+        assert!(!h.take_tls_upgrade());
+        out.clear();
+        h.option(OPT_STARTTLS, b"x", &mut out);
+        assert_eq!(replies(&out)[0].1, REP_ERR_INVALID, "STARTTLS with data");
+        assert!(!h.take_tls_upgrade() && !h.tls_active());
+        out.clear();
+        assert_eq!(h.option(OPT_STARTTLS, &[], &mut out), Next::Continue);
+        assert_eq!(replies(&out), vec![(OPT_STARTTLS, REP_ACK, vec![])]);
+        assert!(h.take_tls_upgrade() && h.tls_active());
+        assert!(!h.take_tls_upgrade(), "the upgrade is taken once");
+        out.clear();
+        h.option(OPT_STARTTLS, &[], &mut out);
+        assert_eq!(replies(&out)[0].1, REP_ERR_INVALID, "a second STARTTLS");
+        assert!(!h.take_tls_upgrade());
+        // Structured replies and the meta context chosen in plain text are forgotten.
+        out.clear();
+        let Next::Transmission(s) = h.option(OPT_GO, &go_data("disk", &[]), &mut out) else { panic!() };
+        assert!(!s.structured_replies && !s.base_allocation);
+        assert_eq!(s.transmission_flags & FLAG_SEND_DF, 0);
+    }
+
+    #[test]
+    fn optional_tls_serves_plain_clients() {
+        let e = export();
+        let mut h = Handshake::new(&e, true).with_tls(TlsMode::Optional);
+        let mut out = Vec::new();
+        h.option(OPT_LIST, &[], &mut out);
+        assert_eq!(replies(&out).last().unwrap().1, REP_ACK);
+        out.clear();
+        assert!(matches!(h.option(OPT_GO, &go_data("disk", &[]), &mut out), Next::Transmission(_)));
+        let mut out = Vec::new();
+        assert!(matches!(
+            Handshake::new(&e, true).with_tls(TlsMode::Optional).option(OPT_EXPORT_NAME, b"", &mut out),
+            Next::Transmission(_)
+        ));
+    }
+
+    #[test]
+    fn required_tls_refuses_everything_before_starttls() {
+        let e = export();
+        let mut h = Handshake::new(&e, true).with_tls(TlsMode::Required);
+        for (option, data) in [
+            (OPT_LIST, vec![]),
+            (OPT_INFO, go_data("disk", &[])),
+            (OPT_GO, go_data("disk", &[])),
+            (OPT_STRUCTURED_REPLY, vec![]),
+            (OPT_LIST_META_CONTEXT, meta_data("disk", &[])),
+            (OPT_SET_META_CONTEXT, meta_data("disk", &[])),
+            (0xdead, vec![1, 2, 3]),
+        ] {
+            let mut out = Vec::new();
+            assert_eq!(h.option(option, &data, &mut out), Next::Continue, "option {option}");
+            assert_eq!(replies(&out), vec![(option, REP_ERR_TLS_REQD, replies(&out)[0].2.clone())]);
+        }
+        let mut out = Vec::new();
+        assert!(matches!(h.option(OPT_EXPORT_NAME, b"disk", &mut out), Next::HardDisconnect(_)));
+        assert!(out.is_empty());
+        let mut out = Vec::new();
+        assert_eq!(Handshake::new(&e, true).with_tls(TlsMode::Required).option(OPT_ABORT, &[], &mut out), Next::Close);
+        // After the upgrade, nothing is TLS_REQD any more and the export is served.
+        let mut h = Handshake::new(&e, true).with_tls(TlsMode::Required);
+        let mut out = Vec::new();
+        h.option(OPT_STARTTLS, &[], &mut out);
+        assert!(h.take_tls_upgrade());
+        for option in [OPT_LIST, OPT_STRUCTURED_REPLY, 0xdead] {
+            out.clear();
+            h.option(option, &[], &mut out);
+            assert_ne!(replies(&out).last().unwrap().1, REP_ERR_TLS_REQD, "option {option} after TLS");
+        }
+        out.clear();
+        let Next::Transmission(s) = h.option(OPT_GO, &go_data("disk", &[]), &mut out) else { panic!() };
+        assert!(s.structured_replies);
+    }
+
+    proptest! {
+        // Whatever options arrive in whatever TLS mode, TLS_REQD is only ever sent in FORCEDTLS
+        // before the upgrade, and never to STARTTLS or ABORT (spec, "TLS support").
+        #[test]
+        fn tls_reqd_only_before_upgrade_in_required_mode(
+            mode in prop_oneof![Just(TlsMode::Off), Just(TlsMode::Optional), Just(TlsMode::Required)],
+            options in proptest::collection::vec((0u32..12, proptest::collection::vec(any::<u8>(), 0..8)), 1..12),
+        ) {
+            let e = export();
+            let mut h = Handshake::new(&e, true).with_tls(mode);
+            for (option, data) in options {
+                let before = h.tls_active();
+                let mut out = Vec::new();
+                let next = h.option(option, &data, &mut out);
+                if h.take_tls_upgrade() {
+                    prop_assert!(mode != TlsMode::Off && option == OPT_STARTTLS && !before);
+                    prop_assert_eq!(replies(&out), vec![(OPT_STARTTLS, REP_ACK, vec![])]);
+                }
+                let tls_reqd = !out.is_empty() && option != OPT_EXPORT_NAME
+                    && replies(&out).iter().any(|r| r.1 == REP_ERR_TLS_REQD);
+                prop_assert_eq!(tls_reqd, mode == TlsMode::Required && !before
+                    && ![OPT_STARTTLS, OPT_ABORT, OPT_EXPORT_NAME].contains(&option));
+                if !matches!(next, Next::Continue) {
+                    break;
+                }
+            }
+        }
     }
 
     proptest! {
