@@ -3,8 +3,9 @@
 //! that names the key and the reason.
 
 use crate::device::EngineKind;
+pub use crate::nbd::handshake::TlsMode;
 use serde::Deserialize;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +89,23 @@ pub struct FileConfig {
     pub metadata_interval_ms: Option<u64>,
     /// Prometheus endpoint, `[HOST:]PORT` (loopback without a host). Off when absent.
     pub metrics: Option<String>,
+    /// `"off"` (default), `"on"` (clients may upgrade with STARTTLS) or `"require"`.
+    pub tls: Option<String>,
+    /// PEM certificate chain, server certificate first.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert` (PKCS#8, PKCS#1 or SEC1).
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s): when set, clients must present a certificate signed by one of them.
+    pub tls_ca: Option<PathBuf>,
+    /// `"1.2"` (default) or `"1.3"`.
+    pub tls_min_version: Option<String>,
+    /// Client networks allowed on the TCP listener, in CIDR notation. Absent: every client.
+    pub allow: Option<Vec<String>>,
+    /// Owner and group given to the Unix socket after bind (names or numeric ids).
+    pub unix_owner: Option<String>,
+    pub unix_group: Option<String>,
+    /// Request bytes in flight across all connections together.
+    pub max_inflight_bytes_total: Option<ByteSize>,
 }
 
 impl FileConfig {
@@ -125,6 +143,87 @@ pub struct ServeConfig {
     pub admin_socket: Option<PathBuf>,
     pub metadata_interval_ms: u64,
     pub metrics: Option<SocketAddr>,
+    pub tls: TlsMode,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_min_version: TlsVersion,
+    /// Empty: every client address is allowed.
+    pub allow: Vec<Cidr>,
+    /// Resolved uid and gid for the Unix socket.
+    pub unix_owner: Option<u32>,
+    pub unix_group: Option<u32>,
+    pub max_inflight_bytes_total: usize,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TlsVersion {
+    #[default]
+    V1_2,
+    V1_3,
+}
+
+/// A client network: an address and how many leading bits must match.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix_len: u8,
+}
+
+impl Cidr {
+    /// Parses `ADDR/LEN` or a bare address (a single host). Host bits set under the mask are an
+    /// error: `10.0.0.1/8` is more likely a typo for a host than a wish for the whole network.
+    pub fn parse(s: &str) -> Result<Cidr, String> {
+        let (a, len) = match s.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s, None),
+        };
+        let addr: IpAddr = a.trim().parse().map_err(|_| format!("{s:?} is not an address or ADDR/LEN network"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix_len = match len {
+            None => max,
+            Some(l) => l
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|l| *l <= max)
+                .ok_or_else(|| format!("{s:?}: the prefix length must be 0..={max}"))?,
+        };
+        let c = Cidr { addr, prefix_len };
+        if c.masked(addr) != addr {
+            return Err(format!(
+                "{s:?} has bits set past the /{prefix_len} prefix (the network is {}/{prefix_len})",
+                c.masked(addr)
+            ));
+        }
+        Ok(c)
+    }
+
+    fn masked(&self, ip: IpAddr) -> IpAddr {
+        match ip {
+            IpAddr::V4(v) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix_len)).unwrap_or(0);
+                IpAddr::V4((u32::from(v) & mask).into())
+            }
+            IpAddr::V6(v) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix_len)).unwrap_or(0);
+                IpAddr::V6((u128::from(v) & mask).into())
+            }
+        }
+    }
+
+    /// Whether `ip` is inside the network. An IPv4 client reaching a dual-stack `[::]` listener
+    /// arrives as `::ffff:a.b.c.d` and is matched as the IPv4 address it is.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        ip.is_ipv4() == self.addr.is_ipv4() && self.masked(ip) == self.addr
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
 }
 
 impl ServeConfig {
@@ -163,7 +262,16 @@ impl ServeConfig {
             rebuild_max_bytes_per_s,
             admin_socket,
             metadata_interval_ms,
-            metrics
+            metrics,
+            tls,
+            tls_cert,
+            tls_key,
+            tls_ca,
+            tls_min_version,
+            allow,
+            unix_owner,
+            unix_group,
+            max_inflight_bytes_total
         );
         out
     }
@@ -249,7 +357,69 @@ impl ServeConfig {
         if listen.is_none() && f.unix.is_none() {
             return Err(invalid("listen", "is empty and no `unix` socket is set: nothing to serve on"));
         }
-        Ok(ServeConfig {
+        let tls = match f.tls.as_deref() {
+            None | Some("off") => TlsMode::Off,
+            Some("on") => TlsMode::Optional,
+            Some("require") => TlsMode::Required,
+            Some(other) => return Err(invalid("tls", format!("{other:?} is not one of \"off\", \"on\", \"require\""))),
+        };
+        if tls == TlsMode::Off {
+            // A certificate without TLS on is most likely a forgotten `tls = "require"`: serving
+            // plain text while the operator believes otherwise is the worse failure.
+            for (key, set) in [
+                ("tls_cert", f.tls_cert.is_some()),
+                ("tls_key", f.tls_key.is_some()),
+                ("tls_ca", f.tls_ca.is_some()),
+                ("tls_min_version", f.tls_min_version.is_some()),
+            ] {
+                if set {
+                    return Err(invalid(key, "is set but `tls` is \"off\" (set tls = \"on\" or \"require\")"));
+                }
+            }
+        } else {
+            if f.tls_cert.is_none() {
+                return Err(invalid("tls_cert", "is required when `tls` is on (a PEM certificate chain)"));
+            }
+            if f.tls_key.is_none() {
+                return Err(invalid("tls_key", "is required when `tls` is on (the certificate's PEM private key)"));
+            }
+        }
+        let tls_min_version = match f.tls_min_version.as_deref() {
+            None | Some("1.2") => TlsVersion::V1_2,
+            Some("1.3") => TlsVersion::V1_3,
+            Some(other) => {
+                return Err(invalid("tls_min_version", format!("{other:?} is not \"1.2\" or \"1.3\"")));
+            }
+        };
+        let allow = match f.allow {
+            None => Vec::new(),
+            Some(list) if list.is_empty() => {
+                return Err(invalid("allow", "is empty, which would refuse every TCP client; remove it to allow all"));
+            }
+            Some(list) => {
+                list.iter().map(|s| Cidr::parse(s)).collect::<Result<_, _>>().map_err(|r| invalid("allow", r))?
+            }
+        };
+        if f.unix.is_none() {
+            for (key, set) in [("unix_owner", f.unix_owner.is_some()), ("unix_group", f.unix_group.is_some())] {
+                if set {
+                    return Err(invalid(key, "is set but no `unix` socket is"));
+                }
+            }
+        }
+        let unix_owner = f.unix_owner.as_deref().map(lookup_user).transpose().map_err(|r| invalid("unix_owner", r))?;
+        let unix_group = f.unix_group.as_deref().map(lookup_group).transpose().map_err(|r| invalid("unix_group", r))?;
+        let inflight_total = f.max_inflight_bytes_total.map_or(1 << 30, |b| b.0);
+        if inflight_total < inflight || inflight_total > 1 << 40 {
+            return Err(invalid(
+                "max_inflight_bytes_total",
+                format!(
+                    "{inflight_total} is outside max_inflight_bytes_per_connection ({inflight}) ..= 1 TiB \
+                     (every connection must be able to reach its own limit)"
+                ),
+            ));
+        }
+        let cfg = ServeConfig {
             backing,
             listen,
             unix: f.unix,
@@ -273,7 +443,62 @@ impl ServeConfig {
             admin_socket: f.admin_socket,
             metadata_interval_ms,
             metrics,
-        })
+            tls,
+            tls_cert: f.tls_cert,
+            tls_key: f.tls_key,
+            tls_ca: f.tls_ca,
+            tls_min_version,
+            allow,
+            unix_owner,
+            unix_group,
+            max_inflight_bytes_total: inflight_total as usize,
+        };
+        // Read the certificate files now, so that a bad one stops the daemon before any device
+        // is opened (and a SIGHUP with a broken one is reported as a config error).
+        crate::server::tls::acceptor(&cfg)?;
+        Ok(cfg)
+    }
+}
+
+/// A user name or numeric uid, resolved to a uid that exists.
+fn lookup_user(name: &str) -> Result<u32, String> {
+    lookup_id(name, "user", |n, buf| {
+        let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut found: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: getpwnam_r with a NUL-terminated name, a zeroed passwd struct, and a scratch
+        // buffer of the given length; the result pointer is only read when non-null.
+        let r = unsafe { libc::getpwnam_r(n.as_ptr(), &mut pw, buf.as_mut_ptr(), buf.len(), &mut found) };
+        (r, (!found.is_null()).then_some(pw.pw_uid))
+    })
+}
+
+/// A group name or numeric gid, resolved to a gid that exists.
+fn lookup_group(name: &str) -> Result<u32, String> {
+    lookup_id(name, "group", |n, buf| {
+        let mut gr: libc::group = unsafe { std::mem::zeroed() };
+        let mut found: *mut libc::group = std::ptr::null_mut();
+        // SAFETY: as in lookup_user, for getgrnam_r.
+        let r = unsafe { libc::getgrnam_r(n.as_ptr(), &mut gr, buf.as_mut_ptr(), buf.len(), &mut found) };
+        (r, (!found.is_null()).then_some(gr.gr_gid))
+    })
+}
+
+fn lookup_id(
+    name: &str,
+    what: &str,
+    get: impl Fn(&std::ffi::CStr, &mut [libc::c_char]) -> (i32, Option<u32>),
+) -> Result<u32, String> {
+    // A numeric id is taken as is: the socket may be meant for an id that has no name here (a
+    // container's user namespace), and chown accepts any id.
+    if let Ok(id) = name.parse::<u32>() {
+        return Ok(id);
+    }
+    let c = std::ffi::CString::new(name).map_err(|_| format!("{name:?} contains a NUL byte"))?;
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    match get(&c, &mut buf) {
+        (0, Some(id)) => Ok(id),
+        (0, None) => Err(format!("no {what} named {name:?} on this system")),
+        (e, _) => Err(format!("cannot look up {what} {name:?}: {}", std::io::Error::from_raw_os_error(e))),
     }
 }
 
@@ -356,6 +581,61 @@ mod tests {
             parse("backing = \"/x\"\nmetrics = \"9100\"").unwrap().metrics,
             Some("127.0.0.1:9100".parse().unwrap())
         );
+    }
+
+    #[test]
+    fn tls_keys() {
+        let c = parse("backing = \"/x\"").unwrap();
+        assert_eq!((c.tls, c.tls_min_version), (TlsMode::Off, TlsVersion::V1_2));
+        // The files are read at validation: a missing one is an error naming its key and path.
+        let e = parse("backing = \"/x\"\ntls = \"require\"\ntls_cert = \"/nonexistent/c.pem\"\ntls_key = \"/k\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`tls_cert`") && e.contains("/nonexistent/c.pem"), "{e}");
+        let e = parse("backing = \"/x\"\ntls = \"on\"\ntls_key = \"/k\"").unwrap_err().to_string();
+        assert!(e.contains("`tls_cert`"), "{e}");
+        let e = parse("backing = \"/x\"\ntls = \"on\"\ntls_cert = \"/c\"").unwrap_err().to_string();
+        assert!(e.contains("`tls_key`"), "{e}");
+        let e = parse("backing = \"/x\"\ntls = \"yes\"").unwrap_err().to_string();
+        assert!(e.contains("`tls`"), "{e}");
+        let e = parse("backing = \"/x\"\ntls_ca = \"/ca\"").unwrap_err().to_string();
+        assert!(e.contains("`tls_ca`") && e.contains("off"), "{e}");
+        let e = parse("backing = \"/x\"\ntls = \"on\"\ntls_cert = \"/c\"\ntls_key = \"/k\"\ntls_min_version = \"1.1\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`tls_min_version`"), "{e}");
+    }
+
+    #[test]
+    fn allow_networks() {
+        let c = parse("backing = \"/x\"\nallow = [\"10.0.0.0/8\", \"127.0.0.1\", \"::1/128\", \"fd00::/8\"]").unwrap();
+        let has = |ip: &str| c.allow.iter().any(|n| n.contains(ip.parse().unwrap()));
+        assert!(has("10.200.3.4") && has("127.0.0.1") && has("::1") && has("fd12::5") && has("::ffff:10.1.1.1"));
+        assert!(!has("127.0.0.2") && !has("11.0.0.1") && !has("::2") && !has("fe80::1"));
+        assert!(Cidr::parse("0.0.0.0/0").unwrap().contains("192.0.2.1".parse().unwrap()));
+        assert!(!Cidr::parse("0.0.0.0/0").unwrap().contains("2001:db8::1".parse().unwrap()));
+        assert!(Cidr::parse("::/0").unwrap().contains("2001:db8::1".parse().unwrap()));
+        for bad in ["[\"10.0.0.1/8\"]", "[\"10.0.0.0/33\"]", "[\"nonsense\"]", "[]", "[\"::1/129\"]"] {
+            let e = parse(&format!("backing = \"/x\"\nallow = {bad}")).unwrap_err().to_string();
+            assert!(e.contains("`allow`"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn unix_ownership_and_total_inflight() {
+        let c = parse("backing = \"/x\"\nunix = \"/s\"\nunix_owner = \"root\"\nunix_group = \"12345\"").unwrap();
+        assert_eq!((c.unix_owner, c.unix_group), (Some(0), Some(12345)));
+        let e =
+            parse("backing = \"/x\"\nunix = \"/s\"\nunix_owner = \"no-such-user-superdisk\"").unwrap_err().to_string();
+        assert!(e.contains("`unix_owner`") && e.contains("no-such-user-superdisk"), "{e}");
+        let e =
+            parse("backing = \"/x\"\nunix = \"/s\"\nunix_group = \"no-such-group-superdisk\"").unwrap_err().to_string();
+        assert!(e.contains("`unix_group`"), "{e}");
+        let e = parse("backing = \"/x\"\nunix_owner = \"root\"").unwrap_err().to_string();
+        assert!(e.contains("`unix_owner`"), "{e}");
+        assert_eq!(parse("backing = \"/x\"").unwrap().max_inflight_bytes_total, 1 << 30);
+        let e = parse("backing = \"/x\"\nmax_inflight_bytes_total = \"16M\"").unwrap_err().to_string();
+        assert!(e.contains("`max_inflight_bytes_total`"), "{e}");
     }
 
     #[test]

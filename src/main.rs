@@ -187,6 +187,21 @@ struct ServeArgs {
     /// Serve Prometheus metrics at http://[HOST:]PORT/metrics (loopback without a host).
     #[arg(long, value_name = "[HOST:]PORT")]
     metrics: Option<String>,
+    /// TLS: off (default), on (clients may use STARTTLS) or require.
+    #[arg(long, value_name = "off|on|require")]
+    tls: Option<String>,
+    /// PEM certificate chain for TLS (server certificate first).
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s): clients must present a certificate signed by one (mutual TLS).
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// Allow TCP clients from this network only (CIDR, e.g. 10.0.0.0/8); repeat for several.
+    #[arg(long, value_name = "CIDR")]
+    allow: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -495,6 +510,21 @@ fn merge_flags(mut f: FileConfig, args: &ServeArgs) -> FileConfig {
     }
     if args.metrics.is_some() {
         f.metrics = args.metrics;
+    }
+    if args.tls.is_some() {
+        f.tls = args.tls;
+    }
+    if args.tls_cert.is_some() {
+        f.tls_cert = args.tls_cert;
+    }
+    if args.tls_key.is_some() {
+        f.tls_key = args.tls_key;
+    }
+    if args.tls_ca.is_some() {
+        f.tls_ca = args.tls_ca;
+    }
+    if !args.allow.is_empty() {
+        f.allow = Some(args.allow);
     }
     f
 }
