@@ -1,8 +1,9 @@
 //! One NBD connection: the handshake, then the transmission loop.
 
+use super::tls::Joined;
 use crate::device::AlignedBuf;
 use crate::nbd::consts::*;
-use crate::nbd::handshake::{self, Handshake, Next, MAX_OPTION_DATA_BYTES};
+use crate::nbd::handshake::{self, Handshake, Next, TlsMode, MAX_OPTION_DATA_BYTES};
 use crate::nbd::request::{self, Op, RequestHeader};
 use crate::nbd::{reply, ExportParams, NbdError, Session};
 use crate::stats::{ReqOp, ServerStats};
@@ -11,8 +12,9 @@ use std::future::Future;
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
 pub(crate) struct ConnLimits {
@@ -21,53 +23,101 @@ pub(crate) struct ConnLimits {
     pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
     pub stats: Arc<ServerStats>,
+    pub tls_mode: TlsMode,
+    /// Present whenever `tls_mode` is not `Off`.
+    pub tls: Option<TlsAcceptor>,
+    /// Shared by every connection, in [`BUDGET_UNIT_BYTES`] units: bounds the memory all clients
+    /// together can make the server hold, where `max_inflight_bytes` bounds one client's share.
+    pub total_budget: Arc<Semaphore>,
 }
 
 /// In-flight accounting unit: budgets are counted in 4 KiB pages so a u32 permit count covers
 /// budgets far above any sane setting.
-const BUDGET_UNIT_BYTES: usize = 4096;
+pub(crate) const BUDGET_UNIT_BYTES: usize = 4096;
 /// Requests up to this many budget units (64 KiB) are polled in place; larger ones become tasks.
 const INLINE_MAX_UNITS: usize = 16;
 /// Once a request's first byte has arrived, the rest of it (header and payload) must follow within
 /// this. Generous: 32 MiB at 1 MB/s still fits.
 const PARTIAL_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// A client that accepts none of our reply bytes for this long is cut off. Its replies hold
+/// in-flight budget, part of the server-wide total: without a limit, a few clients that stop
+/// reading would stall every other client for as long as they stay connected.
+const REPLY_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 const SHUTDOWN_HANDSHAKE_GRACE: Duration = Duration::from_secs(2);
 /// Buffer for the handshake's small messages (replies proper are written with writev).
 const WRITE_BUFFER_BYTES: usize = 16 * 1024;
+const READ_BUFFER_BYTES: usize = 64 * 1024;
 /// A block-status reply is capped at this many extents (spec SHOULD NOT exceed 2^20).
 const MAX_STATUS_EXTENTS: usize = 1024;
+
+/// The in-flight budget a request holds: its connection's share and the server-wide total.
+struct Budget {
+    _conn: OwnedSemaphorePermit,
+    _total: Option<OwnedSemaphorePermit>,
+}
 
 /// One whole reply: a header (and small payloads) plus, for reads, the data buffer. It also carries
 /// the in-flight budget it holds, released only once the bytes are handed to the socket.
 struct Reply {
     head: Vec<u8>,
     data: Option<AlignedBuf>,
-    _budget: Option<OwnedSemaphorePermit>,
+    _budget: Option<Budget>,
     /// The request failed (counted as an error by the front end's statistics).
     failed: bool,
 }
 
+/// A connected socket that splits into halves the reader and writer tasks own separately.
+pub(crate) trait Transport: Send + 'static {
+    type R: AsyncRead + Unpin + Send + 'static;
+    type W: AsyncWrite + Unpin + Send + 'static;
+    fn into_halves(self) -> (Self::R, Self::W);
+}
+
+impl Transport for tokio::net::TcpStream {
+    type R = tokio::net::tcp::OwnedReadHalf;
+    type W = tokio::net::tcp::OwnedWriteHalf;
+    fn into_halves(self) -> (Self::R, Self::W) {
+        self.into_split()
+    }
+}
+
+impl Transport for tokio::net::UnixStream {
+    type R = tokio::net::unix::OwnedReadHalf;
+    type W = tokio::net::unix::OwnedWriteHalf;
+    fn into_halves(self) -> (Self::R, Self::W) {
+        self.into_split()
+    }
+}
+
+type TlsIo<R, W> = tokio_rustls::server::TlsStream<Joined<R, W>>;
+
+/// Where the handshake left the connection: plain text on the socket's own halves (which keep
+/// the lock-free split and writev), or inside TLS, whose one session state both directions share
+/// through `tokio::io::split`.
+enum Negotiated<R, W> {
+    Plain(Session, BufReader<R>, BufWriter<W>),
+    Tls(Session, BufReader<ReadHalf<TlsIo<R, W>>>, BufWriter<WriteHalf<TlsIo<R, W>>>),
+}
+
 /// Serves one connection to its end. The caller instruments it with a span naming the connection,
 /// so every log line (and every request task, which inherits it) says which client it is about.
-pub(crate) async fn serve_connection<R, W, V>(
-    reader: R,
-    writer: W,
+pub(crate) async fn serve_connection<S, V>(
+    stream: S,
     volume: Arc<V>,
     limits: Arc<ConnLimits>,
     shutdown: watch::Receiver<bool>,
 ) where
-    R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
+    S: Transport,
     V: Volume,
 {
-    let mut reader = BufReader::with_capacity(64 * 1024, reader);
-    let mut writer = BufWriter::with_capacity(WRITE_BUFFER_BYTES, writer);
+    let (reader, writer) = stream.into_halves();
+    let reader = BufReader::with_capacity(READ_BUFFER_BYTES, reader);
+    let writer = BufWriter::with_capacity(WRITE_BUFFER_BYTES, writer);
     let mut stop = shutdown.clone();
+    // One deadline for the whole handshake, TLS included: a client that trickles bytes cannot
+    // stretch it, since no read on its own restarts the clock.
     let negotiated = tokio::select! {
-        r = tokio::time::timeout(
-            limits.handshake_timeout,
-            negotiate(&mut reader, &mut writer, &limits.export, shutdown.clone()),
-        ) => r,
+        r = tokio::time::timeout(limits.handshake_timeout, handshake(reader, writer, &limits, shutdown.clone())) => r,
         // On shutdown a client still negotiating gets a short grace, during which its options are
         // answered with ERR_SHUTDOWN (spec), then the connection is closed.
         _ = async {
@@ -78,8 +128,8 @@ pub(crate) async fn serve_connection<R, W, V>(
             return;
         }
     };
-    let session = match negotiated {
-        Ok(Ok(Some(s))) => s,
+    let negotiated = match negotiated {
+        Ok(Ok(Some(n))) => n,
         Ok(Ok(None)) => {
             tracing::debug!("client ended negotiation");
             return;
@@ -93,29 +143,43 @@ pub(crate) async fn serve_connection<R, W, V>(
             return;
         }
     };
-    tracing::info!(
-        structured = session.structured_replies,
-        base_allocation = session.base_allocation,
-        "client connected"
-    );
-    let result = transmission(reader, writer, session, volume, limits, shutdown).await;
+    let result = match negotiated {
+        Negotiated::Plain(session, reader, writer) => {
+            connected(&session, false);
+            transmission(reader, writer, session, volume, limits, shutdown).await
+        }
+        Negotiated::Tls(session, reader, writer) => {
+            connected(&session, true);
+            transmission(reader, writer, session, volume, limits, shutdown).await
+        }
+    };
     match result {
         Ok(()) => tracing::info!("client disconnected"),
         Err(e) => tracing::info!(error = %e, "connection closed"),
     }
 }
 
+fn connected(session: &Session, tls: bool) {
+    tracing::info!(
+        structured = session.structured_replies,
+        base_allocation = session.base_allocation,
+        tls,
+        "client connected"
+    );
+}
+
 fn protocol_error(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
 
-/// Runs option haggling. Ok(None): the client aborted (or we refused it cleanly).
-async fn negotiate<R, W>(
-    reader: &mut R,
-    writer: &mut W,
-    export: &ExportParams,
+/// Greeting, option haggling and, when the client asks for it, the TLS upgrade in the middle.
+/// Ok(None): the client aborted.
+async fn handshake<R, W>(
+    mut reader: BufReader<R>,
+    mut writer: BufWriter<W>,
+    limits: &ConnLimits,
     shutdown: watch::Receiver<bool>,
-) -> io::Result<Option<Session>>
+) -> io::Result<Option<Negotiated<R, W>>>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -124,7 +188,62 @@ where
     writer.flush().await?;
     let flags = reader.read_u32().await?;
     let no_zeroes = handshake::client_flags(flags).map_err(|e| protocol_error(e.to_string()))?;
-    let mut hs = Handshake::new(export, no_zeroes);
+    let mut hs = Handshake::new(&limits.export, no_zeroes).with_tls(limits.tls_mode);
+    match options(&mut reader, &mut writer, &mut hs, &shutdown).await? {
+        Haggled::Session(s) => return Ok(Some(Negotiated::Plain(s, reader, writer))),
+        Haggled::Closed => {
+            let _ = writer.shutdown().await;
+            return Ok(None);
+        }
+        Haggled::StartTls => {}
+    }
+    let acceptor = limits.tls.clone().ok_or_else(|| io::Error::other("STARTTLS acknowledged without a TLS setup"))?;
+    // `options` flushed the ACK; whatever the read buffer holds already is the client's first TLS
+    // bytes.
+    let early = reader.buffer().to_vec();
+    let joined = Joined::new(early, reader.into_inner(), writer.into_inner());
+    let tls =
+        acceptor.accept(joined).await.map_err(|e| io::Error::new(e.kind(), format!("TLS handshake failed: {e}")))?;
+    {
+        let (_, conn) = tls.get_ref();
+        tracing::debug!(
+            version = ?conn.protocol_version(),
+            cipher = ?conn.negotiated_cipher_suite().map(|c| c.suite()),
+            client_certificate = conn.peer_certificates().is_some_and(|c| !c.is_empty()),
+            "TLS established"
+        );
+    }
+    let (r, w) = tokio::io::split(tls);
+    let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, r);
+    let mut writer = BufWriter::with_capacity(WRITE_BUFFER_BYTES, w);
+    match options(&mut reader, &mut writer, &mut hs, &shutdown).await? {
+        Haggled::Session(s) => Ok(Some(Negotiated::Tls(s, reader, writer))),
+        Haggled::Closed => {
+            // close_notify, so the client sees a clean TLS end rather than a truncation.
+            let _ = writer.shutdown().await;
+            Ok(None)
+        }
+        Haggled::StartTls => Err(protocol_error("a second TLS upgrade was acknowledged")),
+    }
+}
+
+enum Haggled {
+    Session(Session),
+    Closed,
+    StartTls,
+}
+
+/// Runs option haggling until transmission, an abort, or an acknowledged STARTTLS.
+async fn options<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    hs: &mut Handshake<'_>,
+    shutdown: &watch::Receiver<bool>,
+) -> io::Result<Haggled>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut out = Vec::with_capacity(256);
     loop {
         let mut hdr = [0u8; OPTION_HEADER_BYTES];
@@ -146,9 +265,10 @@ where
         writer.write_all(&out).await?;
         writer.flush().await?;
         match next {
+            Next::Continue if hs.take_tls_upgrade() => return Ok(Haggled::StartTls),
             Next::Continue => {}
-            Next::Transmission(s) => return Ok(Some(s)),
-            Next::Close => return Ok(None),
+            Next::Transmission(s) => return Ok(Haggled::Session(s)),
+            Next::Close => return Ok(Haggled::Closed),
             Next::HardDisconnect(why) => return Err(protocol_error(why)),
         }
     }
@@ -186,6 +306,9 @@ where
                     tracing::debug!("shutdown: no more requests on this connection");
                     return Ok(());
                 }
+                // The writer gave up (the client stopped reading, or the socket broke): its error
+                // is the connection's; stop taking requests whose replies could not be sent.
+                _ = tx.closed() => return Ok(()),
             };
             if !got? {
                 return Ok(()); // EOF between requests: the client hung up
@@ -200,10 +323,12 @@ where
                     within(PARTIAL_REQUEST_TIMEOUT, drain(&mut reader, u64::from(h.payload_bytes()))).await?;
                     // Refusals hold budget too: a client that streams bad requests and never reads
                     // its replies must stall itself, not grow our reply queue without bound.
+                    // (Per connection only: a refusal holds a few dozen bytes, not a data buffer.)
                     let permit = budget.clone().acquire_owned().await.expect("budget semaphore is never closed");
                     let mut head = Vec::with_capacity(64);
                     reply::error(&mut head, h.cookie, structured, err, &refusal_message(&h, err));
-                    let _ = tx.send(Reply { head, data: None, _budget: Some(permit), failed: true });
+                    let held = Budget { _conn: permit, _total: None };
+                    let _ = tx.send(Reply { head, data: None, _budget: Some(held), failed: true });
                     continue;
                 }
             };
@@ -213,11 +338,23 @@ where
                 }
                 _ => 1,
             };
-            let permit = budget
-                .clone()
-                .acquire_many_owned(u32::try_from(units).unwrap_or(u32::MAX))
-                .await
-                .expect("budget semaphore is never closed");
+            let units32 = u32::try_from(units).unwrap_or(u32::MAX);
+            let conn_permit =
+                budget.clone().acquire_many_owned(units32).await.expect("budget semaphore is never closed");
+            // Connection share first, then the total: a client waits on the total only with its
+            // own share in hand, so one client never holds total budget it cannot use yet.
+            let total_permit = match op {
+                Op::Read { .. } | Op::Write { .. } => Some(
+                    limits
+                        .total_budget
+                        .clone()
+                        .acquire_many_owned(units32)
+                        .await
+                        .expect("budget semaphore is never closed"),
+                ),
+                _ => None,
+            };
+            let permit = Budget { _conn: conn_permit, _total: total_permit };
             let payload = match op {
                 Op::Write { length, .. } => {
                     let mut buf = AlignedBuf::uninit_for_fill(length as usize);
@@ -460,11 +597,22 @@ async fn write_replies<W: AsyncWrite + Unpin>(
             }
         }
         write_batch(&mut sock, &batch).await?;
+        // A no-op on a plain socket; TLS may hold the last record until flushed.
+        within_reply_stall(sock.flush()).await?;
         // Dropping the replies releases their in-flight budget only now that the bytes are out.
         batch.clear();
     }
     sock.flush().await?;
     sock.shutdown().await
+}
+
+async fn within_reply_stall<T>(io: impl Future<Output = io::Result<T>>) -> io::Result<T> {
+    tokio::time::timeout(REPLY_STALL_TIMEOUT, io).await.unwrap_or_else(|_| {
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("client read no reply bytes for {} s", REPLY_STALL_TIMEOUT.as_secs()),
+        ))
+    })
 }
 
 /// Writes every reply of the batch whole and in order, resuming after partial writes.
@@ -482,7 +630,7 @@ async fn write_batch<W: AsyncWrite + Unpin>(sock: &mut W, batch: &[Reply]) -> io
             .chain(parts[part + 1..].iter().copied())
             .map(std::io::IoSlice::new)
             .collect();
-        let mut n = sock.write_vectored(&slices).await?;
+        let mut n = within_reply_stall(sock.write_vectored(&slices)).await?;
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }

@@ -1,7 +1,9 @@
 //! Listeners and the server's life cycle: accept until shutdown, then wait for every connection to
 //! finish its in-flight requests.
 
-use super::connection::{serve_connection, ConnLimits};
+use super::connection::{serve_connection, ConnLimits, BUDGET_UNIT_BYTES};
+use super::Policy;
+use crate::config::TlsMode;
 use crate::nbd::ExportParams;
 use crate::stats::ServerStats;
 use crate::volume::Volume;
@@ -30,6 +32,8 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// Counters shared with the status command and the metrics endpoint.
     pub stats: Arc<ServerStats>,
+    /// TLS, allowed client networks, Unix socket ownership, the server-wide in-flight budget.
+    pub policy: Policy,
 }
 
 /// Serves until `shutdown` turns true, then drains and returns. `ready` is called once every
@@ -58,7 +62,19 @@ pub async fn run<V: Volume>(
             let l = UnixListener::bind(path)
                 .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {}: {e}", path.display())))?;
             use std::os::unix::fs::PermissionsExt;
+            // Mode first, owner second: between the two steps the socket is at most as open as
+            // the configured mode for its original owner (root), never wider.
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(cfg.unix_mode))?;
+            let (owner, group) = (cfg.policy.unix_owner, cfg.policy.unix_group);
+            if owner.is_some() || group.is_some() {
+                std::os::unix::fs::chown(path, owner, group).map_err(|e| {
+                    let key = if owner.is_some() { "unix_owner" } else { "unix_group" };
+                    io::Error::new(
+                        e.kind(),
+                        format!("config key `{key}`: cannot give {} to {owner:?}:{group:?}: {e}", path.display()),
+                    )
+                })?;
+            }
             Some(l)
         }
         None => None,
@@ -76,17 +92,40 @@ pub async fn run<V: Volume>(
             "nothing to listen on: give a TCP address or a Unix socket",
         ));
     }
+    if cfg.policy.tls_mode != TlsMode::Off {
+        // libnbd and qemu name TLS endpoints nbds:// and nbds+unix://.
+        for e in &mut endpoints {
+            *e = e.replacen("nbd", "nbds", 1);
+        }
+    }
     for e in &endpoints {
         tracing::info!(endpoint = %e, export = %cfg.export.name, size_bytes = cfg.export.size_bytes, "listening");
     }
+    if cfg.policy.tls_mode != TlsMode::Off {
+        tracing::info!(
+            mode = if cfg.policy.tls_mode == TlsMode::Required { "require" } else { "on" },
+            client_certificates = if cfg.policy.client_certificates { "required" } else { "not requested" },
+            "TLS enabled"
+        );
+    }
+    if !cfg.policy.allow.is_empty() {
+        let nets: Vec<String> = cfg.policy.allow.iter().map(|n| n.to_string()).collect();
+        tracing::info!(allow = %nets.join(","), "TCP clients limited to these networks");
+    }
     ready(&endpoints);
 
+    // The largest single request must fit in the total too, or it would wait forever.
+    let max_request_units = (cfg.export.max_payload_bytes as usize).div_ceil(BUDGET_UNIT_BYTES) + 1;
+    let total_units = (cfg.policy.max_inflight_bytes_total / BUDGET_UNIT_BYTES).max(max_request_units);
     let limits = Arc::new(ConnLimits {
         export: cfg.export.clone(),
         max_inflight_bytes: cfg.max_inflight_bytes_per_connection,
         handshake_timeout: cfg.handshake_timeout,
         idle_timeout: cfg.idle_timeout,
         stats: cfg.stats.clone(),
+        tls_mode: cfg.policy.tls_mode,
+        tls: cfg.policy.tls.clone(),
+        total_budget: Arc::new(Semaphore::new(total_units)),
     });
     let slots = Arc::new(Semaphore::new(cfg.max_connections));
     let mut conns = JoinSet::new();
@@ -108,6 +147,13 @@ pub async fn run<V: Volume>(
                 continue;
             }
         };
+        if let Accepted::Tcp((_, peer)) = &conn {
+            if !cfg.policy.allows(peer.ip()) {
+                // Closed before a byte is sent: the client learns nothing about the export.
+                tracing::warn!(%peer, "client address is not in `allow`; connection closed");
+                continue;
+            }
+        }
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             cfg.stats.connections_refused.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(max = cfg.max_connections, "connection limit reached; refusing a client");
@@ -126,13 +172,11 @@ pub async fn run<V: Volume>(
                         if let Err(e) = super::tune_tcp(&s) {
                             tracing::warn!(error = %e, "cannot set TCP options");
                         }
-                        let (r, w) = s.into_split();
-                        serve_connection(r, w, volume, limits, shutdown).await
+                        serve_connection(s, volume, limits, shutdown).await
                     }
                     Accepted::Unix(s) => {
                         tracing::Span::current().record("peer", "unix");
-                        let (r, w) = s.into_split();
-                        serve_connection(r, w, volume, limits, shutdown).await
+                        serve_connection(s, volume, limits, shutdown).await
                     }
                 }
             }
