@@ -431,6 +431,7 @@ async fn run<V: Volume>(
         handshake_timeout: Duration::from_secs(cfg.handshake_timeout_secs),
         idle_timeout: Duration::from_secs(cfg.idle_timeout_secs),
         stats: node.server.clone(),
+        policy: server::Policy::from_config(cfg)?,
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     // Install the handlers now, before READY=1: a SIGTERM that arrives between READY and the
