@@ -43,6 +43,11 @@ const PARTIAL_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// in-flight budget, part of the server-wide total: without a limit, a few clients that stop
 /// reading would stall every other client for as long as they stay connected.
 const REPLY_STALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Each connection may hold this much in flight outside the server-wide total, so that while a
+/// few clients hold the whole total (large reads they do not read back), every other client's
+/// small requests still go through. The memory bound is `max_inflight_bytes_total` plus this
+/// times `max_connections`.
+const CONN_RESERVE_BYTES: usize = 1 << 20;
 const SHUTDOWN_HANDSHAKE_GRACE: Duration = Duration::from_secs(2);
 /// Buffer for the handshake's small messages (replies proper are written with writev).
 const WRITE_BUFFER_BYTES: usize = 16 * 1024;
@@ -293,6 +298,7 @@ where
     // The budget must admit the largest single request, or such a request would wait forever.
     let budget_units = budget_units.max((limits.export.max_payload_bytes as usize).div_ceil(BUDGET_UNIT_BYTES) + 1);
     let budget = Arc::new(Semaphore::new(budget_units));
+    let reserve = Arc::new(Semaphore::new(CONN_RESERVE_BYTES / BUDGET_UNIT_BYTES));
     let session = Arc::new(session);
     let structured = session.structured_replies;
     let read_result: io::Result<()> = async {
@@ -341,17 +347,19 @@ where
             let units32 = u32::try_from(units).unwrap_or(u32::MAX);
             let conn_permit =
                 budget.clone().acquire_many_owned(units32).await.expect("budget semaphore is never closed");
-            // Connection share first, then the total: a client waits on the total only with its
-            // own share in hand, so one client never holds total budget it cannot use yet.
+            // Connection share first, then the connection's reserve or else the total: a client
+            // waits on the total only with its own share in hand, so one client never holds total
+            // budget it cannot use yet.
             let total_permit = match op {
-                Op::Read { .. } | Op::Write { .. } => Some(
-                    limits
+                Op::Read { .. } | Op::Write { .. } => Some(match reserve.clone().try_acquire_many_owned(units32) {
+                    Ok(p) => p,
+                    Err(_) => limits
                         .total_budget
                         .clone()
                         .acquire_many_owned(units32)
                         .await
                         .expect("budget semaphore is never closed"),
-                ),
+                }),
                 _ => None,
             };
             let permit = Budget { _conn: conn_permit, _total: total_permit };
