@@ -304,6 +304,13 @@ fn data_round_trips_over_tls_with_every_client() {
             .args([&nbds_uri(&d, &pki.good), &SIZE.to_string(), "--seed", "5", "--ops", "600"]),
         TOOL_LIMIT,
     );
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("OK"),
+        "roundtrip.py over TLS:\n{}{}\ndaemon log:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        d.log()
+    );
     // qemu-io: patterns written, verified on read (-P), flushed, verified from a new connection.
     let (ok, out) = qemu_io(
         &d,
