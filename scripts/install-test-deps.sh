@@ -11,6 +11,8 @@ pkgs+=(python3-prometheus-client)
 pkgs+=(qemu-system-x86 busybox-static nbd-client cpio gzip xz-utils zstd)
 # tests/ops.rs: systemd-analyze verify on the units, and the unit run under systemd-nspawn.
 pkgs+=(systemd systemd-container)
+# tests/tls.rs: certificates generated per test.
+pkgs+=(openssl)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
