@@ -2,7 +2,7 @@
 //! Used for read-modify-write of shared edge blocks, and by the mirror to keep overlapping writes
 //! in one order on both devices.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 
 #[derive(Default)]
@@ -16,8 +16,27 @@ pub struct RangeGuard<'a> {
     range: (u64, u64),
 }
 
+/// A lock that can outlive the borrow of its [`RangeLocks`]: it moves into a background task that
+/// holds a range until an operation the caller gave up on has really finished (`device::guard`).
+pub struct OwnedRangeGuard {
+    locks: Arc<RangeLocks>,
+    range: (u64, u64),
+}
+
 impl RangeLocks {
     pub async fn lock(&self, start: u64, end: u64) -> RangeGuard<'_> {
+        self.acquire(start, end).await;
+        RangeGuard { locks: self, range: (start, end) }
+    }
+
+    pub async fn lock_owned(self: &Arc<Self>, start: u64, end: u64) -> OwnedRangeGuard {
+        self.acquire(start, end).await;
+        OwnedRangeGuard { locks: self.clone(), range: (start, end) }
+    }
+
+    /// Registers `[start, end)` once nothing overlapping is held. Cancel-safe: the range is pushed
+    /// only in the same step that returns, so a dropped wait holds nothing.
+    async fn acquire(&self, start: u64, end: u64) {
         debug_assert!(start < end);
         loop {
             // Register interest before checking, so a release between the check and the await is
@@ -29,11 +48,20 @@ impl RangeLocks {
                 let mut held = self.held.lock().expect("range lock poisoned");
                 if !held.iter().any(|&(s, e)| s < end && start < e) {
                     held.push((start, end));
-                    return RangeGuard { locks: self, range: (start, end) };
+                    return;
                 }
             }
             notified.await;
         }
+    }
+
+    fn release(&self, range: (u64, u64)) {
+        let mut held = self.held.lock().expect("range lock poisoned");
+        if let Some(i) = held.iter().position(|&r| r == range) {
+            held.swap_remove(i);
+        }
+        drop(held);
+        self.released.notify_waiters();
     }
 
     pub fn held_count(&self) -> usize {
@@ -43,12 +71,13 @@ impl RangeLocks {
 
 impl Drop for RangeGuard<'_> {
     fn drop(&mut self) {
-        let mut held = self.locks.held.lock().expect("range lock poisoned");
-        if let Some(i) = held.iter().position(|&r| r == self.range) {
-            held.swap_remove(i);
-        }
-        drop(held);
-        self.locks.released.notify_waiters();
+        self.locks.release(self.range);
+    }
+}
+
+impl Drop for OwnedRangeGuard {
+    fn drop(&mut self) {
+        self.locks.release(self.range);
     }
 }
 
