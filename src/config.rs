@@ -2,10 +2,11 @@
 //! validated [`ServeConfig`]. Every option has a key; an unknown key or a bad value is an error
 //! that names the key and the reason.
 
-use crate::device::EngineKind;
+use crate::device::{EngineKind, IoPolicy};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -88,6 +89,12 @@ pub struct FileConfig {
     pub metadata_interval_ms: Option<u64>,
     /// Prometheus endpoint, `[HOST:]PORT` (loopback without a host). Off when absent.
     pub metrics: Option<String>,
+    // Backing I/O under a stall (device::guard): per-attempt timeout, read retries, the backoff
+    // between them, and the request deadline after which the client gets EIO.
+    pub backing_timeout_ms: Option<u64>,
+    pub backing_read_retries: Option<u32>,
+    pub backing_retry_backoff_ms: Option<u64>,
+    pub backing_io_deadline_ms: Option<u64>,
 }
 
 impl FileConfig {
@@ -125,6 +132,10 @@ pub struct ServeConfig {
     pub admin_socket: Option<PathBuf>,
     pub metadata_interval_ms: u64,
     pub metrics: Option<SocketAddr>,
+    pub backing_timeout_ms: u64,
+    pub backing_read_retries: u32,
+    pub backing_retry_backoff_ms: u64,
+    pub backing_io_deadline_ms: u64,
 }
 
 impl ServeConfig {
@@ -163,9 +174,23 @@ impl ServeConfig {
             rebuild_max_bytes_per_s,
             admin_socket,
             metadata_interval_ms,
-            metrics
+            metrics,
+            backing_timeout_ms,
+            backing_read_retries,
+            backing_retry_backoff_ms,
+            backing_io_deadline_ms
         );
         out
+    }
+
+    /// The backing I/O policy these keys describe.
+    pub fn backing_io_policy(&self) -> IoPolicy {
+        IoPolicy {
+            attempt_timeout: Duration::from_millis(self.backing_timeout_ms),
+            read_retries: self.backing_read_retries,
+            retry_backoff: Duration::from_millis(self.backing_retry_backoff_ms),
+            deadline: Duration::from_millis(self.backing_io_deadline_ms),
+        }
     }
 }
 
@@ -249,6 +274,36 @@ impl ServeConfig {
         if listen.is_none() && f.unix.is_none() {
             return Err(invalid("listen", "is empty and no `unix` socket is set: nothing to serve on"));
         }
+        let io_default = IoPolicy::default();
+        let backing_timeout_ms = f.backing_timeout_ms.unwrap_or(io_default.attempt_timeout.as_millis() as u64);
+        if !(100..=3_600_000).contains(&backing_timeout_ms) {
+            return Err(invalid("backing_timeout_ms", format!("{backing_timeout_ms} is outside 100..=3600000")));
+        }
+        let backing_read_retries = f.backing_read_retries.unwrap_or(io_default.read_retries);
+        if backing_read_retries > 100 {
+            return Err(invalid("backing_read_retries", format!("{backing_read_retries} is above 100")));
+        }
+        let backing_retry_backoff_ms =
+            f.backing_retry_backoff_ms.unwrap_or(io_default.retry_backoff.as_millis() as u64);
+        if backing_retry_backoff_ms > 600_000 {
+            return Err(invalid("backing_retry_backoff_ms", format!("{backing_retry_backoff_ms} is above 600000")));
+        }
+        let backing_io_deadline_ms = f.backing_io_deadline_ms.unwrap_or(io_default.deadline.as_millis() as u64);
+        if backing_io_deadline_ms > 86_400_000 {
+            return Err(invalid(
+                "backing_io_deadline_ms",
+                format!("{backing_io_deadline_ms} is above 86400000 (a day)"),
+            ));
+        }
+        if backing_io_deadline_ms < backing_timeout_ms {
+            return Err(invalid(
+                "backing_io_deadline_ms",
+                format!(
+                    "{backing_io_deadline_ms} is below backing_timeout_ms ({backing_timeout_ms}): a request must be \
+                     allowed at least one whole attempt"
+                ),
+            ));
+        }
         Ok(ServeConfig {
             backing,
             listen,
@@ -273,6 +328,10 @@ impl ServeConfig {
             admin_socket: f.admin_socket,
             metadata_interval_ms,
             metrics,
+            backing_timeout_ms,
+            backing_read_retries,
+            backing_retry_backoff_ms,
+            backing_io_deadline_ms,
         })
     }
 }
@@ -356,6 +415,32 @@ mod tests {
             parse("backing = \"/x\"\nmetrics = \"9100\"").unwrap().metrics,
             Some("127.0.0.1:9100".parse().unwrap())
         );
+    }
+
+    #[test]
+    fn backing_io_keys_have_defaults_and_are_validated() {
+        let c = parse("backing = \"/x\"").unwrap();
+        assert_eq!(c.backing_io_policy(), IoPolicy::default());
+        let c = parse(
+            "backing = \"/x\"\nbacking_timeout_ms = 1000\nbacking_read_retries = 0\nbacking_retry_backoff_ms = 10\n\
+             backing_io_deadline_ms = 3000",
+        )
+        .unwrap();
+        let p = c.backing_io_policy();
+        assert_eq!(
+            (p.attempt_timeout, p.read_retries, p.retry_backoff, p.deadline),
+            (Duration::from_secs(1), 0, Duration::from_millis(10), Duration::from_secs(3))
+        );
+        for (text, key) in [
+            ("backing_timeout_ms = 5", "`backing_timeout_ms`"),
+            ("backing_read_retries = 1000", "`backing_read_retries`"),
+            ("backing_retry_backoff_ms = 9999999", "`backing_retry_backoff_ms`"),
+            ("backing_timeout_ms = 5000\nbacking_io_deadline_ms = 1000", "`backing_io_deadline_ms`"),
+            ("backing_io_deadline_ms = -1", "backing_io_deadline_ms"),
+        ] {
+            let e = parse(&format!("backing = \"/x\"\n{text}")).unwrap_err().to_string();
+            assert!(e.contains(key), "{text}: {e}");
+        }
     }
 
     #[test]
