@@ -788,8 +788,11 @@ async fn random_backing_stalls_lose_no_acknowledged_write_and_serve_no_stale_dat
             let mut model: Vec<Vec<u8>> = vec![vec![0]; DATA as usize];
             let mut history: Vec<String> = Vec::new();
             let mut hung = false;
+            // A few hot spots, so that writes often overlap ones that failed and may land late.
+            let hot: Vec<u64> = (0..4).map(|_| rng.below(DATA - u64::from(REGION))).collect();
             for step in 0..100 {
-                let off = rng.below(DATA - 1);
+                let off =
+                    if rng.below(4) == 0 { rng.below(DATA - 1) } else { hot[rng.below(4) as usize] + rng.below(8192) };
                 // Mostly small, sometimes across a region boundary.
                 let len = rng.in_range(1..(u64::from(REGION) / 2).min(DATA - off) + 1);
                 let what = rng.below(12);
@@ -835,9 +838,16 @@ async fn random_backing_stalls_lose_no_acknowledged_write_and_serve_no_stale_dat
                         if hung {
                             faults.resume();
                         } else {
-                            let kinds = [FaultOp::Read, FaultOp::Write, FaultOp::Flush];
-                            let k = rng.below(3) as usize;
-                            faults.hang(&kinds[..=k]);
+                            // Writes alone stalling while reads answer is what would let a
+                            // rebuild copy bytes that a given-up write then overwrites.
+                            let kinds: [&[FaultOp]; 5] = [
+                                &[FaultOp::Write],
+                                &[FaultOp::Write, FaultOp::Flush],
+                                &[FaultOp::Read, FaultOp::Write, FaultOp::Flush],
+                                &[FaultOp::Read],
+                                &[FaultOp::Flush],
+                            ];
+                            faults.hang(kinds[rng.below(5) as usize]);
                         }
                         hung = !hung;
                     }
