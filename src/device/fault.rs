@@ -543,6 +543,28 @@ mod tests {
     }
 
     #[test]
+    fn a_hung_operation_waits_and_lands_after_resume() {
+        block_on(async {
+            let dev = Arc::new(FaultDevice::new(MemDevice::new(4096), 1));
+            let h = dev.handle();
+            h.hang(&[FaultOp::Write]);
+            let d = dev.clone();
+            let write = tokio::spawn(async move { d.write(0, filled(1, 7), false).await.1 });
+            while h.held() == 0 {
+                tokio::task::yield_now().await;
+            }
+            let (b, r) = dev.read(0, AlignedBuf::zeroed(1)).await;
+            r.unwrap();
+            assert_eq!(b[0], 0, "reads were not hung, and the write has not landed");
+            assert!(!write.is_finished());
+            h.resume();
+            write.await.unwrap().unwrap();
+            assert_eq!(dev.inner().contents()[0], 7, "the held write landed after the resume");
+            assert_eq!(h.held(), 0);
+        });
+    }
+
+    #[test]
     fn yields_reorder_concurrent_operations_by_seed() {
         // Two tasks race to write the same byte; which lands last depends only on the seed.
         let winner = |seed| {
