@@ -96,7 +96,8 @@ pub struct BackingIoStats {
     pub timeouts: AtomicU64,
     /// Read attempts re-issued (after a stall or an error).
     pub retries: AtomicU64,
-    /// Requests that failed because their deadline passed (the client got EIO).
+    /// Operations that failed because their deadline passed: client requests (which got EIO) and
+    /// background ones (cleaner, rebuild).
     pub deadline_errors: AtomicU64,
     /// Outages begun: an attempt stalled while none was stalled.
     pub outages: AtomicU64,
@@ -300,7 +301,7 @@ impl Shared {
                     device = self.name,
                     outage_ms = o.since.elapsed().as_millis() as u64,
                     timeouts,
-                    failed_requests = failed,
+                    failed_at_deadline = failed,
                     "{} answering again: every stalled operation has completed",
                     self.name
                 );
@@ -338,6 +339,10 @@ impl Shared {
 
     /// Waits until no write that overlaps `[start, end)` is outstanding without its caller.
     async fn wait_abandoned(&self, start: u64, end: u64, deadline: Instant) -> Result<(), ()> {
+        if !self.overlaps_abandoned(start, end) {
+            // The common case, without a Notify registration or a timer.
+            return Ok(());
+        }
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
@@ -526,10 +531,8 @@ impl<D: BlockDevice> Guarded<D> {
                 Some(g) => fence = Some(g),
                 None => return Err(sh.deadline_failed(op)),
             },
-            Kind::Read if sh.overlaps_abandoned(op.offset, end) => {
-                if sh.wait_abandoned(op.offset, end, deadline).await.is_err() {
-                    return Err(sh.deadline_failed(op));
-                }
+            Kind::Read if sh.wait_abandoned(op.offset, end, deadline).await.is_err() => {
+                return Err(sh.deadline_failed(op));
             }
             _ => {}
         }

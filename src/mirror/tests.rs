@@ -816,16 +816,20 @@ async fn random_backing_stalls_lose_no_acknowledged_write_and_serve_no_stale_dat
                     }
                     5..=7 => {
                         let (b, r) = v.read(off, AlignedBuf::zeroed(len as usize)).await;
-                        if r.is_ok() {
-                            for (i, &x) in b.iter().enumerate() {
-                                let m = &mut model[off as usize + i];
-                                if !m.contains(&x) {
-                                    fail(format!("byte {} read {x}, may only be one of {m:?}", off as usize + i));
+                        match r {
+                            Ok(()) => {
+                                for (i, &x) in b.iter().enumerate() {
+                                    let m = &mut model[off as usize + i];
+                                    if !m.contains(&x) {
+                                        fail(format!("byte {} read {x}, may only be one of {m:?}", off as usize + i));
+                                    }
+                                    *m = vec![x];
                                 }
-                                *m = vec![x];
                             }
-                        } else if !hung && !v.backing_stalled() {
-                            fail(format!("read failed with the backing answering: {}", r.unwrap_err()));
+                            Err(e) if !hung && !v.backing_stalled() => {
+                                fail(format!("read failed with the backing answering: {e}"))
+                            }
+                            Err(_) => {}
                         }
                     }
                     8 => {
