@@ -226,7 +226,9 @@ fn mirror_serves_cached_reads_and_fails_writes_cleanly_while_the_backing_is_stal
     let log = d.wait_log(mark, "backing answering again", WAIT);
     // One warning for the outage, not one per failed request.
     assert_eq!(log.matches("backing I/O stalled").count(), 1, "the stall must be logged once:\n{log}");
-    for line in log.lines().filter(|l| l.contains("stalled") || l.contains("answering again")) {
+    for line in
+        log.lines().filter(|l| l.contains("stalled") || l.contains("answering again") || l.contains("opened backing"))
+    {
         eprintln!("daemon: {line}");
     }
     let out = client(&mut d, &["after", "--expect", &expect_s, "--failed", &failed_s, "--seed", "3"]);

@@ -53,8 +53,11 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 /// Operations past their attempt timeout (or given up by their caller) that may stay outstanding
-/// at once; beyond this, new operations wait instead of piling up in the kernel.
-pub const MAX_STALLED_OPS: u64 = 64;
+/// at once; beyond this, new operations wait instead of piling up in the kernel. Each can hold a
+/// thread (tokio's blocking pool, 512 by default and shared with the cache devices under psync,
+/// or an io_uring worker), so this stays well below the pool. It is per device: a backing whose
+/// requests hang only in one place still lets others through until this many have piled up.
+pub const MAX_STALLED_OPS: u64 = 256;
 /// How often a request blocked on [`MAX_STALLED_OPS`] looks again.
 const CAPACITY_POLL: Duration = Duration::from_millis(50);
 
