@@ -323,7 +323,7 @@ impl Shared {
     fn abandon(&self, start: u64, end: u64) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         lock(&self.abandoned).push((id, start, end));
-        self.abandoned_count.fetch_add(1, Ordering::Release);
+        self.abandoned_count.fetch_add(1, Ordering::SeqCst);
         id
     }
 
@@ -331,14 +331,14 @@ impl Shared {
         let mut a = lock(&self.abandoned);
         if let Some(i) = a.iter().position(|e| e.0 == id) {
             a.swap_remove(i);
-            self.abandoned_count.fetch_sub(1, Ordering::Release);
+            self.abandoned_count.fetch_sub(1, Ordering::SeqCst);
         }
         drop(a);
         self.changed.notify_waiters();
     }
 
     fn overlaps_abandoned(&self, start: u64, end: u64) -> bool {
-        self.abandoned_count.load(Ordering::Acquire) > 0
+        self.abandoned_count.load(Ordering::SeqCst) > 0
             && lock(&self.abandoned).iter().any(|&(_, s, e)| s < end && start < e)
     }
 
