@@ -463,7 +463,7 @@ impl BlockDevice for FileDevice {
 /// Whether `fd` is on a filesystem whose I/O can wait on a server or a userspace process (statfs
 /// magic numbers from linux/magic.h and the filesystems' sources).
 fn on_remote_filesystem(fd: i32) -> bool {
-    const REMOTE: [u64; 12] = [
+    const REMOTE: [u32; 12] = [
         0x6573_5546, // FUSE (sshfs, nbdfuse, s3fs, glusterfs, …)
         0x0000_6969, // NFS
         0xff53_4d42, // CIFS
@@ -482,7 +482,8 @@ fn on_remote_filesystem(fd: i32) -> bool {
     if unsafe { libc::fstatfs(fd, &mut st) } < 0 {
         return false;
     }
-    REMOTE.contains(&(st.f_type as u64))
+    // Magic numbers are 32-bit; f_type is signed and word-sized.
+    REMOTE.contains(&(st.f_type as u32))
 }
 
 /// Walks SEEK_DATA/SEEK_HOLE over `[start, end)`. Filesystems without hole support report one
