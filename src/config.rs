@@ -2,11 +2,12 @@
 //! validated [`ServeConfig`]. Every option has a key; an unknown key or a bad value is an error
 //! that names the key and the reason.
 
-use crate::device::EngineKind;
+use crate::device::{EngineKind, IoPolicy};
 pub use crate::nbd::handshake::TlsMode;
 use serde::Deserialize;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -106,6 +107,12 @@ pub struct FileConfig {
     pub unix_group: Option<String>,
     /// Request bytes in flight across all connections together.
     pub max_inflight_bytes_total: Option<ByteSize>,
+    // Backing I/O under a stall (device::guard): per-attempt timeout, read retries, the backoff
+    // between them, and the request deadline after which the client gets EIO.
+    pub backing_timeout_ms: Option<u64>,
+    pub backing_read_retries: Option<u32>,
+    pub backing_retry_backoff_ms: Option<u64>,
+    pub backing_io_deadline_ms: Option<u64>,
 }
 
 impl FileConfig {
@@ -154,6 +161,10 @@ pub struct ServeConfig {
     pub unix_owner: Option<u32>,
     pub unix_group: Option<u32>,
     pub max_inflight_bytes_total: usize,
+    pub backing_timeout_ms: u64,
+    pub backing_read_retries: u32,
+    pub backing_retry_backoff_ms: u64,
+    pub backing_io_deadline_ms: u64,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -271,9 +282,23 @@ impl ServeConfig {
             allow,
             unix_owner,
             unix_group,
-            max_inflight_bytes_total
+            max_inflight_bytes_total,
+            backing_timeout_ms,
+            backing_read_retries,
+            backing_retry_backoff_ms,
+            backing_io_deadline_ms
         );
         out
+    }
+
+    /// The backing I/O policy these keys describe.
+    pub fn backing_io_policy(&self) -> IoPolicy {
+        IoPolicy {
+            attempt_timeout: Duration::from_millis(self.backing_timeout_ms),
+            read_retries: self.backing_read_retries,
+            retry_backoff: Duration::from_millis(self.backing_retry_backoff_ms),
+            deadline: Duration::from_millis(self.backing_io_deadline_ms),
+        }
     }
 }
 
@@ -419,6 +444,36 @@ impl ServeConfig {
                 ),
             ));
         }
+        let io_default = IoPolicy::default();
+        let backing_timeout_ms = f.backing_timeout_ms.unwrap_or(io_default.attempt_timeout.as_millis() as u64);
+        if !(100..=3_600_000).contains(&backing_timeout_ms) {
+            return Err(invalid("backing_timeout_ms", format!("{backing_timeout_ms} is outside 100..=3600000")));
+        }
+        let backing_read_retries = f.backing_read_retries.unwrap_or(io_default.read_retries);
+        if backing_read_retries > 100 {
+            return Err(invalid("backing_read_retries", format!("{backing_read_retries} is above 100")));
+        }
+        let backing_retry_backoff_ms =
+            f.backing_retry_backoff_ms.unwrap_or(io_default.retry_backoff.as_millis() as u64);
+        if backing_retry_backoff_ms > 600_000 {
+            return Err(invalid("backing_retry_backoff_ms", format!("{backing_retry_backoff_ms} is above 600000")));
+        }
+        let backing_io_deadline_ms = f.backing_io_deadline_ms.unwrap_or(io_default.deadline.as_millis() as u64);
+        if backing_io_deadline_ms > 86_400_000 {
+            return Err(invalid(
+                "backing_io_deadline_ms",
+                format!("{backing_io_deadline_ms} is above 86400000 (a day)"),
+            ));
+        }
+        if backing_io_deadline_ms < backing_timeout_ms {
+            return Err(invalid(
+                "backing_io_deadline_ms",
+                format!(
+                    "{backing_io_deadline_ms} is below backing_timeout_ms ({backing_timeout_ms}): a request must be \
+                     allowed at least one whole attempt"
+                ),
+            ));
+        }
         let cfg = ServeConfig {
             backing,
             listen,
@@ -452,6 +507,10 @@ impl ServeConfig {
             unix_owner,
             unix_group,
             max_inflight_bytes_total: inflight_total as usize,
+            backing_timeout_ms,
+            backing_read_retries,
+            backing_retry_backoff_ms,
+            backing_io_deadline_ms,
         };
         // Read the certificate files now, so that a bad one stops the daemon before any device
         // is opened (and a SIGHUP with a broken one is reported as a config error).
@@ -618,6 +677,32 @@ mod tests {
         for bad in ["[\"10.0.0.1/8\"]", "[\"10.0.0.0/33\"]", "[\"nonsense\"]", "[]", "[\"::1/129\"]"] {
             let e = parse(&format!("backing = \"/x\"\nallow = {bad}")).unwrap_err().to_string();
             assert!(e.contains("`allow`"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn backing_io_keys_have_defaults_and_are_validated() {
+        let c = parse("backing = \"/x\"").unwrap();
+        assert_eq!(c.backing_io_policy(), IoPolicy::default());
+        let c = parse(
+            "backing = \"/x\"\nbacking_timeout_ms = 1000\nbacking_read_retries = 0\nbacking_retry_backoff_ms = 10\n\
+             backing_io_deadline_ms = 3000",
+        )
+        .unwrap();
+        let p = c.backing_io_policy();
+        assert_eq!(
+            (p.attempt_timeout, p.read_retries, p.retry_backoff, p.deadline),
+            (Duration::from_secs(1), 0, Duration::from_millis(10), Duration::from_secs(3))
+        );
+        for (text, key) in [
+            ("backing_timeout_ms = 5", "`backing_timeout_ms`"),
+            ("backing_read_retries = 1000", "`backing_read_retries`"),
+            ("backing_retry_backoff_ms = 9999999", "`backing_retry_backoff_ms`"),
+            ("backing_timeout_ms = 5000\nbacking_io_deadline_ms = 1000", "`backing_io_deadline_ms`"),
+            ("backing_io_deadline_ms = -1", "backing_io_deadline_ms"),
+        ] {
+            let e = parse(&format!("backing = \"/x\"\n{text}")).unwrap_err().to_string();
+            assert!(e.contains(key), "{text}: {e}");
         }
     }
 

@@ -354,8 +354,9 @@ pub async fn serve(
         })
     };
     if cfg.cache.is_empty() {
-        let volume =
-            PlainVolume::open(dev, cfg.read_only).await.map_err(|e| format!("{}: {e}", cfg.backing.display()))?;
+        let volume = PlainVolume::open_with_policy(dev, cfg.read_only, cfg.backing_io_policy())
+            .await
+            .map_err(|e| format!("{}: {e}", cfg.backing.display()))?;
         if volume.recovered_from_crash {
             tracing::warn!("the previous run did not shut down cleanly");
         }
@@ -376,6 +377,7 @@ pub async fn serve(
         rebuild_max_bytes_per_s: cfg.rebuild_max_bytes_per_s,
         take_over_foreign_cache: cfg.take_over_foreign_cache,
         metadata_interval_ms: cfg.metadata_interval_ms,
+        backing_io: cfg.backing_io_policy(),
         ..MirrorOptions::default()
     };
     let volume =

@@ -4,7 +4,7 @@
 //! ```text
 //!   caller ──► FaultDevice ── vanished? bad range? dice roll? ──► EIO (a failed write may leave
 //!                  │                                                  a sector-aligned prefix)
-//!                  └── latency (tokio sleep) ──► inner device
+//!                  └── latency (tokio sleep) ──► hung? wait for resume ──► inner device
 //!   FaultHandle (shared, cloneable): switches faults on and off while the device is in use
 //! ```
 //!
@@ -14,7 +14,7 @@
 use super::{AlignedBuf, BlockDevice, Extent};
 use std::io;
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -113,6 +113,11 @@ struct Shared {
     plan: Mutex<(Plan, SimRng)>,
     ops: [AtomicU64; 3],
     injected: [AtomicU64; 3],
+    /// Per [`FaultOp::index`]: operations of this kind wait (a device that stopped answering).
+    hung: [AtomicBool; 3],
+    /// Operations waiting while hung; and the wake-up when the hang ends.
+    held: AtomicU64,
+    resumed: tokio::sync::Notify,
 }
 
 /// Controls the faults of one [`FaultDevice`] (and every clone of it) while it is in use.
@@ -152,6 +157,9 @@ impl<D: BlockDevice> FaultDevice<D> {
             plan: Mutex::new((Plan::default(), SimRng::new(seed))),
             ops: Default::default(),
             injected: Default::default(),
+            hung: Default::default(),
+            held: AtomicU64::new(0),
+            resumed: tokio::sync::Notify::new(),
         };
         FaultDevice { inner, shared: Arc::new(shared) }
     }
@@ -202,6 +210,34 @@ async fn pause(v: &Verdict) {
     }
     if let Some(d) = v.delay {
         tokio::time::sleep(d).await;
+    }
+}
+
+/// Counts an operation as held while it waits out a hang (also if its future is dropped).
+struct Held<'a>(&'a Shared);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.held.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Waits while operations of kind `op` are hung. What waited then reaches the device, late: a
+/// request that a caller timed out on can still land, as a network disk's can.
+async fn hold(shared: &Shared, op: FaultOp) {
+    let mut held = None;
+    loop {
+        let notified = shared.resumed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if !shared.hung[op.index()].load(Ordering::Acquire) {
+            return;
+        }
+        if held.is_none() {
+            shared.held.fetch_add(1, Ordering::AcqRel);
+            held = Some(Held(shared));
+        }
+        notified.await;
     }
 }
 
@@ -257,6 +293,27 @@ impl FaultHandle {
         *plan = Plan { latency_us: plan.latency_us.clone(), max_yields: plan.max_yields, ..Plan::default() };
     }
 
+    /// Operations of these kinds stop answering (they wait, unlike [`FaultHandle::vanish`]) until
+    /// [`FaultHandle::resume`]; then each reaches the device, however long ago its caller gave up.
+    pub fn hang(&self, ops: &[FaultOp]) {
+        for op in ops {
+            self.shared.hung[op.index()].store(true, Ordering::Release);
+        }
+    }
+
+    /// Ends every hang: the held operations go on to the device.
+    pub fn resume(&self) {
+        for h in &self.shared.hung {
+            h.store(false, Ordering::Release);
+        }
+        self.shared.resumed.notify_waiters();
+    }
+
+    /// Operations waiting out a hang right now.
+    pub fn held(&self) -> u64 {
+        self.shared.held.load(Ordering::Acquire)
+    }
+
     /// Operations of this kind seen so far.
     pub fn ops(&self, op: FaultOp) -> u64 {
         self.shared.ops[op.index()].load(Ordering::Relaxed)
@@ -288,6 +345,7 @@ impl<D: BlockDevice> BlockDevice for FaultDevice<D> {
     async fn read(&self, offset: u64, buf: AlignedBuf) -> (AlignedBuf, io::Result<()>) {
         let v = self.decide(FaultOp::Read, Some(offset..offset.saturating_add(buf.len() as u64)));
         pause(&v).await;
+        hold(&self.shared, FaultOp::Read).await;
         if v.fail {
             return (buf, Err(eio()));
         }
@@ -297,6 +355,7 @@ impl<D: BlockDevice> BlockDevice for FaultDevice<D> {
     async fn write(&self, offset: u64, buf: AlignedBuf, fua: bool) -> (AlignedBuf, io::Result<()>) {
         let v = self.decide(FaultOp::Write, Some(offset..offset.saturating_add(buf.len() as u64)));
         pause(&v).await;
+        hold(&self.shared, FaultOp::Write).await;
         if v.fail {
             if v.torn_prefix_bytes > 0 {
                 let n = v.torn_prefix_bytes as usize;
@@ -313,6 +372,7 @@ impl<D: BlockDevice> BlockDevice for FaultDevice<D> {
     async fn flush(&self) -> io::Result<()> {
         let v = self.decide(FaultOp::Flush, None);
         pause(&v).await;
+        hold(&self.shared, FaultOp::Flush).await;
         if v.fail {
             return Err(eio());
         }
@@ -322,6 +382,7 @@ impl<D: BlockDevice> BlockDevice for FaultDevice<D> {
     async fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
         let mut v = self.decide(FaultOp::Write, Some(offset..offset.saturating_add(len)));
         pause(&v).await;
+        hold(&self.shared, FaultOp::Write).await;
         if v.fail {
             v.torn_prefix_bytes = v.torn_prefix_bytes.min(len);
             if v.torn_prefix_bytes > 0 {
@@ -335,6 +396,7 @@ impl<D: BlockDevice> BlockDevice for FaultDevice<D> {
     async fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
         let v = self.decide(FaultOp::Read, Some(offset..offset.saturating_add(len)));
         pause(&v).await;
+        hold(&self.shared, FaultOp::Read).await;
         if v.fail {
             return Err(eio());
         }
@@ -477,6 +539,28 @@ mod tests {
             assert!(slow.is_err(), "the read must wait for its injected latency");
             dev.handle().set_latency(Duration::from_micros(1), Duration::from_micros(50));
             assert!(dev.read(0, AlignedBuf::zeroed(1)).await.1.is_ok());
+        });
+    }
+
+    #[test]
+    fn a_hung_operation_waits_and_lands_after_resume() {
+        block_on(async {
+            let dev = Arc::new(FaultDevice::new(MemDevice::new(4096), 1));
+            let h = dev.handle();
+            h.hang(&[FaultOp::Write]);
+            let d = dev.clone();
+            let write = tokio::spawn(async move { d.write(0, filled(1, 7), false).await.1 });
+            while h.held() == 0 {
+                tokio::task::yield_now().await;
+            }
+            let (b, r) = dev.read(0, AlignedBuf::zeroed(1)).await;
+            r.unwrap();
+            assert_eq!(b[0], 0, "reads were not hung, and the write has not landed");
+            assert!(!write.is_finished());
+            h.resume();
+            write.await.unwrap().unwrap();
+            assert_eq!(dev.inner().contents()[0], 7, "the held write landed after the resume");
+            assert_eq!(h.held(), 0);
         });
     }
 

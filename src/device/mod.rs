@@ -13,11 +13,13 @@ pub mod buf;
 mod engine_sync;
 mod engine_uring;
 pub mod fault;
+pub mod guard;
 pub mod mem;
 mod rangelock;
 
 pub use buf::AlignedBuf;
 pub use engine_uring::UringEngine;
+pub use guard::{BackingIoStats, Guarded, IoPolicy};
 pub use rangelock::RangeLocks;
 
 use engine_uring::UringOp;
@@ -142,6 +144,9 @@ pub struct FileDevice {
     /// reaches the device and would only fail with EAGAIN.
     nowait_reads: AtomicBool,
     nowait_writes: AtomicBool,
+    /// The file lives on a network or userspace filesystem (NFS, FUSE, SMB, …), where even a
+    /// buffered write can wait for a server: never do I/O on the caller's thread (see `raw_write`).
+    remote_fs: bool,
 }
 
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
@@ -208,6 +213,7 @@ impl FileDevice {
             // For files, O_DIRECT alignment is the filesystem's; 4096 satisfies every common one.
             (meta.len(), if direct { 4096 } else { 1 })
         };
+        let remote_fs = !is_block_device && on_remote_filesystem(raw);
         let engine = match opts.engine {
             EngineKind::Psync => Engine::Sync,
             EngineKind::Uring => match UringEngine::new(&path.file_name().unwrap_or_default().to_string_lossy()) {
@@ -227,8 +233,11 @@ impl FileDevice {
             direct,
             engine,
             rmw_locks: RangeLocks::default(),
-            nowait_reads: AtomicBool::new(!direct),
-            nowait_writes: AtomicBool::new(!direct),
+            // RWF_NOWAIT is only a hint to some filesystems: FUSE may still send a request and wait
+            // for its server, which would block a runtime thread for as long as the server is gone.
+            nowait_reads: AtomicBool::new(!direct && !remote_fs),
+            nowait_writes: AtomicBool::new(!direct && !remote_fs),
+            remote_fs,
         })
     }
 
@@ -281,7 +290,10 @@ impl FileDevice {
 
     async fn raw_write(&self, offset: u64, mut buf: AlignedBuf, fua: bool) -> (AlignedBuf, io::Result<()>) {
         let len = buf.len();
-        if !self.direct && !fua {
+        // On a remote filesystem a buffered write waits for the server (FUSE and NFS write through
+        // or throttle on it); done in place it would stall a runtime thread, and every request on
+        // it, for the whole outage. There, every write goes through the engine.
+        if !self.direct && !fua && !self.remote_fs {
             if self.nowait_writes.load(Ordering::Relaxed) {
                 match engine_sync::try_nowait(self.fd.as_raw_fd(), buf.as_mut_ptr(), len, offset, true) {
                     Ok(n) if n == len => return (buf, Ok(())),
@@ -446,6 +458,32 @@ impl BlockDevice for FileDevice {
         let fd = self.fd.clone();
         engine_sync::blocking(move || seek_extents(fd.as_raw_fd(), offset, offset + len)).await?
     }
+}
+
+/// Whether `fd` is on a filesystem whose I/O can wait on a server or a userspace process (statfs
+/// magic numbers from linux/magic.h and the filesystems' sources).
+fn on_remote_filesystem(fd: i32) -> bool {
+    const REMOTE: [u32; 12] = [
+        0x6573_5546, // FUSE (sshfs, nbdfuse, s3fs, glusterfs, …)
+        0x0000_6969, // NFS
+        0xff53_4d42, // CIFS
+        0xfe53_4d42, // SMB2
+        0x0000_517b, // SMB
+        0x00c3_6400, // Ceph
+        0x0102_1997, // 9p
+        0x5346_414f, // AFS
+        0x7375_7245, // Coda
+        0x0bd0_0bd0, // Lustre
+        0x7461_636f, // OCFS2
+        0x0116_1970, // GFS2
+    ];
+    // SAFETY: fstatfs fills the zeroed struct we pass.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstatfs(fd, &mut st) } < 0 {
+        return false;
+    }
+    // Magic numbers are 32-bit; f_type is signed and word-sized.
+    REMOTE.contains(&(st.f_type as u32))
 }
 
 /// Walks SEEK_DATA/SEEK_HOLE over `[start, end)`. Filesystems without hole support report one

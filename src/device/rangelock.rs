@@ -2,13 +2,16 @@
 //! Used for read-modify-write of shared edge blocks, and by the mirror to keep overlapping writes
 //! in one order on both devices.
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 
 #[derive(Default)]
 pub struct RangeLocks {
     held: Mutex<Vec<(u64, u64)>>,
     released: Notify,
+    /// Lockers waiting for a release: a release with none skips the wake-up.
+    waiting: AtomicUsize,
 }
 
 pub struct RangeGuard<'a> {
@@ -16,23 +19,78 @@ pub struct RangeGuard<'a> {
     range: (u64, u64),
 }
 
+/// A lock that can outlive the borrow of its [`RangeLocks`]: it moves into a background task that
+/// holds a range until an operation the caller gave up on has really finished (`device::guard`).
+pub struct OwnedRangeGuard {
+    locks: Arc<RangeLocks>,
+    range: (u64, u64),
+}
+
 impl RangeLocks {
     pub async fn lock(&self, start: u64, end: u64) -> RangeGuard<'_> {
+        self.acquire(start, end).await;
+        RangeGuard { locks: self, range: (start, end) }
+    }
+
+    pub async fn lock_owned(self: &Arc<Self>, start: u64, end: u64) -> OwnedRangeGuard {
+        self.acquire(start, end).await;
+        OwnedRangeGuard { locks: self.clone(), range: (start, end) }
+    }
+
+    /// The lock if nothing overlapping is held right now.
+    pub fn try_lock_owned(self: &Arc<Self>, start: u64, end: u64) -> Option<OwnedRangeGuard> {
         debug_assert!(start < end);
+        self.try_push(start, end).then(|| OwnedRangeGuard { locks: self.clone(), range: (start, end) })
+    }
+
+    /// Registers `[start, end)` once nothing overlapping is held. Cancel-safe: the range is pushed
+    /// only in the same step that returns, so a dropped wait holds nothing.
+    async fn acquire(&self, start: u64, end: u64) {
+        debug_assert!(start < end);
+        // Uncontended (the common case): no wake-up registration at all.
+        if self.try_push(start, end) {
+            return;
+        }
+        // Counted before the check below and decremented after: a release that removes its range
+        // after our check sees the count and wakes us (both sides order through `held`'s mutex).
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        let _waiting = Waiting(&self.waiting);
         loop {
             // Register interest before checking, so a release between the check and the await is
             // not missed.
             let notified = self.released.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            {
-                let mut held = self.held.lock().expect("range lock poisoned");
-                if !held.iter().any(|&(s, e)| s < end && start < e) {
-                    held.push((start, end));
-                    return RangeGuard { locks: self, range: (start, end) };
-                }
+            if self.try_push(start, end) {
+                return;
             }
             notified.await;
+        }
+    }
+
+    fn try_push(&self, start: u64, end: u64) -> bool {
+        let mut held = self.held.lock().expect("range lock poisoned");
+        if held.iter().any(|&(s, e)| s < end && start < e) {
+            return false;
+        }
+        held.push((start, end));
+        true
+    }
+
+    fn release(&self, range: (u64, u64)) {
+        let mut held = self.held.lock().expect("range lock poisoned");
+        if let Some(i) = held.iter().position(|&r| r == range) {
+            held.swap_remove(i);
+        }
+        drop(held);
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.released.notify_waiters();
         }
     }
 
@@ -43,12 +101,13 @@ impl RangeLocks {
 
 impl Drop for RangeGuard<'_> {
     fn drop(&mut self) {
-        let mut held = self.locks.held.lock().expect("range lock poisoned");
-        if let Some(i) = held.iter().position(|&r| r == self.range) {
-            held.swap_remove(i);
-        }
-        drop(held);
-        self.locks.released.notify_waiters();
+        self.locks.release(self.range);
+    }
+}
+
+impl Drop for OwnedRangeGuard {
+    fn drop(&mut self) {
+        self.locks.release(self.range);
     }
 }
 

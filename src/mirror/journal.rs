@@ -15,7 +15,7 @@
 //! so the changed record is never behind a cleared intent bit on disk.
 
 use super::MirrorStats;
-use crate::device::BlockDevice;
+use crate::device::{guard, BlockDevice};
 use crate::meta::bitmap::page_of;
 use crate::meta::store::write_superblock;
 use crate::meta::superblock::{FLAG_BITMAPS, FLAG_OPEN};
@@ -251,7 +251,13 @@ impl Journal {
             if self.durable_seq.load(Ordering::Acquire) >= seq {
                 return Ok(());
             }
-            let mut io = self.io.lock().await;
+            // The holder may be a commit waiting out a stalled backing: a client write gives up
+            // by its request deadline. Only this wait is cut short; once the pages are taken from
+            // the dirty sets below, the commit runs to its end (each page write is bounded by the
+            // backing guard, and a failed one puts its pages back).
+            let mut io = guard::bounded(self.io.lock()).await.inspect_err(|_| {
+                self.stats.backing_io.deadline_errors.fetch_add(1, Ordering::Relaxed);
+            })?;
             if self.durable_seq.load(Ordering::Acquire) >= seq {
                 return Ok(());
             }

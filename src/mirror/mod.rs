@@ -26,6 +26,14 @@
 //!   else. Intent bits clear only after both devices were flushed and the valid bitmap persisted.
 //! * **Disposable cache**: every cache error is absorbed (the backing has every acknowledged
 //!   write); past the error budget the set is dropped and the engine runs degraded.
+//! * **A stalled backing** (`device::guard`): every backing operation has an attempt timeout and a
+//!   deadline; each client request runs under one request deadline that also bounds its waits for
+//!   range locks and the write-intent commit, so a write fails with EIO by then and is never
+//!   acknowledged without the backing. A backing write given up at its deadline stays fenced in
+//!   the guard until the device really answers: no later write to those bytes is issued before it
+//!   lands, and backing reads of them (client reads of invalid regions, rebuild copies, repairs,
+//!   verify) wait for it, so the region the failed write invalidated is only made valid again
+//!   from what the backing finally holds. Reads of valid regions never touch the backing.
 
 mod cacheset;
 mod journal;
@@ -41,6 +49,7 @@ mod tests;
 pub use striped::Striped;
 pub use verify::{verify_offline, verify_offline_report, VerifyReport};
 
+use crate::device::guard::{self, BackingIoStats, Guarded, IoPolicy};
 use crate::device::{AlignedBuf, BlockDevice, Extent, RangeLocks};
 use crate::meta::store::{check_backing, read_superblock};
 use crate::meta::superblock::FLAG_OPEN;
@@ -53,7 +62,7 @@ use std::collections::{HashSet, VecDeque};
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 use util::region_span;
 
@@ -77,6 +86,8 @@ pub struct MirrorOptions {
     /// Period of the metadata cleaner: idle write-intent bits clear after one to two periods, and
     /// the valid bitmap is persisted at least this often while it changes.
     pub metadata_interval_ms: u64,
+    /// Timeouts, read retries and the request deadline for backing I/O (`backing_*` config keys).
+    pub backing_io: IoPolicy,
 }
 
 impl Default for MirrorOptions {
@@ -89,6 +100,7 @@ impl Default for MirrorOptions {
             rebuild_max_bytes_per_s: u64::MAX,
             take_over_foreign_cache: false,
             metadata_interval_ms: 5000,
+            backing_io: IoPolicy::default(),
         }
     }
 }
@@ -136,6 +148,9 @@ pub struct MirrorStats {
     pub verify_running: AtomicU64,
     pub verify_done_regions: AtomicU64,
     pub verify_total_regions: AtomicU64,
+    /// Backing stalls: attempts past `backing_timeout_ms`, read retries, requests failed at
+    /// `backing_io_deadline_ms`, outages, and the stalled-operation and in-outage gauges.
+    pub backing_io: Arc<BackingIoStats>,
 }
 
 /// Bounds the hot-first queue: beyond this, reads of invalid regions just wait for the scan.
@@ -149,7 +164,8 @@ struct HotQueue {
 
 pub(crate) struct Inner<B: BlockDevice, C: BlockDevice> {
     me: Weak<Inner<B, C>>,
-    backing: B,
+    /// Every backing operation goes through the guard: timeouts, read retries, fencing.
+    backing: Guarded<B>,
     data_bytes: u64,
     region_bytes: u64,
     regions: u64,
@@ -220,6 +236,8 @@ impl<B: BlockDevice, C: BlockDevice> MirrorVolume<B, C> {
     /// 5. another superdisk's cache (or unknown data): refused unless `take_over_foreign_cache`;
     /// 6. no cache (or its devices fail): degraded, serving from the backing.
     pub async fn open(backing: B, caches: Vec<C>, opts: MirrorOptions) -> io::Result<Self> {
+        let stats = Arc::new(MirrorStats::default());
+        let backing = Guarded::new(backing, opts.backing_io.clone(), stats.backing_io.clone(), "backing");
         let sb = read_superblock(&backing).await?.map_err(|e| {
             io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -230,7 +248,6 @@ impl<B: BlockDevice, C: BlockDevice> MirrorVolume<B, C> {
         if sb.region_bytes != opts.region_bytes {
             tracing::info!(recorded = sb.region_bytes, "using the region size recorded on the backing");
         }
-        let stats = Arc::new(MirrorStats::default());
         let (journal, info) = Journal::open(&backing, sb.clone(), stats.clone()).await?;
         if info.crashed {
             tracing::warn!(
@@ -419,7 +436,12 @@ impl<B: BlockDevice, C: BlockDevice> MirrorVolume<B, C> {
     }
 
     pub fn backing(&self) -> &B {
-        &self.inner.backing
+        self.inner.backing.inner()
+    }
+
+    /// Whether a backing operation is stalled right now (an outage is under way).
+    pub fn backing_stalled(&self) -> bool {
+        self.inner.backing.in_outage()
     }
 
     fn stop_tasks(&self) -> Vec<JoinHandle<()>> {
@@ -448,7 +470,13 @@ async fn cleaner_loop<B: BlockDevice, C: BlockDevice>(inner: Arc<Inner<B, C>>) {
             return;
         }
         if let Err(e) = inner.clean_pass().await {
-            tracing::warn!(error = %e, "metadata cleaner pass failed; will retry");
+            // While the backing is stalled the outage was logged once; a failure every period would
+            // only repeat it.
+            if inner.backing.in_outage() || guard::is_deadline_error(&e) {
+                tracing::debug!(error = %e, "metadata cleaner pass failed during a backing stall; will retry");
+            } else {
+                tracing::warn!(error = %e, "metadata cleaner pass failed; will retry");
+            }
         }
     }
 }
@@ -901,8 +929,26 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
     async fn begin(&self, offset: u64, len: u64) -> io::Result<Mutation<'_, B, C>> {
         self.fg_ops.fetch_add(1, Ordering::Relaxed);
         let rs = region_span(offset, len, self.region_bytes);
-        let (mark, set) = self.journal.mark(&self.backing, rs.clone(), |_| self.cache_now()).await?;
+        // A stalled backing fails the commit by the request deadline; nothing was written to
+        // either device yet, so the region's state stays what it was.
+        let (mark, set) =
+            self.journal.mark(&self.backing, rs.clone(), |_| self.cache_now()).await.inspect_err(|_| {
+                self.stats.backing_errors.fetch_add(1, Ordering::Relaxed);
+            })?;
         Ok(Mutation { inner: self, offset, len, rs, set, armed: false, _mark: mark })
+    }
+
+    /// Awaits `f` (a lock), but not past the request's deadline.
+    async fn bounded<F: std::future::Future>(&self, f: F) -> io::Result<F::Output> {
+        guard::bounded(f).await.inspect_err(|_| {
+            self.stats.backing_io.deadline_errors.fetch_add(1, Ordering::Relaxed);
+            self.stats.backing_errors.fetch_add(1, Ordering::Relaxed);
+        })
+    }
+
+    /// The deadline for a client request that starts now (`backing_io_deadline_ms`).
+    fn request_deadline(&self) -> Instant {
+        Instant::now() + self.backing.policy().deadline
     }
 
     /// Settles the regions' cache state from both results, before the range lock is released.
@@ -916,7 +962,14 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
         if set.is_failed() {
             // Detached meanwhile: its state no longer matters (the changed record covers us).
         } else if let Err(e) = rb {
-            tracing::warn!(offset, len, error = %e, "backing write failed; the client gets the error");
+            // A timed-out backing write may still land later (the guard keeps its range fenced
+            // until it does): the backing's bytes are unspecified until then, so the cache copy
+            // must not be read; the rebuild copies the region back once the backing answers.
+            if guard::is_deadline_error(e) {
+                tracing::debug!(offset, len, error = %e, "backing write timed out; the client gets EIO");
+            } else {
+                tracing::warn!(offset, len, error = %e, "backing write failed; the client gets the error");
+            }
             self.invalidate(set, m.rs.clone());
         } else if let Err(e) = rc {
             tracing::warn!(offset, len, error = %e, "cache write failed; region invalidated, client unaffected");
@@ -947,7 +1000,11 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
         }
         self.stats.writes.fetch_add(1, Ordering::Relaxed);
         self.stats.write_bytes.fetch_add(len, Ordering::Relaxed);
-        let _lock = self.locks.lock(offset, offset + len).await;
+        // Bounded: the holder may be a write waiting out a stalled backing.
+        let _lock = match self.bounded(self.locks.lock(offset, offset + len)).await {
+            Ok(g) => g,
+            Err(e) => return (buf, Err(e)),
+        };
         let mut m = match self.begin(offset, len).await {
             Ok(m) => m,
             Err(e) => return (buf, Err(e)),
@@ -976,7 +1033,7 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
             return Err(io::Error::from_raw_os_error(errno));
         }
         self.stats.writes.fetch_add(1, Ordering::Relaxed);
-        let _lock = self.locks.lock(offset, offset + len).await;
+        let _lock = self.bounded(self.locks.lock(offset, offset + len)).await?;
         let mut m = self.begin(offset, len).await?;
         let rb = match m.set.clone() {
             None => {
@@ -1073,26 +1130,34 @@ impl<B: BlockDevice, C: BlockDevice> Volume for MirrorVolume<B, C> {
         self.inner.backing.fast_zero()
     }
 
+    // Every client request runs under one deadline (`guard::with_deadline`): its backing I/O,
+    // lock waits and write-intent commit all end by then, so a stalled backing turns into EIO for
+    // the client after `backing_io_deadline_ms`, never into an acknowledgement.
+
     async fn read(&self, offset: u64, buf: AlignedBuf) -> (AlignedBuf, io::Result<()>) {
-        self.inner.read(offset, buf).await
+        guard::with_deadline(self.inner.request_deadline(), self.inner.read(offset, buf)).await
     }
 
     async fn write(&self, offset: u64, buf: AlignedBuf, fua: bool) -> (AlignedBuf, io::Result<()>) {
-        self.inner.write(offset, buf, fua).await
+        guard::with_deadline(self.inner.request_deadline(), self.inner.write(offset, buf, fua)).await
     }
 
     async fn flush(&self) -> io::Result<()> {
         // The client's durability is the backing's; the cache is flushed by the cleaner, which
-        // is what the valid bitmap depends on.
-        self.inner.backing.flush().await
+        // is what the valid bitmap depends on. A flush that times out fails here and its late
+        // completion is reported to nobody (the guard never re-issues a flush).
+        guard::with_deadline(self.inner.request_deadline(), self.inner.backing.flush()).await
     }
 
     async fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
-        self.inner.write_zeroes(offset, len, true, fua, libc::EINVAL).await
+        let inner = &self.inner;
+        guard::with_deadline(inner.request_deadline(), inner.write_zeroes(offset, len, true, fua, libc::EINVAL)).await
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool, fua: bool) -> io::Result<()> {
-        self.inner.write_zeroes(offset, len, may_unmap, fua, libc::ENOSPC).await
+        let inner = &self.inner;
+        let zero = inner.write_zeroes(offset, len, may_unmap, fua, libc::ENOSPC);
+        guard::with_deadline(inner.request_deadline(), zero).await
     }
 
     async fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -1112,7 +1177,7 @@ impl<B: BlockDevice, C: BlockDevice> Volume for MirrorVolume<B, C> {
 
     async fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
         let len = len.min(self.inner.data_bytes.saturating_sub(offset));
-        self.inner.backing.allocation(offset, len).await
+        guard::with_deadline(self.inner.request_deadline(), self.inner.backing.allocation(offset, len)).await
     }
 
     async fn shutdown(&self) -> io::Result<()> {

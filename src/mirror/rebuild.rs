@@ -6,11 +6,15 @@
 //! between reading the backing and writing the cache, and writes after the copy go to both
 //! devices), then after a cache flush Copying → Valid. A write that fails on the cache during the
 //! window moves it to Invalid, and the final transition then does not happen.
+//!
+//! While the backing is stalled or failing the rebuild backs off (exponentially, up to
+//! [`MAX_BACKOFF`], resuming as soon as the backing answers every stalled operation again) rather
+//! than queueing more reads behind the stall; a failed copy leaves its region Invalid.
 
 use super::cacheset::CacheSet;
 use super::region::RegionState;
 use super::{Inner, HOT_QUEUE_MAX};
-use crate::device::{AlignedBuf, BlockDevice};
+use crate::device::{guard, AlignedBuf, BlockDevice};
 use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -26,6 +30,9 @@ const PERSIST_EVERY: Duration = Duration::from_secs(1);
 const LOAD_WINDOW: Duration = Duration::from_millis(100);
 /// The pacer may run this far ahead of its rate (a short burst after an idle spell).
 const BURST: Duration = Duration::from_millis(50);
+/// First pause after a chunk whose backing reads failed; doubles while they keep failing.
+const MIN_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Paces the rebuild: `max` bytes/s while no client request arrived during the last window,
 /// `min` while clients are active (md's speed_limit_max / speed_limit_min).
@@ -81,6 +88,7 @@ pub(crate) async fn rebuild_loop<B: BlockDevice, C: BlockDevice>(inner: Arc<Inne
     let mut limiter = RateLimiter::new(limits.0, limits.1);
     let mut cursor = 0u64;
     let mut last_persist = Instant::now();
+    let mut backoff = MIN_BACKOFF;
     loop {
         if inner.closed.load(Ordering::Acquire) {
             return;
@@ -137,7 +145,12 @@ pub(crate) async fn rebuild_loop<B: BlockDevice, C: BlockDevice>(inner: Arc<Inne
                     Ok(true) => copied.push(r),
                     Ok(false) => {}
                     Err(CopyError::Backing(e)) => {
-                        tracing::warn!(region = r, error = %e, "rebuild: backing read failed; will retry later");
+                        if guard::is_deadline_error(&e) || inner.backing.in_outage() {
+                            // The stall itself is logged once by the guard.
+                            tracing::debug!(region = r, error = %e, "rebuild: backing stalled; will retry later");
+                        } else {
+                            tracing::warn!(region = r, error = %e, "rebuild: backing read failed; will retry later");
+                        }
                         backing_failed = true;
                     }
                     Err(CopyError::Cache(e)) => {
@@ -145,6 +158,10 @@ pub(crate) async fn rebuild_loop<B: BlockDevice, C: BlockDevice>(inner: Arc<Inne
                         inner.cache_error(&set);
                     }
                 }
+            }
+            if backing_failed {
+                // The next chunk would only fail the same way: stop and back off below.
+                break;
             }
         }
         if attempted == 0 {
@@ -181,8 +198,18 @@ pub(crate) async fn rebuild_loop<B: BlockDevice, C: BlockDevice>(inner: Arc<Inne
             last_persist = Instant::now();
         }
         if backing_failed {
-            // Don't spin on a backing that fails; reads of those regions report its errors.
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            // Don't spin on a backing that fails or stalls; reads of those regions report its
+            // errors. A stall ends when the guard sees every stalled operation answered: resume
+            // then rather than at the end of the backoff. Otherwise the next chunk is a probe (a
+            // single lost request can keep the guard's stall count up for good).
+            if inner.backing.in_outage() {
+                inner.backing.wait_answering(backoff).await;
+            } else {
+                tokio::time::sleep(backoff).await;
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        } else {
+            backoff = MIN_BACKOFF;
         }
     }
 }
@@ -234,22 +261,13 @@ async fn copy_region<B: BlockDevice, C: BlockDevice>(
     let (start, len) = inner.region_bounds(r);
     let res = async {
         let _g = inner.locks.lock(start, start + len).await;
+        // One deadline for the copy's backing I/O, so a stalled backing holds the region's range
+        // lock (and client writes behind it) no longer than one client request would.
+        let deadline = Instant::now() + inner.backing.policy().deadline;
         if set.is_failed() {
             return Ok(());
         }
-        // A region the backing never allocated reads as zeroes: zero the cache copy instead of
-        // moving a megabyte of zeroes.
-        let hole = match inner.backing.allocation(start, len).await {
-            Ok(ext) => ext.iter().all(|e| e.hole) && ext.iter().map(|e| e.length_bytes).sum::<u64>() >= len,
-            Err(_) => false,
-        };
-        if hole {
-            return set.dev.write_zeroes(start, len, true).await.map_err(CopyError::Cache);
-        }
-        let (buf, rr) = inner.backing.read(start, AlignedBuf::uninit_for_fill(len as usize)).await;
-        rr.map_err(CopyError::Backing)?;
-        let (_, rw) = set.dev.write(start, buf, false).await;
-        rw.map_err(CopyError::Cache)
+        guard::with_deadline(deadline, copy_locked(inner, set, start, len)).await
     }
     .await;
     match res {
@@ -263,6 +281,28 @@ async fn copy_region<B: BlockDevice, C: BlockDevice>(
             Err(e)
         }
     }
+}
+
+/// The copy itself, under the region's range lock.
+async fn copy_locked<B: BlockDevice, C: BlockDevice>(
+    inner: &Inner<B, C>,
+    set: &CacheSet<C>,
+    start: u64,
+    len: u64,
+) -> Result<(), CopyError> {
+    // A region the backing never allocated reads as zeroes: zero the cache copy instead of
+    // moving a megabyte of zeroes.
+    let hole = match inner.backing.allocation(start, len).await {
+        Ok(ext) => ext.iter().all(|e| e.hole) && ext.iter().map(|e| e.length_bytes).sum::<u64>() >= len,
+        Err(_) => false,
+    };
+    if hole {
+        return set.dev.write_zeroes(start, len, true).await.map_err(CopyError::Cache);
+    }
+    let (buf, rr) = inner.backing.read(start, AlignedBuf::uninit_for_fill(len as usize)).await;
+    rr.map_err(CopyError::Backing)?;
+    let (_, rw) = set.dev.write(start, buf, false).await;
+    rw.map_err(CopyError::Cache)
 }
 
 #[cfg(test)]

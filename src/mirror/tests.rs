@@ -5,6 +5,7 @@
 use super::*;
 use crate::device::fault::{FaultDevice, FaultOp, SimRng};
 use crate::device::mem::MemDevice;
+use crate::device::IoPolicy;
 use crate::meta::store::{new_backing_superblock, update_superblock, write_superblock};
 use crate::meta::{meta_bytes, BitmapKind, DiskBitmap, MetaLayout};
 
@@ -657,4 +658,228 @@ async fn random_crashes_lose_no_flushed_write_and_never_leave_a_stale_valid_regi
         v.wait_rebuilt().await;
         assert_eq!(v.verify(false).await.unwrap(), vec![], "seed {seed}");
     }
+}
+
+// ------------------------------------------------------------------------------------------------
+// A stalled backing (device::guard): the device stops answering, then answers again, and what it
+// was asked to write while stalled lands late.
+
+type HVol = MirrorVolume<FaultDevice<MemDevice>, MemDevice>;
+
+/// Short backing timeouts, so a stall turns into errors within milliseconds.
+fn stall_opts() -> MirrorOptions {
+    MirrorOptions {
+        backing_io: IoPolicy {
+            attempt_timeout: Duration::from_millis(5),
+            read_retries: 2,
+            retry_backoff: Duration::from_millis(1),
+            deadline: Duration::from_millis(25),
+        },
+        ..opts()
+    }
+}
+
+/// Fails the test instead of hanging it when something is not bounded.
+async fn within_limit<F: std::future::Future>(f: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(60), f).await.expect("hung: some wait is not bounded by the deadline")
+}
+
+fn state(v: &HVol, r: u64) -> RegionState {
+    v.inner.cache_now().expect("cache attached").table.get(r)
+}
+
+#[tokio::test]
+async fn a_stalled_backing_serves_valid_regions_from_the_cache_and_fails_writes_cleanly() {
+    within_limit(async {
+        let backing = FaultDevice::new(new_backing().await, 11);
+        let faults = backing.handle();
+        let v = HVol::open(backing.clone(), vec![new_cache()], stall_opts()).await.unwrap();
+        let rb = u64::from(REGION);
+        let mut model = vec![0u8; DATA as usize];
+        write(&v, &mut model, 0, 1, DATA as usize).await;
+        v.wait_rebuilt().await;
+        // Two cleaner passes clear every idle intent bit: a first write into a region needs a commit.
+        v.clean_metadata().await.unwrap();
+        v.clean_metadata().await.unwrap();
+        write(&v, &mut model, 3 * rb, 2, 4096).await;
+        assert_eq!(v.dirty_regions().0, 1, "region 3 keeps its intent bit; the others are clean");
+
+        faults.hang(&[FaultOp::Read, FaultOp::Write, FaultOp::Flush]);
+        let backing_reads = faults.ops(FaultOp::Read);
+
+        // Valid regions: served from the cache, without touching the backing.
+        assert_reads(&v, &model).await;
+        assert_eq!(faults.ops(FaultOp::Read), backing_reads, "a read of valid regions went to the backing");
+
+        // A write into region 3 (intent bit durable): the backing write never answers; the client
+        // gets EIO and the region can no longer be read from the cache.
+        let (_, r) = v.write(3 * rb + 100, pattern(3, 5000), false).await;
+        let e = r.expect_err("a write the backing never acknowledged must fail");
+        assert!(guard::is_deadline_error(&e), "{e}");
+        assert_eq!(state(&v, 3), RegionState::Invalid);
+        // A second write to the same bytes waits behind the first (which may still land) and is
+        // never issued.
+        let writes = faults.ops(FaultOp::Write);
+        let (_, r) = v.write(3 * rb, pattern(4, 8192), false).await;
+        assert!(r.is_err());
+        assert_eq!(faults.ops(FaultOp::Write), writes, "a write was issued over one that may still land");
+
+        // A first write into region 5: its write-intent commit never answers, so nothing is
+        // written anywhere and the region stays valid with its old bytes.
+        let (_, r) = v.write(5 * rb, pattern(5, 4096), false).await;
+        assert!(r.is_err(), "a write whose intent commit failed must fail");
+        assert_eq!(state(&v, 5), RegionState::Valid);
+        // A flush fails too, and reads of an invalid region wait for the backing and then fail.
+        assert!(v.flush().await.is_err());
+        let (_, r) = v.read(3 * rb, AlignedBuf::zeroed(4096)).await;
+        assert!(r.is_err());
+        // Everything else still reads from the cache, as it was.
+        let (b, r) = v.read(5 * rb, AlignedBuf::zeroed(rb as usize)).await;
+        r.unwrap();
+        assert_eq!(&b[..], &model[5 * rb as usize..6 * rb as usize]);
+        let (b, r) = v.read(0, AlignedBuf::zeroed(3 * rb as usize)).await;
+        r.unwrap();
+        assert_eq!(&b[..], &model[..3 * rb as usize]);
+        let st = v.stats();
+        assert!(v.backing_stalled());
+        assert_eq!(st.backing_io.outages.load(Ordering::Relaxed), 1);
+        assert!(st.backing_io.timeouts.load(Ordering::Relaxed) >= 3);
+        assert!(st.backing_io.deadline_errors.load(Ordering::Relaxed) >= 4);
+
+        // The backing answers again: the stalled writes land (late), the rebuild copies region 3
+        // back from what the backing now holds, and every acknowledged write is intact.
+        faults.resume();
+        v.wait_rebuilt().await;
+        assert!(!v.backing_stalled());
+        assert_eq!(st.backing_io.in_outage.load(Ordering::Relaxed), 0);
+        // The first failed write landed; the second was never issued.
+        let b = pattern(3, 5000);
+        model[3 * rb as usize + 100..3 * rb as usize + 5100].copy_from_slice(&b);
+        assert_reads(&v, &model).await;
+        assert_eq!(v.verify(false).await.unwrap(), vec![], "the cache agrees with the backing");
+        v.flush().await.unwrap();
+        write(&v, &mut model, 3 * rb, 6, 8192).await;
+        write(&v, &mut model, 5 * rb, 7, 4096).await;
+        assert_reads(&v, &model).await;
+        v.wait_rebuilt().await;
+        assert_eq!(v.verify(false).await.unwrap(), vec![]);
+        assert_eq!(
+            &backing.inner().contents()[..DATA as usize],
+            &model[..],
+            "the backing holds every acknowledged write"
+        );
+    })
+    .await;
+}
+
+/// Random writes, reads, flushes and cleaner passes while the backing stalls and recovers at
+/// random moments. A write that failed leaves each of its bytes old or new (it may land late);
+/// once a read has returned such a byte, it must read the same until the next write (no flapping
+/// between the copies, no stale cache), and every acknowledged write reads back.
+#[tokio::test]
+async fn random_backing_stalls_lose_no_acknowledged_write_and_serve_no_stale_data() {
+    within_limit(async {
+        for seed in 0..3u64 {
+            let mut rng = SimRng::new(seed);
+            let backing = FaultDevice::new(new_backing().await, seed);
+            let faults = backing.handle();
+            let v = HVol::open(backing.clone(), vec![new_cache()], stall_opts()).await.unwrap();
+            // Per byte: the values it may hold. One value: known.
+            let mut model: Vec<Vec<u8>> = vec![vec![0]; DATA as usize];
+            let mut history: Vec<String> = Vec::new();
+            let mut hung = false;
+            // A few hot spots, so that writes often overlap ones that failed and may land late.
+            let hot: Vec<u64> = (0..4).map(|_| rng.below(DATA - u64::from(REGION))).collect();
+            for step in 0..100 {
+                let off =
+                    if rng.below(4) == 0 { rng.below(DATA - 1) } else { hot[rng.below(4) as usize] + rng.below(8192) };
+                // Mostly small, sometimes across a region boundary.
+                let len = rng.in_range(1..(u64::from(REGION) / 2).min(DATA - off) + 1);
+                let what = rng.below(12);
+                history.push(format!("{step}: op {what} [{off}, +{len}) hung={hung}"));
+                let fail = |msg: String| -> ! {
+                    panic!("seed {seed} step {step}: {msg}\nhistory:\n  {}", history.join("\n  "))
+                };
+                match what {
+                    0..=4 => {
+                        let seed_data = rng.next_u64();
+                        let data = pattern(seed_data, len as usize);
+                        let (_, r) = v.write(off, pattern(seed_data, len as usize), false).await;
+                        for (i, &b) in data.iter().enumerate() {
+                            let m = &mut model[off as usize + i];
+                            match r {
+                                Ok(()) => *m = vec![b],
+                                Err(_) if !m.contains(&b) => m.push(b),
+                                Err(_) => {}
+                            }
+                        }
+                    }
+                    5..=7 => {
+                        let (b, r) = v.read(off, AlignedBuf::zeroed(len as usize)).await;
+                        match r {
+                            Ok(()) => {
+                                for (i, &x) in b.iter().enumerate() {
+                                    let m = &mut model[off as usize + i];
+                                    if !m.contains(&x) {
+                                        fail(format!("byte {} read {x}, may only be one of {m:?}", off as usize + i));
+                                    }
+                                    *m = vec![x];
+                                }
+                            }
+                            Err(e) if !hung && !v.backing_stalled() => {
+                                fail(format!("read failed with the backing answering: {e}"))
+                            }
+                            Err(_) => {}
+                        }
+                    }
+                    8 => {
+                        let _ = v.flush().await;
+                    }
+                    9 => {
+                        let _ = v.clean_metadata().await;
+                    }
+                    10 => {
+                        if hung {
+                            faults.resume();
+                        } else {
+                            // Writes alone stalling while reads answer is what would let a
+                            // rebuild copy bytes that a given-up write then overwrites.
+                            let kinds: [&[FaultOp]; 5] = [
+                                &[FaultOp::Write],
+                                &[FaultOp::Write, FaultOp::Flush],
+                                &[FaultOp::Read, FaultOp::Write, FaultOp::Flush],
+                                &[FaultOp::Read],
+                                &[FaultOp::Flush],
+                            ];
+                            faults.hang(kinds[rng.below(5) as usize]);
+                        }
+                        hung = !hung;
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(2)).await,
+                }
+                if !hung && rng.below(8) == 0 {
+                    // The stall is over and everything it held has landed: the copies agree.
+                    v.wait_rebuilt().await;
+                    if v.backing_stalled() {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        continue;
+                    }
+                    let bad = v.verify(false).await.unwrap_or_else(|e| fail(format!("verify: {e}")));
+                    if !bad.is_empty() {
+                        fail(format!("valid cache regions differ from the backing at {bad:?}"));
+                    }
+                }
+            }
+            faults.resume();
+            v.wait_rebuilt().await;
+            let (b, r) = v.read(0, AlignedBuf::zeroed(DATA as usize)).await;
+            r.unwrap();
+            for (i, &x) in b.iter().enumerate() {
+                assert!(model[i].contains(&x), "seed {seed}: byte {i} reads {x}, may only be one of {:?}", model[i]);
+            }
+            assert_eq!(v.verify(false).await.unwrap(), vec![], "seed {seed}");
+            assert!(v.stats().backing_io.deadline_errors.load(Ordering::Relaxed) > 0, "seed {seed}: no stall hit");
+        }
+    })
+    .await;
 }

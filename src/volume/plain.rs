@@ -1,15 +1,22 @@
 //! A volume with only a backing device: every read and write goes to it. This is what superdisk
 //! serves when no cache is configured, and the degraded mode's data path.
+//!
+//! The backing is behind a [`Guarded`] device: each request has `backing_io_deadline_ms` to
+//! complete and then fails with EIO; a write given up that way stays fenced until the device
+//! really answers, so no later write to those bytes can be overtaken by it (see `device::guard`).
 
 use super::Volume;
+use crate::device::guard::{self, BackingIoStats, Guarded, IoPolicy};
 use crate::device::{AlignedBuf, BlockDevice, Extent};
 use crate::meta::store::{self, check_backing, read_superblock, update_superblock};
 use crate::meta::superblock::{Superblock, FLAG_OPEN};
 use std::io;
+use std::sync::Arc;
+use std::time::Instant;
 use tokio::sync::Mutex;
 
 pub struct PlainVolume<D: BlockDevice> {
-    backing: D,
+    backing: Guarded<D>,
     data_size_bytes: u64,
     read_only: bool,
     superblock: Mutex<Superblock>,
@@ -19,7 +26,14 @@ pub struct PlainVolume<D: BlockDevice> {
 
 impl<D: BlockDevice> PlainVolume<D> {
     /// Opens a backing device prepared by `superdisk create`; marks it open unless read-only.
+    /// Backing I/O gets the default [`IoPolicy`].
     pub async fn open(backing: D, read_only: bool) -> io::Result<Self> {
+        Self::open_with_policy(backing, read_only, IoPolicy::default()).await
+    }
+
+    /// [`Self::open`] with the timeouts, read retries and deadline of `policy` (`backing_*` keys).
+    pub async fn open_with_policy(backing: D, read_only: bool, policy: IoPolicy) -> io::Result<Self> {
+        let backing = Guarded::new(backing, policy, Arc::new(BackingIoStats::default()), "backing");
         let mut sb = read_superblock(&backing).await?.map_err(|e| {
             io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -42,7 +56,16 @@ impl<D: BlockDevice> PlainVolume<D> {
     }
 
     pub fn backing(&self) -> &D {
-        &self.backing
+        self.backing.inner()
+    }
+
+    /// Backing stall counters (timeouts, retries, deadline failures, outages) for status/metrics.
+    pub fn io_stats(&self) -> Arc<BackingIoStats> {
+        self.backing.stats().clone()
+    }
+
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.backing.policy().deadline
     }
 }
 
@@ -64,6 +87,7 @@ impl<D: BlockDevice> Volume for PlainVolume<D> {
     }
 
     async fn flush(&self) -> io::Result<()> {
+        // Never re-issued after a failure or past the deadline (see `device::guard`).
         self.backing.flush().await
     }
 
@@ -74,11 +98,15 @@ impl<D: BlockDevice> Volume for PlainVolume<D> {
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool, fua: bool) -> io::Result<()> {
-        self.backing.write_zeroes(offset, len, may_unmap).await?;
-        if fua {
-            self.backing.flush().await?;
-        }
-        Ok(())
+        // Two device operations, one request: one deadline for both.
+        guard::with_deadline(self.deadline(), async {
+            self.backing.write_zeroes(offset, len, may_unmap).await?;
+            if fua {
+                self.backing.flush().await?;
+            }
+            Ok(())
+        })
+        .await
     }
 
     async fn cache(&self, _offset: u64, _len: u64) -> io::Result<()> {

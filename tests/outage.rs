@@ -1,0 +1,311 @@
+//! A backing that stops answering, as a network disk can: the backing image is served by nbdkit
+//! and presented as a file by nbdfuse, and the nbdkit is SIGSTOPped, so every request that reaches
+//! the file hangs in the kernel (a real hang, not an error) until SIGCONT. The daemon runs with
+//! short backing timeouts (1 s per attempt, 3 s deadline).
+//!
+//! * Mirror: during the stall, reads of valid regions are served from the cache with the right
+//!   bytes, also while a stalled write is pending; writes and a flush fail with EIO within the
+//!   deadline (plus slack), never succeed; the daemon stays up. After SIGCONT the given-up write
+//!   lands or not, but its range reads the same from either copy, new writes succeed, every write
+//!   acknowledged before the stall is intact, the cache is rebuilt, and `superdisk verify` (online,
+//!   and offline after a clean stop) finds the cache equal to the backing.
+//! * Plain (no cache, O_DIRECT so the page cache cannot answer for the backing): during the stall
+//!   reads, writes and a flush fail with EIO within the deadline; after SIGCONT everything works
+//!   and the data is intact.
+//!
+//! Every wait is bounded, and nbdkit, the FUSE mount and the daemon are cleaned up on drop (nbdkit
+//! is continued before it is killed).
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+const SIZE: u64 = 32 * MIB;
+const REGION: u64 = 256 << 10;
+const CACHE_SLACK: u64 = 8 * MIB;
+const DEADLINE_MS: u64 = 3000;
+/// The cleaner clears a region's write-intent bit after one to two idle intervals.
+const METADATA_INTERVAL_MS: u64 = 2000;
+const WAIT: Duration = Duration::from_secs(60);
+
+/// The backing image behind nbdkit (file plugin) and nbdfuse: `path()` is the file the daemon
+/// uses; `stall()` / `answer()` stop and continue the nbdkit.
+struct StallableBacking {
+    dir: tempfile::TempDir,
+    nbdkit: Option<Child>,
+    fuse: Option<FuseFile>,
+    stalled: bool,
+}
+
+impl StallableBacking {
+    fn start(image: &Path) -> StallableBacking {
+        for t in ["nbdkit", "nbdfuse", "fusermount3"] {
+            require_tool(t);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("nbdkit.sock");
+        let pidfile = dir.path().join("nbdkit.pid");
+        let log = std::fs::File::create(dir.path().join("nbdkit.log")).unwrap();
+        let mut child = Command::new("nbdkit")
+            .args(["-f", "--exit-with-parent", "-U"])
+            .arg(&sock)
+            .arg("-P")
+            .arg(&pidfile)
+            .arg("file")
+            .arg(image)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn nbdkit");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !pidfile.exists() {
+            if let Some(s) = child.try_wait().unwrap() {
+                panic!("nbdkit exited with {s}: {}", std::fs::read_to_string(dir.path().join("nbdkit.log")).unwrap());
+            }
+            assert!(Instant::now() < deadline, "nbdkit did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut b = StallableBacking { dir, nbdkit: Some(child), fuse: None, stalled: false };
+        let uri = format!("nbd+unix:///?socket={}", sock.display());
+        let len = std::fs::metadata(image).unwrap().len();
+        b.fuse = Some(FuseFile::mount(&b.dir.path().join("fuse"), "backing", &uri, len));
+        b
+    }
+
+    fn path(&self) -> PathBuf {
+        self.fuse.as_ref().expect("mounted").file.clone()
+    }
+
+    fn signal(&self, sig: i32) {
+        let pid = self.nbdkit.as_ref().expect("nbdkit running").id();
+        // SAFETY: signalling our own child.
+        assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0, "kill({pid}, {sig})");
+    }
+
+    /// The backing stops answering: every request to the FUSE file hangs.
+    fn stall(&mut self) {
+        self.signal(libc::SIGSTOP);
+        self.stalled = true;
+    }
+
+    fn answer(&mut self) {
+        self.signal(libc::SIGCONT);
+        self.stalled = false;
+    }
+}
+
+impl Drop for StallableBacking {
+    fn drop(&mut self) {
+        if self.stalled {
+            self.answer();
+        }
+        if let Some(mut f) = self.fuse.take() {
+            f.unmount(true);
+        }
+        if let Some(mut c) = self.nbdkit.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The daemon's config file: short backing timeouts, an admin socket, and `extra` keys.
+fn write_config(d: &Daemon, extra: &str) -> PathBuf {
+    let path = d.path("outage.toml");
+    let text = format!(
+        "backing_timeout_ms = 1000\nbacking_read_retries = 1\nbacking_retry_backoff_ms = 100\n\
+         backing_io_deadline_ms = {DEADLINE_MS}\nmetadata_interval_ms = {METADATA_INTERVAL_MS}\nadmin_socket = \"{}\"\n{extra}",
+        d.path("admin.sock").display()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn client(d: &mut Daemon, args: &[&str]) -> String {
+    let mut cmd = py_command("outage_client.py");
+    cmd.arg(d.unix_uri()).args(args);
+    let out = output_within(&mut cmd, Duration::from_secs(180));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "outage_client.py {args:?} failed ({})\nstdout:\n{stdout}\nstderr:\n{}\ndaemon log:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        d.log()
+    );
+    d.assert_alive();
+    stdout
+}
+
+/// `superdisk status --json` through the admin socket.
+fn status(d: &Daemon) -> serde_json::Value {
+    let out = output_within(
+        Command::new(BIN).args(["status", "--json", "--socket"]).arg(d.path("admin.sock")),
+        Duration::from_secs(30),
+    );
+    assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("status --json prints JSON")
+}
+
+/// Waits until the cache has no invalid region (the rebuild copied back what the stall
+/// invalidated).
+fn wait_rebuilt(d: &mut Daemon) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let s = status(d);
+        let invalid = s["rebuild"]["invalid_regions"].as_u64().expect("rebuild.invalid_regions in status");
+        if invalid == 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{invalid} regions still invalid after {WAIT:?}; log:\n{}", d.log());
+        d.assert_alive();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn mirror_serves_cached_reads_and_fails_writes_cleanly_while_the_backing_is_stalled() {
+    // Declared before the backing so that it is dropped after it: the daemon holds the FUSE file.
+    let mut d = Daemon::unstarted();
+    let image = d.backing.clone();
+    let cache = d.path("cache.img");
+    std::fs::File::create(&cache).unwrap().set_len(SIZE + CACHE_SLACK).unwrap();
+    d.create_with(SIZE, &["--region-size".as_ref(), "256K".as_ref(), "--cache".as_ref(), cache.as_os_str()]);
+    let mut backing = StallableBacking::start(&image);
+    d.backing = backing.path();
+    let config = write_config(&d, "");
+    d.extra_args = vec!["--config".into(), config.display().to_string(), "--cache".into(), cache.display().to_string()];
+    let mark = d.log_mark();
+    d.spawn();
+    d.wait_log(mark, "rebuild complete", WAIT);
+    d.wait_mode(mark, "healthy", WAIT);
+
+    let expect = d.path("expect.img");
+    let failed = d.path("failed.json");
+    let (expect_s, failed_s) = (expect.display().to_string(), failed.display().to_string());
+    client(&mut d, &["fill", "--expect", &expect_s, "--size", &SIZE.to_string(), "--seed", "1"]);
+    // Let the cleaner clear the fill's write-intent bits, so that a write into a quiet region
+    // needs a write-intent commit (which stalls too) before its data write.
+    std::thread::sleep(Duration::from_millis(2 * METADATA_INTERVAL_MS + 500));
+    // Two writes will fail: w1, unaligned across the boundary of regions 4 and 5, which are
+    // written just before the stall (their intent bits are durable, so w1's data write is issued
+    // and stalls, and lands after the stall); w2 into a quiet region (its intent commit stalls).
+    let w1 = format!("{}:{}", 5 * REGION - 1000, 9000);
+    let w2 = format!("{}:{}", 70 * REGION + 4096, 65536);
+    let touch = format!("{}:{}", 5 * REGION - 8192, 16384);
+    client(&mut d, &["touch", "--expect", &expect_s, "--seed", "8", "--write", &touch]);
+
+    backing.stall();
+    let out = client(
+        &mut d,
+        &[
+            "during",
+            "--expect",
+            &expect_s,
+            "--failed",
+            &failed_s,
+            "--deadline-ms",
+            &DEADLINE_MS.to_string(),
+            "--seed",
+            "2",
+            "--write",
+            &w1,
+            "--write",
+            &w2,
+        ],
+    );
+    eprintln!("during the stall: {out}");
+    d.assert_alive();
+
+    backing.answer();
+    let log = d.wait_log(mark, "backing answering again", WAIT);
+    // One warning for the outage, not one per failed request.
+    assert_eq!(log.matches("backing I/O stalled").count(), 1, "the stall must be logged once:\n{log}");
+    for line in
+        log.lines().filter(|l| l.contains("stalled") || l.contains("answering again") || l.contains("opened backing"))
+    {
+        eprintln!("daemon: {line}");
+    }
+    let out = client(&mut d, &["after", "--expect", &expect_s, "--failed", &failed_s, "--seed", "3"]);
+    eprintln!("after the stall: {out}");
+    wait_rebuilt(&mut d);
+    let out = output_within(
+        Command::new(BIN).args(["verify", "--wait", "--socket"]).arg(d.path("admin.sock")),
+        Duration::from_secs(120),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("verify: 0 mismatches"),
+        "online verify after the stall:\n{stdout}\n{}\nlog:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        d.log()
+    );
+    client(&mut d, &["after", "--expect", &expect_s, "--failed", &failed_s, "--seed", "4"]);
+    wait_rebuilt(&mut d);
+    let status = d.stop();
+    assert!(status.success(), "superdisk exited with {status} after SIGTERM; log:\n{}", d.log());
+
+    // Offline, on the image itself: the cache calls every region valid and each equals the backing.
+    d.backing = image;
+    let r = d.verify_offline(std::slice::from_ref(&cache), &[]);
+    assert!(
+        r.exit_code == Some(0) && r.mismatch_count == 0,
+        "offline verify found the cache differing from the backing:\n{}\nlog:\n{}",
+        r.output,
+        d.log()
+    );
+    assert_eq!(r.regions_checked, SIZE / REGION, "verify checked too few regions:\n{}", r.output);
+}
+
+#[test]
+fn plain_volume_fails_requests_cleanly_while_the_backing_is_stalled_and_recovers() {
+    let mut d = Daemon::unstarted();
+    let image = d.backing.clone();
+    d.create_with(SIZE, &[]);
+    let mut backing = StallableBacking::start(&image);
+    d.backing = backing.path();
+    // O_DIRECT: with the page cache, reads of recently used bytes would be answered without the
+    // backing even while it is stalled.
+    let config = write_config(&d, "direct = true\n");
+    d.extra_args = vec!["--config".into(), config.display().to_string()];
+    let mark = d.log_mark();
+    d.spawn();
+
+    let expect = d.path("expect.img");
+    let failed = d.path("failed.json");
+    let (expect_s, failed_s) = (expect.display().to_string(), failed.display().to_string());
+    client(&mut d, &["fill", "--expect", &expect_s, "--size", &SIZE.to_string(), "--seed", "5"]);
+
+    backing.stall();
+    let w1 = format!("{}:{}", 3 * MIB + 100, 10000);
+    let out = client(
+        &mut d,
+        &[
+            "during",
+            "--plain",
+            "--expect",
+            &expect_s,
+            "--failed",
+            &failed_s,
+            "--deadline-ms",
+            &DEADLINE_MS.to_string(),
+            "--seed",
+            "6",
+            "--write",
+            &w1,
+        ],
+    );
+    eprintln!("during the stall: {out}");
+    assert!(d.log_since(mark).contains("backing I/O stalled"), "the stall was not logged:\n{}", d.log());
+
+    backing.answer();
+    d.wait_log(mark, "backing answering again", WAIT);
+    client(&mut d, &["after", "--expect", &expect_s, "--failed", &failed_s, "--seed", "7"]);
+    let status = d.stop();
+    assert!(status.success(), "superdisk exited with {status} after SIGTERM; log:\n{}", d.log());
+}
