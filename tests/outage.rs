@@ -231,6 +231,12 @@ fn mirror_serves_cached_reads_and_fails_writes_cleanly_while_the_backing_is_stal
     {
         eprintln!("daemon: {line}");
     }
+    // Status and metrics count the outage: one outage, the failed requests, nothing stalled now.
+    let io = status(&d)["backing_io"].clone();
+    assert!(io["outages_total"].as_u64().unwrap() >= 1, "{io}");
+    assert!(io["deadline_errors_total"].as_u64().unwrap() >= 2, "two writes failed at the deadline: {io}");
+    assert!(io["timeouts_total"].as_u64().unwrap() >= 1, "{io}");
+    assert_eq!(io["in_outage"], false, "{io}");
     let out = client(&mut d, &["after", "--expect", &expect_s, "--failed", &failed_s, "--seed", "3"]);
     eprintln!("after the stall: {out}");
     wait_rebuilt(&mut d);

@@ -79,7 +79,11 @@ pub fn render(node: &Node) -> String {
     let devices = node.devices();
     o.family("superdisk_device_info", "gauge", "Always 1; names each device's role, path and health.");
     for (d, role) in &devices {
-        let health = if *role == "backing" { "ok" } else { node.health_of_cache() };
+        let health = match *role {
+            "backing" if node.backing_io.in_outage.load(Relaxed) == 1 => "stalled",
+            "backing" => "ok",
+            _ => node.health_of_cache(),
+        };
         o.sample(
             "superdisk_device_info",
             &[("device", &d.name), ("role", role), ("path", &d.path), ("health", health)],
@@ -143,6 +147,24 @@ pub fn render(node: &Node) -> String {
     o.sample("superdisk_connections_accepted_total", &[], node.server.connections_accepted.load(Relaxed));
     o.family("superdisk_connections_refused_total", "counter", "NBD connections refused at max_connections.");
     o.sample("superdisk_connections_refused_total", &[], node.server.connections_refused.load(Relaxed));
+
+    let io = &node.backing_io;
+    o.family("superdisk_backing_timeouts_total", "counter", "Backing operations that ran past backing_timeout_ms.");
+    o.sample("superdisk_backing_timeouts_total", &[], io.timeouts.load(Relaxed));
+    o.family("superdisk_backing_read_retries_total", "counter", "Backing reads re-issued after a stall or an error.");
+    o.sample("superdisk_backing_read_retries_total", &[], io.retries.load(Relaxed));
+    o.family(
+        "superdisk_backing_deadline_errors_total",
+        "counter",
+        "Operations failed because backing_io_deadline_ms passed (client requests got EIO).",
+    );
+    o.sample("superdisk_backing_deadline_errors_total", &[], io.deadline_errors.load(Relaxed));
+    o.family("superdisk_backing_outages_total", "counter", "Backing outages begun (an operation stalled).");
+    o.sample("superdisk_backing_outages_total", &[], io.outages.load(Relaxed));
+    o.family("superdisk_backing_stalled_operations", "gauge", "Backing operations stalled and not yet answered.");
+    o.sample("superdisk_backing_stalled_operations", &[], io.stalled_ops.load(Relaxed));
+    o.family("superdisk_backing_in_outage", "gauge", "1 while the backing has an operation stalled past its timeout.");
+    o.sample("superdisk_backing_in_outage", &[], io.in_outage.load(Relaxed));
 
     if let Some(m) = &node.mirror {
         let st = m.stats();

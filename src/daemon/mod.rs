@@ -16,8 +16,8 @@ use crate::service::Notifier;
 use crate::stats::{DevOp, DeviceStats, Instrumented, OpSnapshot, ReqOp, ServerStats};
 use crate::volume::{PlainVolume, Volume};
 use status::{
-    op_status, CacheStatus, ConnectionStatus, DeviceStatus, ExportStatus, RebuildStatus, Status, VerifyOutcome,
-    VerifyStatus,
+    op_status, BackingIoStatus, CacheStatus, ConnectionStatus, DeviceStatus, ExportStatus, RebuildStatus, Status,
+    VerifyOutcome, VerifyStatus,
 };
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering::Relaxed;
@@ -56,6 +56,8 @@ pub struct Node {
     pub backing: Arc<DeviceStats>,
     pub server: Arc<ServerStats>,
     pub mirror: Option<Arc<Mirror>>,
+    /// Timeouts, retries and outages of backing I/O (the guard around the backing).
+    pub backing_io: Arc<crate::device::BackingIoStats>,
     /// The attached (or last failed) cache set's members; emptied by `cache remove`.
     caches: Mutex<Vec<Arc<DeviceStats>>>,
     samples: Mutex<VecDeque<Sample>>,
@@ -157,7 +159,9 @@ impl Node {
             let health = if role == "backing" {
                 // Errors within the window say the backing is in trouble now, not once.
                 let errors_then = before.as_ref().map_or(0, |b| b.iter().map(|s| s.errors).sum::<u64>());
-                if after.iter().map(|s| s.errors).sum::<u64>() > errors_then {
+                if self.backing_io.in_outage.load(Relaxed) == 1 {
+                    "stalled"
+                } else if after.iter().map(|s| s.errors).sum::<u64>() > errors_then {
                     "erroring"
                 } else {
                     "ok"
@@ -248,6 +252,14 @@ impl Node {
                 refused_total: self.server.connections_refused.load(Relaxed),
             },
             requests,
+            backing_io: BackingIoStatus {
+                in_outage: self.backing_io.in_outage.load(Relaxed) == 1,
+                stalled_ops: self.backing_io.stalled_ops.load(Relaxed),
+                outages_total: self.backing_io.outages.load(Relaxed),
+                timeouts_total: self.backing_io.timeouts.load(Relaxed),
+                read_retries_total: self.backing_io.retries.load(Relaxed),
+                deadline_errors_total: self.backing_io.deadline_errors.load(Relaxed),
+            },
         }
     }
 
@@ -338,8 +350,13 @@ pub async fn serve(
     let backing_stats = device_stats("backing", &dev);
     let dev = Instrumented::new(dev, backing_stats.clone());
     let server_stats = Arc::new(ServerStats::default());
-    let node = |mirror: Option<Arc<Mirror>>, caches: Vec<Arc<DeviceStats>>, size: u64, cfg: &ServeConfig| {
+    let node = |mirror: Option<Arc<Mirror>>,
+                caches: Vec<Arc<DeviceStats>>,
+                backing_io: Arc<crate::device::BackingIoStats>,
+                size: u64,
+                cfg: &ServeConfig| {
         Arc::new(Node {
+            backing_io,
             started: Instant::now(),
             cfg: Mutex::new(cfg.clone()),
             export_size_bytes: size,
@@ -360,7 +377,7 @@ pub async fn serve(
         if volume.recovered_from_crash {
             tracing::warn!("the previous run did not shut down cleanly");
         }
-        let node = node(None, Vec::new(), volume.size_bytes(), &cfg);
+        let node = node(None, Vec::new(), volume.io_stats(), volume.size_bytes(), &cfg);
         return run(Arc::new(volume), node, &cfg, rotational, on_ready).await;
     }
     let (caches, members) = match open_caches(&cfg.cache, &cfg) {
@@ -382,7 +399,7 @@ pub async fn serve(
     };
     let volume =
         Arc::new(MirrorVolume::open(dev, caches, opts).await.map_err(|e| format!("{}: {e}", cfg.backing.display()))?);
-    let node = node(Some(volume.clone()), members, volume.size_bytes(), &cfg);
+    let node = node(Some(volume.clone()), members, volume.stats().backing_io.clone(), volume.size_bytes(), &cfg);
     run(volume, node, &cfg, rotational, on_ready).await
 }
 

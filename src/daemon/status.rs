@@ -22,6 +22,18 @@ pub struct Status {
     pub connections: ConnectionStatus,
     /// What clients asked for, end to end (the NBD front end).
     pub requests: Vec<OpStatus>,
+    pub backing_io: BackingIoStatus,
+}
+
+/// Stalls of the backing (`backing_*` config keys).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct BackingIoStatus {
+    pub in_outage: bool,
+    pub stalled_ops: u64,
+    pub outages_total: u64,
+    pub timeouts_total: u64,
+    pub read_retries_total: u64,
+    pub deadline_errors_total: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -229,6 +241,18 @@ pub fn render(s: &Status) -> String {
                 ),
             };
         }
+    }
+    let io = &s.backing_io;
+    if io.in_outage || io.outages_total > 0 {
+        let _ = writeln!(
+            o,
+            "backing stalls: {}{} outages, {} timeouts, {} read retries, {} requests failed at the deadline",
+            if io.in_outage { format!("NOW ({} operations stalled); ", io.stalled_ops) } else { String::new() },
+            io.outages_total,
+            io.timeouts_total,
+            io.read_retries_total,
+            io.deadline_errors_total
+        );
     }
     if let Some(c) = &s.cache {
         let _ = writeln!(
