@@ -7,6 +7,8 @@ scripts/install-test-deps.sh
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 # Integration tests start daemons and mount filesystems; two at a time keeps a 2-core machine honest.
-cargo test --all-targets -- --test-threads=2
+cargo test --lib --bins --tests -- --test-threads=2
+# The criterion benches are built (clippy already linted them) but not run: timings never decide.
+cargo bench --no-run --quiet
 # The kernel's own NBD client against the debug binary cargo test just built (about 1-2 min here).
 SUPERDISK_BIN=target/debug/superdisk scripts/kernel-e2e.sh
