@@ -9,6 +9,6 @@ cargo clippy --all-targets -- -D warnings
 # Integration tests start daemons and mount filesystems; two at a time keeps a 2-core machine honest.
 cargo test --lib --bins --tests -- --test-threads=2
 # The criterion benches are built (clippy already linted them) but not run: timings never decide.
-cargo bench --no-run --quiet
+cargo build --benches --quiet
 # The kernel's own NBD client against the debug binary cargo test just built (about 1-2 min here).
 SUPERDISK_BIN=target/debug/superdisk scripts/kernel-e2e.sh
