@@ -294,6 +294,9 @@ fn encode_page_payload(
     b
 }
 
+/// Counters on disk (generations, epochs) at or above this are corruption, never history.
+pub const MAX_COUNTER: u64 = 1 << 63;
+
 /// The generation of a valid page record for (kind, owner, page, total bits), or None.
 fn decode_page_header(b: &[u8], kind: BitmapKind, owner: &[u8; 16], page: u64, total_bits: u64) -> Option<u64> {
     if b.len() < PAGE_BYTES || b[0..8] != PAGE_MAGIC {
@@ -305,8 +308,13 @@ fn decode_page_header(b: &[u8], kind: BitmapKind, owner: &[u8; 16], page: u64, t
     }
     let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"));
     let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
-    let ok =
-        u32_at(8) == kind as u32 && u64::from(u32_at(12)) == page && &b[24..40] == owner && u64_at(40) == total_bits;
+    // A generation this far up cannot come from counting writes (2^63 of them); only corruption
+    // or a crafted device gets there, and believing it would overflow the next write's generation.
+    let ok = u32_at(8) == kind as u32
+        && u64::from(u32_at(12)) == page
+        && &b[24..40] == owner
+        && u64_at(40) == total_bits
+        && u64_at(16) < MAX_COUNTER;
     ok.then(|| u64_at(16))
 }
 

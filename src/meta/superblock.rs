@@ -175,6 +175,18 @@ impl Superblock {
             stripe_bytes: r.u32(),
         };
         debug_assert_eq!(r.pos, ENCODED_FIELDS_BYTES);
+        // Counters this high cannot come from counting (2^63 updates); only corruption or a crafted
+        // device gets there, and believing them would overflow the next update.
+        for (field, value) in [
+            ("generation", sb.generation),
+            ("epoch", sb.epoch),
+            ("changed_since_epoch", sb.changed_since_epoch),
+            ("mirror_generation", sb.mirror_generation),
+        ] {
+            if value >= crate::meta::bitmap::MAX_COUNTER {
+                return Err(SuperblockError::Invalid { field, reason: format!("{value} is beyond any real count") });
+            }
+        }
         if sb.flags & !KNOWN_FLAGS != 0 {
             return Err(SuperblockError::Invalid {
                 field: "flags",
@@ -271,15 +283,23 @@ mod tests {
     fn arb_sb() -> impl Strategy<Value = Superblock> {
         (
             (
-                any::<u64>(),
+                0..crate::meta::bitmap::MAX_COUNTER,
                 any::<[u8; 16]>(),
                 any::<[u8; 16]>(),
                 0u64..1 << 50,
                 12u32..30,
                 0u32..=KNOWN_FLAGS,
-                any::<u64>(),
+                0..crate::meta::bitmap::MAX_COUNTER,
             ),
-            (any::<bool>(), any::<[u8; 16]>(), any::<u64>(), any::<u64>(), 1u64..1 << 50, 1u32..64, 12u32..24),
+            (
+                any::<bool>(),
+                any::<[u8; 16]>(),
+                0..crate::meta::bitmap::MAX_COUNTER,
+                0..crate::meta::bitmap::MAX_COUNTER,
+                1u64..1 << 50,
+                1u32..64,
+                12u32..24,
+            ),
         )
             .prop_map(
                 |((generation, a, d, data, shift, flags, epoch), (cache, set, since, mgen, array, count, stripe))| {
