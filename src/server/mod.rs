@@ -9,8 +9,10 @@
 
 mod connection;
 mod listen;
+mod stream;
 
 pub use listen::{run, ServerConfig};
+pub use stream::{fd_streams, serve_stream, stdio_streams, StreamConfig};
 
 use std::io;
 
