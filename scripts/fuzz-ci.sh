@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # CI's fuzzing pass: builds every cargo-fuzz target and runs each for a bounded time from the
-# committed corpus (fuzz/corpus/TARGET), two at a time; fails on any crash, hang or memory-limit
-# hit and prints the reproducer. See docs/FUZZING.md.
+# committed corpus (fuzz/corpus/TARGET) and past findings (fuzz/regressions/TARGET), two at a
+# time; fails on any crash, hang or memory-limit hit and prints the reproducer. See
+# docs/FUZZING.md.
 #
 #   scripts/fuzz-ci.sh [--seconds N] [--jobs N] [--sanitizer none|address] [TARGET...]
 #                      (defaults: 45 s per target, 2 at a time, no sanitizer, all targets)
@@ -15,7 +16,7 @@
 set -euo pipefail
 
 usage() {
-    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
     exit "${1:-0}"
 }
 
@@ -72,7 +73,10 @@ run_one() {
     mkdir -p "$scratch/$t" "artifacts/$t"
     # -timeout: one input running this long is a hang; -rss_limit_mb: the process as a whole
     # (the server target also checks its own heap bound per input).
-    if "$bin_dir/$t" "$scratch/$t" "corpus/$t" \
+    # Past findings (fuzz/regressions/TARGET) run first with the seeds, so a fixed bug stays fixed.
+    local dirs=("$scratch/$t" "corpus/$t")
+    [ -d "regressions/$t" ] && dirs+=("regressions/$t")
+    if "$bin_dir/$t" "${dirs[@]}" \
         -artifact_prefix="artifacts/$t/" -max_total_time="$seconds" -timeout=30 -rss_limit_mb=3072 \
         -max_len="$(max_len "$t")" -print_final_stats=1 >"$log" 2>&1; then
         echo "ok   $t: $(grep -E '^stat::number_of_executed_units' "$log" | awk '{print $2}') runs," \
