@@ -45,6 +45,9 @@ def wait_for(path, proc, what):
         time.sleep(0.05)
 
 
+DAEMONS = []
+
+
 class Daemon:
     def __init__(self, binary, d, backing, caches=(), admin=False):
         self.sock = os.path.join(d, "nbd.sock")
@@ -59,6 +62,7 @@ class Daemon:
             args += ["--admin-socket", self.admin]
         self.log = open(os.path.join(d, "daemon.log"), "ab")
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=self.log)
+        DAEMONS.append(self)
         wait_for(self.sock, self.proc, "the NBD socket")
         if self.admin:
             wait_for(self.admin, self.proc, "the admin socket")
@@ -380,6 +384,11 @@ def main():
         if a.only in (None, "meta"):
             meta_corpus(a.bin, work, os.path.join(ROOT, "fuzz", "corpus", "meta"))
     finally:
+        # A step that failed half-way (sys.exit) leaves its daemon running.
+        for d in DAEMONS:
+            if d.proc.poll() is None:
+                d.proc.kill()
+                d.proc.wait()
         shutil.rmtree(work, ignore_errors=True)
     print("seeds written to fuzz/corpus/{server,meta}; minimize with scripts/fuzz.sh --cmin")
 

@@ -13,18 +13,19 @@
 #   --keep               keep the work directory
 #
 # Phases (each fio run: 64 jobs, one NBD connection each, every writer on a range of its own):
-#   1. write+verify rounds (new seed each round); half-way, `superdisk cache fail`: no client may
-#      see an error, and status must say degraded. Then `cache add` with the rebuild throttled,
-#      SIGTERM in the middle of the rebuild (exit status 0), start again with the cache.
+#   1. write+verify rounds (new seed each round) for 55% of the duration; half-way, `superdisk
+#      cache fail`: no client may see an error, and status must say degraded. Then `cache add`
+#      with the rebuild throttled, SIGTERM in the middle of the rebuild (exit status 0), start
+#      again with the cache.
 #   2. verify-only of phase 1's last round (same seeds, offsets) while the cache rebuilds, then
-#      more write+verify rounds.
+#      more write+verify rounds for the other 45%.
 #   3. wait for healthy, verify-only of phase 2's last round, `superdisk verify --socket --wait`,
 #      SIGTERM, offline `superdisk verify --backing --cache`.
 # Prints a summary ending in `RESULT: PASS` or `RESULT: FAIL (reason)`; exit status 0 only on PASS.
 set -euo pipefail
 
 usage() {
-    sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'
     exit "${1:-0}"
 }
 
@@ -288,8 +289,8 @@ sample_memory &
 sampler_pid=$!
 wait_mode healthy 60
 
-p1_s=$((duration * 45 / 100))
-p2_s=$((duration * 35 / 100))
+p1_s=$((duration * 55 / 100))
+p2_s=$((duration - p1_s))
 seed=1000
 
 # ---- phase 1: write+verify; the cache fails half-way
