@@ -28,6 +28,8 @@ import time
 import nbd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The export sizes of the fuzz targets' volumes (fuzz_targets/server.rs, meta.rs).
+SERVER_EXPORT_BYTES = 256 << 10
 EXPORT_BYTES = 1 << 20
 PAGE = 4096
 # Bitmap slots (4 pages for a one-page bitmap) and the two superblock slots: what the meta target's
@@ -160,7 +162,7 @@ def libnbd_sessions(rec):
     h.zero(4096, 12288, nbd.CMD_FLAG_FAST_ZERO) if h.can_fast_zero() else h.zero(4096, 12288)
     h.trim(4096, 16384)
     h.cache(65536, 0)
-    h.block_status(EXPORT_BYTES, 0, lambda *a: 0)
+    h.block_status(SERVER_EXPORT_BYTES, 0, lambda *a: 0)
     h.block_status(65536, 4096, lambda *a: 0, nbd.CMD_FLAG_REQ_ONE)
     h.flush()
     h.shutdown()
@@ -199,8 +201,8 @@ def libnbd_sessions(rec):
     h.set_strict_mode(0)
     h.connect_unix(rec.path)
     for f in (
-        lambda: h.pread(4096, EXPORT_BYTES - 1024),
-        lambda: h.pwrite(b"x" * 512, EXPORT_BYTES),
+        lambda: h.pread(4096, SERVER_EXPORT_BYTES - 1024),
+        lambda: h.pwrite(b"x" * 512, SERVER_EXPORT_BYTES),
         lambda: h.pread(0, 0),
         lambda: h.pread(512, 0, 1 << 7),
         lambda: h.trim(0, 0),
@@ -279,7 +281,7 @@ def server_corpus(binary, work, out_dir):
     d = os.path.join(work, "server")
     os.makedirs(d)
     backing = os.path.join(d, "backing.img")
-    run([binary, "create", "--backing", backing, "--size", str(EXPORT_BYTES)])
+    run([binary, "create", "--backing", backing, "--size", str(SERVER_EXPORT_BYTES)])
     daemon = Daemon(binary, d, backing)
     try:
         rec = Recorder(d, daemon.sock)

@@ -73,11 +73,19 @@ run_one() {
     mkdir -p "$scratch/$t" "artifacts/$t"
     # -timeout: one input running this long is a hang; -rss_limit_mb: the process as a whole
     # (the server target also checks its own heap bound per input).
-    # Past findings (fuzz/regressions/TARGET) run first with the seeds, so a fixed bug stays fixed.
-    local dirs=("$scratch/$t" "corpus/$t")
-    [ -d "regressions/$t" ] && dirs+=("regressions/$t")
-    if "$bin_dir/$t" "${dirs[@]}" \
-        -artifact_prefix="artifacts/$t/" -max_total_time="$seconds" -timeout=30 -rss_limit_mb=3072 \
+    # Past findings (fuzz/regressions/TARGET) run once each first, so a fixed bug stays fixed. They
+    # stay out of the fuzzing corpus: some are deliberately heavy and would slow every mutation.
+    local regressions=()
+    [ -d "regressions/$t" ] && mapfile -t regressions < <(find "regressions/$t" -type f | sort)
+    if [ ${#regressions[@]} -gt 0 ] && ! "$bin_dir/$t" -artifact_prefix="artifacts/$t/" -timeout=60 \
+        "${regressions[@]}" >"$log" 2>&1; then
+        echo "FAIL $t: a regression input fails again" >&2
+        tail -n 40 "$log" >&2
+        grep -E '^Running: ' "$log" | tail -n 1 | sed 's/^Running: /reproducer: fuzz\//' >&2
+        return 1
+    fi
+    if "$bin_dir/$t" "$scratch/$t" "corpus/$t" \
+        -artifact_prefix="artifacts/$t/" -max_total_time="$seconds" -timeout=60 -rss_limit_mb=3072 \
         -max_len="$(max_len "$t")" -print_final_stats=1 >"$log" 2>&1; then
         echo "ok   $t: $(grep -E '^stat::number_of_executed_units' "$log" | awk '{print $2}') runs," \
             "$(grep -E '^stat::new_units_added' "$log" | awk '{print $2}') new inputs"

@@ -54,10 +54,15 @@ for t in "${targets[@]}"; do
     mkdir -p "work/$t"
     echo "== fuzzing $t for ${seconds}s"
     # The first corpus directory receives new inputs, so the scratch one goes first.
-    dirs=("work/$t" "corpus/$t")
-    [ -d "regressions/$t" ] && dirs+=("regressions/$t")
-    if ! cargo fuzz run "${build_flags[@]}" "$t" "${dirs[@]}" -- \
-        -max_total_time="$seconds" -timeout=30 -rss_limit_mb=3072 -max_len=81920 -print_final_stats=1; then
+    if [ -d "regressions/$t" ] && [ -n "$(ls -A "regressions/$t")" ]; then
+        # Past findings, once each; outside the fuzzing corpus (some are deliberately heavy).
+        if ! cargo fuzz run "${build_flags[@]}" "$t" "regressions/$t"/* -- -timeout=60; then
+            failed+=("$t")
+            continue
+        fi
+    fi
+    if ! cargo fuzz run "${build_flags[@]}" "$t" "work/$t" "corpus/$t" -- \
+        -max_total_time="$seconds" -timeout=60 -rss_limit_mb=3072 -max_len=81920 -print_final_stats=1; then
         failed+=("$t")
     fi
 done

@@ -1,6 +1,7 @@
-//! The whole server, one connection: the fuzz input is the client's byte stream, fed through an
-//! in-memory pipe to `serve_stream` over a real volume (plain, or a mirror of a backing and a cache,
-//! all in memory). Whatever the client sends, the server must not panic, must finish once the client
+//! The whole server, one connection: the fuzz input is the client's byte stream, fed through
+//! in-memory pipes (`tokio::io::duplex`, one per direction, so each has its own size; dropping an
+//! end closes it, as closing a socket does) to `serve_stream` over a real volume (plain, or a
+//! mirror of a backing and a cache, all in memory). Whatever the client sends, the server must not panic, must finish once the client
 //! has sent everything and closed its side (no hang), and its heap must stay within the bound its
 //! in-flight limit implies.
 //!
@@ -67,20 +68,25 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOC: Counting = Counting;
 
-const DATA_BYTES: u64 = 1 << 20;
+/// Small, so that what one input can ask for stays small: a few KiB of read requests may ask for
+/// gigabytes of replies on a bigger disk, and a run must finish in well under FINISH_LIMIT.
+const DATA_BYTES: u64 = 256 << 10;
 const MAX_PAYLOAD_BYTES: u32 = 32 << 20;
+const SLOW_READ_BYTES: usize = 256 << 10;
 /// The server's own timeouts are far longer (30 s handshake, 60 s for a started request), so only
 /// a server that waits on nothing it could ever get runs into this.
-const FINISH_LIMIT: Duration = Duration::from_secs(10);
+const FINISH_LIMIT: Duration = Duration::from_secs(25);
 
 struct Setup {
     mirror: bool,
     read_only: bool,
     /// A tight in-flight budget makes the reader wait for the writer (the budget path).
     max_inflight_bytes: usize,
-    /// How much the pipe holds: small values split every message across many reads and writes.
+    /// How much the client-to-server pipe holds: small values split every request across many
+    /// reads. The reply pipe holds at least 4 KiB, so the reply volume an input can ask for (every
+    /// read request a reply of up to DATA_BYTES) cannot make an honest run take seconds.
     pipe_bytes: usize,
-    /// The client reads replies slowly (a byte at a time in small chunks) instead of draining.
+    /// The client reads the first replies 3 bytes at a time, so the server meets a full pipe.
     slow_reader: bool,
     min_block_bytes: u32,
 }
@@ -131,22 +137,29 @@ async fn backing() -> MemDevice {
 }
 
 /// Sends `input` as the client, closes the sending side, and reads replies until the server closes.
-async fn client(io: tokio::io::DuplexStream, input: &[u8], slow_reader: bool) -> usize {
-    let (mut rx, mut tx) = tokio::io::split(io);
+async fn client(
+    mut rx: tokio::io::DuplexStream,
+    mut tx: tokio::io::DuplexStream,
+    input: &[u8],
+    slow_reader: bool,
+) -> usize {
     let send = async {
         // The server may close first (a protocol error); the rest of the input is then unwanted.
         let _ = tx.write_all(input).await;
         let _ = tx.shutdown().await;
     };
     let recv = async {
-        let mut buf = vec![0u8; if slow_reader { 3 } else { 64 << 10 }];
+        let mut buf = vec![0u8; 64 << 10];
         let mut total = 0usize;
         loop {
-            match rx.read(&mut buf).await {
+            // Slowly for the first 256 KiB only: enough to stall the writer, bounded in time.
+            let slow = slow_reader && total < SLOW_READ_BYTES;
+            let chunk = if slow { 3 } else { buf.len() };
+            match rx.read(&mut buf[..chunk]).await {
                 Ok(0) | Err(_) => return total,
                 Ok(n) => total += n,
             }
-            if slow_reader {
+            if slow {
                 tokio::task::yield_now().await;
             }
         }
@@ -158,12 +171,12 @@ async fn client(io: tokio::io::DuplexStream, input: &[u8], slow_reader: bool) ->
 async fn run<V: Volume>(volume: Arc<V>, s: &Setup, input: &[u8]) {
     let mut cfg = StreamConfig::new(export(volume.size_bytes(), s, volume.fast_zero()));
     cfg.max_inflight_bytes = s.max_inflight_bytes;
-    let (client_io, server_io) = tokio::io::duplex(s.pipe_bytes);
-    let (r, w) = tokio::io::split(server_io);
+    let (client_tx, r) = tokio::io::duplex(s.pipe_bytes);
+    let (client_rx, w) = tokio::io::duplex(s.pipe_bytes.max(4096));
     let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(serve_stream(r, w, volume.clone(), cfg, stop_rx));
     let finished = tokio::time::timeout(FINISH_LIMIT, async {
-        client(client_io, input, s.slow_reader).await;
+        client(client_rx, client_tx, input, s.slow_reader).await;
         server.await.expect("the connection task panicked");
     })
     .await;
