@@ -9,9 +9,11 @@
 
 mod connection;
 mod listen;
+mod stream;
 pub mod tls;
 
 pub use listen::{run, ServerConfig};
+pub use stream::{fd_streams, serve_stream, stdio_streams, StreamConfig};
 
 use crate::config::{Cidr, ConfigError, ServeConfig, TlsMode};
 use std::io;
