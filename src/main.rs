@@ -187,6 +187,10 @@ struct ServeArgs {
     /// Serve Prometheus metrics at http://[HOST:]PORT/metrics (loopback without a host).
     #[arg(long, value_name = "[HOST:]PORT")]
     metrics: Option<String>,
+    /// Serve one client on stdin/stdout, then exit (as `nbdkit -s`: for a parent that hands us one
+    /// end of a socketpair, e.g. libnbd's nbd_connect_command). Logs stay on stderr.
+    #[arg(long, conflicts_with_all = ["listen", "unix"])]
+    stdio: bool,
     /// Allow TCP clients from this network only (CIDR, e.g. 10.0.0.0/8); repeat for several.
     #[arg(long, value_name = "CIDR")]
     allow: Vec<String>,
@@ -470,13 +474,14 @@ fn serve_cmd(args: ServeArgs) -> Result<(), AnyError> {
         Ok(ServeConfig::from_file_config(merge_flags(f, args))?)
     };
     let cfg = cfg_of(&args)?;
+    let stdio = args.stdio;
     // SIGHUP re-reads the file; the command line still wins over it.
     let reload: Option<daemon::Reloader> = match args.config.is_some() {
         true => Some(Box::new(move || cfg_of(&args))),
         false => None,
     };
     init_logging(&cfg.log_level);
-    runtime()?.block_on(daemon::serve(cfg, reload, |_| {}))
+    runtime()?.block_on(daemon::serve_with(cfg, reload, stdio, |_| {}))
 }
 
 /// Writes the flags given on the command line over the file's keys.

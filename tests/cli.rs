@@ -266,3 +266,31 @@ fn notifies_systemd_of_rebuild_progress() {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert!(child.wait().unwrap().success());
 }
+
+/// `serve --stdio` serves one client on stdin/stdout, as `nbdkit -s`: libnbd's connect_command
+/// starts it on a socketpair, writes, reads back and flushes; the process exits 0 when the client
+/// goes, having recorded a clean shutdown.
+#[test]
+fn serves_one_client_on_stdio() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("b.img");
+    run_ok(Command::new(BIN).args(["create", "--size", "8M", "--backing"]).arg(&img));
+    let script = "import nbd, sys\n\
+        h = nbd.NBD()\n\
+        h.connect_command([sys.argv[1], 'serve', '--stdio', '--backing', sys.argv[2]])\n\
+        h.pwrite(b'\\x5a' * 65536, 4096)\n\
+        h.flush()\n\
+        assert h.pread(65536, 4096) == b'\\x5a' * 65536\n\
+        assert h.get_size() == 8 << 20\n\
+        h.shutdown()\n\
+        print('ok')\n";
+    let out = run_ok(Command::new(SYSTEM_PYTHON).args(["-c", script, BIN]).arg(&img));
+    assert_eq!(out.trim(), "ok");
+    // The data is on the backing and the previous run shut down cleanly.
+    let mut d = Daemon::unstarted();
+    d.backing = img.clone();
+    d.spawn();
+    assert!(!d.log().contains("did not shut down cleanly"), "{}", d.log());
+    run_ok(Command::new("qemu-io").args(["-f", "raw", &d.uri(), "-c", "read -P 0x5a 4096 64k"]));
+    assert!(d.stop().success());
+}

@@ -333,6 +333,16 @@ pub async fn serve(
     reload: Option<Reloader>,
     on_ready: impl FnOnce(&[String]),
 ) -> Result<(), AnyError> {
+    serve_with(cfg, reload, false, on_ready).await
+}
+
+/// [`serve`]; with `stdio`, one client on stdin/stdout instead of the listeners (`serve --stdio`).
+pub async fn serve_with(
+    cfg: ServeConfig,
+    reload: Option<Reloader>,
+    stdio: bool,
+    on_ready: impl FnOnce(&[String]),
+) -> Result<(), AnyError> {
     // With a mirror the daemon writes metadata to the backing even for a read-only export.
     let backing_read_only = cfg.read_only && cfg.cache.is_empty();
     let dev = FileDevice::open(
@@ -378,7 +388,7 @@ pub async fn serve(
             tracing::warn!("the previous run did not shut down cleanly");
         }
         let node = node(None, Vec::new(), volume.io_stats(), volume.size_bytes(), &cfg);
-        return run(Arc::new(volume), node, &cfg, rotational, on_ready).await;
+        return run(Arc::new(volume), node, &cfg, rotational, stdio, on_ready).await;
     }
     let (caches, members) = match open_caches(&cfg.cache, &cfg) {
         Ok(c) => c,
@@ -400,7 +410,7 @@ pub async fn serve(
     let volume =
         Arc::new(MirrorVolume::open(dev, caches, opts).await.map_err(|e| format!("{}: {e}", cfg.backing.display()))?);
     let node = node(Some(volume.clone()), members, volume.stats().backing_io.clone(), volume.size_bytes(), &cfg);
-    run(volume, node, &cfg, rotational, on_ready).await
+    run(volume, node, &cfg, rotational, stdio, on_ready).await
 }
 
 /// Opens cache devices as the config says (O_DIRECT, engine), each counted under `cacheN`.
@@ -427,6 +437,7 @@ async fn run<V: Volume>(
     node: Arc<Node>,
     cfg: &ServeConfig,
     rotational: bool,
+    stdio: bool,
     on_ready: impl FnOnce(&[String]),
 ) -> Result<(), AnyError> {
     let export = ExportParams {
@@ -496,12 +507,25 @@ async fn run<V: Volume>(
     }
     let ready_notifier = notifier.clone();
     let ready_node = node.clone();
-    server::run(volume.clone(), server_cfg, stop_rx, |endpoints| {
-        // READY only now: recovery (superblock, bitmaps) is done and every listener is bound.
-        ready_notifier.notify(&format!("READY=1\nSTATUS={} on {}", ready_node.service_status(), endpoints.join(", ")));
-        on_ready(endpoints)
-    })
-    .await?;
+    if stdio {
+        // One client on stdin/stdout (as `nbdkit -s`), then shut down as on SIGTERM.
+        let (r, w) = server::stdio_streams().map_err(|e| format!("--stdio: {e}"))?;
+        tracing::info!("serving one client on stdin/stdout");
+        ready_notifier.notify(&format!("READY=1\nSTATUS={} on stdio", ready_node.service_status()));
+        on_ready(&["stdio".to_owned()]);
+        server::serve_stream(r, w, volume.clone(), server::StreamConfig::from(&server_cfg), stop_rx).await;
+    } else {
+        server::run(volume.clone(), server_cfg, stop_rx, |endpoints| {
+            // READY only now: recovery (superblock, bitmaps) is done and every listener is bound.
+            ready_notifier.notify(&format!(
+                "READY=1\nSTATUS={} on {}",
+                ready_node.service_status(),
+                endpoints.join(", ")
+            ));
+            on_ready(endpoints)
+        })
+        .await?;
+    }
     if let Some(path) = &cfg.admin_socket {
         // The admin task also removes it, but the process may exit before that task runs.
         let _ = std::fs::remove_file(path);
