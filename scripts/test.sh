@@ -12,3 +12,5 @@ cargo test --lib --bins --tests -- --test-threads=2
 cargo build --benches --quiet
 # The kernel's own NBD client against the debug binary cargo test just built (about 1-2 min here).
 SUPERDISK_BIN=target/debug/superdisk scripts/kernel-e2e.sh
+# Every fuzz target from the committed corpus and past findings, 30 s each (docs/FUZZING.md).
+scripts/fuzz-ci.sh --seconds 30
