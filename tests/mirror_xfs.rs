@@ -29,98 +29,6 @@ const CACHE_SLACK: u64 = 8 * MIB;
 const WAIT: Duration = Duration::from_secs(40);
 const TOOLS: [&str; 8] = ["nbdfuse", "fusermount3", "losetup", "mkfs.xfs", "xfs_repair", "mount", "umount", "sync"];
 
-/// nbdfuse + loop + mount, torn down in that order's reverse on drop, so a failing assertion leaves
-/// no mount, loop device or FUSE mount behind.
-struct Stack {
-    mnt: PathBuf,
-    loop_dev: Option<String>,
-    mounted: bool,
-    fuse: Option<FuseFile>,
-}
-
-impl Stack {
-    fn attach(d: &Daemon) -> Stack {
-        let mnt = d.path("mnt");
-        std::fs::create_dir_all(&mnt).unwrap();
-        let fuse = FuseFile::mount(&d.path("fuse"), "disk", &d.uri(), SIZE);
-        let dev = run_ok(Command::new("losetup").args(["-f", "--show"]).arg(&fuse.file)).trim().to_owned();
-        assert!(dev.starts_with("/dev/loop"), "losetup printed {dev:?}");
-        Stack { mnt, loop_dev: Some(dev), mounted: false, fuse: Some(fuse) }
-    }
-
-    fn dev(&self) -> &str {
-        self.loop_dev.as_deref().expect("attached")
-    }
-
-    fn mount(&mut self) {
-        run_ok(Command::new("mount").args(["-t", "xfs", self.dev()]).arg(&self.mnt));
-        self.mounted = true;
-    }
-
-    fn umount(&mut self) {
-        let out = output_within(Command::new("umount").arg(&self.mnt), WAIT);
-        assert!(out.status.success(), "umount failed: {}", String::from_utf8_lossy(&out.stderr));
-        self.mounted = false;
-    }
-
-    fn xfs_repair_clean(&self) {
-        assert!(!self.mounted);
-        let out = output_within(Command::new("xfs_repair").args(["-n", self.dev()]), WAIT);
-        assert!(
-            out.status.success(),
-            "xfs_repair -n found problems ({}):\n{}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    /// Orderly: unmount, detach the loop device, make sure everything reached the daemon, unmount
-    /// FUSE; every step must succeed.
-    fn detach(mut self) {
-        if self.mounted {
-            self.umount();
-        }
-        if let Some(dev) = self.loop_dev.take() {
-            run_ok(Command::new("losetup").args(["-d", &dev]));
-        }
-        // fsync through FUSE becomes an NBD flush before FUSE goes away.
-        run_ok(&mut Command::new("sync"));
-        self.fuse.take().unwrap().unmount(false);
-    }
-
-    /// After the server died under it: the filesystem has shut itself down on I/O errors; take
-    /// everything down without expecting success from the dead path.
-    fn tear_down_dead(mut self) {
-        if self.mounted {
-            let out = output_within(Command::new("umount").arg(&self.mnt), WAIT);
-            if !out.status.success() {
-                let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
-            }
-            self.mounted = false;
-        }
-        if let Some(dev) = self.loop_dev.take() {
-            let _ = output_within(Command::new("losetup").args(["-d", &dev]), WAIT);
-        }
-        self.fuse.take().unwrap().unmount(true);
-    }
-}
-
-impl Drop for Stack {
-    fn drop(&mut self) {
-        if self.mounted {
-            let ok = Command::new("umount").arg(&self.mnt).status().map(|s| s.success()).unwrap_or(false);
-            if !ok {
-                let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
-            }
-        }
-        if let Some(dev) = self.loop_dev.take() {
-            let _ = Command::new("losetup").args(["-d", &dev]).status();
-        }
-        // The FuseFile unmounts itself when dropped, after the fields above.
-    }
-}
-
 /// Relative path -> content of ~`count` files of seeded random data and varied sizes (empty,
 /// sub-block, unaligned, several MiB) in nested directories.
 fn make_files(seed: u64, count: usize, max_len: usize) -> Vec<(String, Vec<u8>)> {
@@ -250,7 +158,7 @@ fn xfs_survives_the_cache_deleted_between_runs() {
     let second = make_files(8, 20, 4 << 20);
     start_and_rebuild(&mut d);
 
-    let mut stack = Stack::attach(&d);
+    let mut stack = XfsStack::attach(&d, SIZE);
     run_ok(Command::new("mkfs.xfs").arg("-q").arg(stack.dev()));
     stack.mount();
     write_files(&stack.mnt.join("first"), &first);
@@ -263,7 +171,7 @@ fn xfs_survives_the_cache_deleted_between_runs() {
     let mark = d.log_mark();
     d.spawn();
     d.wait_mode(mark, "degraded", WAIT);
-    let mut stack = Stack::attach(&d);
+    let mut stack = XfsStack::attach(&d, SIZE);
     stack.mount();
     assert_tree(&stack.mnt.join("first"), &first, "with the cache deleted");
     write_files(&stack.mnt.join("second"), &second);
@@ -273,12 +181,12 @@ fn xfs_survives_the_cache_deleted_between_runs() {
     // A blank cache in its place is rebuilt from the backing, including what was written meanwhile.
     new_cache_file(&cache);
     start_and_rebuild(&mut d);
-    let mut stack = Stack::attach(&d);
+    let mut stack = XfsStack::attach(&d, SIZE);
     stack.mount();
     assert_tree(&stack.mnt.join("first"), &first, "after the rebuild");
     assert_tree(&stack.mnt.join("second"), &second, "files written while degraded, after the rebuild");
     stack.umount();
-    stack.xfs_repair_clean();
+    stack.xfs_repair_clean("after the rebuild");
     stack.detach();
     stop_ok(&mut d);
     verify_clean(&d, &cache);
@@ -292,7 +200,7 @@ fn xfs_survives_sigkill_in_the_middle_of_a_copy() {
     let during = make_files(12, 60, 6 << 20);
     start_and_rebuild(&mut d);
 
-    let mut stack = Stack::attach(&d);
+    let mut stack = XfsStack::attach(&d, SIZE);
     run_ok(Command::new("mkfs.xfs").arg("-q").arg(stack.dev()));
     stack.mount();
     write_files(&stack.mnt.join("before"), &before);
@@ -345,7 +253,7 @@ fn xfs_survives_sigkill_in_the_middle_of_a_copy() {
     let mark = d.log_mark();
     d.spawn();
     d.wait_mode(mark, "healthy", WAIT);
-    let mut stack = Stack::attach(&d);
+    let mut stack = XfsStack::attach(&d, SIZE);
     // Mounting replays the XFS journal.
     stack.mount();
     assert_tree(&stack.mnt.join("before"), &before, "files fsync'ed before the copy");
@@ -354,7 +262,7 @@ fn xfs_survives_sigkill_in_the_middle_of_a_copy() {
         assert_file(&stack.mnt.join("during").join(rel), data, "a file fsync'ed before the kill");
     }
     stack.umount();
-    stack.xfs_repair_clean();
+    stack.xfs_repair_clean("after the journal recovery");
     stack.detach();
     stop_ok(&mut d);
     verify_clean(&d, &cache);

@@ -65,108 +65,6 @@ const CYCLES: u32 = 3;
 const TOOLS: [&str; 8] = ["nbdfuse", "fusermount3", "losetup", "mkfs.xfs", "xfs_repair", "mount", "umount", "sync"];
 
 // ------------------------------------------------------------------------------------------------
-// The block device stack (as in tests/mirror_xfs.rs).
-
-/// nbdfuse + loop + mount, torn down in reverse order on drop, so that a failing assertion leaves
-/// no mount, loop device or FUSE mount behind.
-struct Stack {
-    mnt: PathBuf,
-    loop_dev: Option<String>,
-    mounted: bool,
-    fuse: Option<FuseFile>,
-}
-
-impl Stack {
-    fn attach(d: &Daemon) -> Stack {
-        let mnt = d.path("mnt");
-        std::fs::create_dir_all(&mnt).unwrap();
-        let fuse = FuseFile::mount(&d.path("fuse"), "disk", &d.uri(), SIZE);
-        let dev = run_ok(Command::new("losetup").args(["-f", "--show"]).arg(&fuse.file)).trim().to_owned();
-        assert!(dev.starts_with("/dev/loop"), "losetup printed {dev:?}");
-        Stack { mnt, loop_dev: Some(dev), mounted: false, fuse: Some(fuse) }
-    }
-
-    fn dev(&self) -> &str {
-        self.loop_dev.as_deref().expect("attached")
-    }
-
-    fn mount(&mut self) {
-        let out = output_within(Command::new("mount").args(["-t", "xfs", self.dev()]).arg(&self.mnt), WAIT);
-        assert!(
-            out.status.success(),
-            "mount -t xfs failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        self.mounted = true;
-    }
-
-    fn umount(&mut self) {
-        let out = output_within(Command::new("umount").arg(&self.mnt), WAIT);
-        assert!(out.status.success(), "umount failed: {}", String::from_utf8_lossy(&out.stderr));
-        self.mounted = false;
-    }
-
-    fn xfs_repair_clean(&self, when: &str) {
-        assert!(!self.mounted);
-        let out = output_within(Command::new("xfs_repair").args(["-n", self.dev()]), WAIT);
-        assert!(
-            out.status.success(),
-            "xfs_repair -n found problems {when} ({}):\n{}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    /// Orderly: unmount, detach the loop device, make sure everything reached the daemon, unmount
-    /// FUSE; every step must succeed.
-    fn detach(mut self) {
-        if self.mounted {
-            self.umount();
-        }
-        if let Some(dev) = self.loop_dev.take() {
-            run_ok(Command::new("losetup").args(["-d", &dev]));
-        }
-        // fsync through FUSE becomes an NBD flush before FUSE goes away.
-        run_ok(&mut Command::new("sync"));
-        self.fuse.take().unwrap().unmount(false);
-    }
-
-    /// After the server died under it: the filesystem has shut itself down on I/O errors; take
-    /// everything down without expecting success from the dead path.
-    fn tear_down_dead(mut self) {
-        if self.mounted {
-            let out = output_within(Command::new("umount").arg(&self.mnt), WAIT);
-            if !out.status.success() {
-                let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
-            }
-            self.mounted = false;
-        }
-        if let Some(dev) = self.loop_dev.take() {
-            let _ = output_within(Command::new("losetup").args(["-d", &dev]), WAIT);
-        }
-        self.fuse.take().unwrap().unmount(true);
-    }
-}
-
-impl Drop for Stack {
-    fn drop(&mut self) {
-        if self.mounted {
-            let ok = Command::new("umount").arg(&self.mnt).status().map(|s| s.success()).unwrap_or(false);
-            if !ok {
-                let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
-            }
-        }
-        if let Some(dev) = self.loop_dev.take() {
-            let _ = Command::new("losetup").args(["-d", &dev]).status();
-        }
-        // The FuseFile unmounts itself when dropped, after the fields above.
-    }
-}
-
-// ------------------------------------------------------------------------------------------------
 // PostgreSQL.
 
 /// The bin directory of the newest PostgreSQL server installed the Debian way
@@ -792,7 +690,7 @@ fn postgres_survives_sigkill_of_the_daemon_under_pgbench() {
     d.wait_mode(mark, "healthy", WAIT);
     phase(t0, "superdisk serving, cache rebuilt");
 
-    let mut stack = Stack::attach(&d);
+    let mut stack = XfsStack::attach(&d, SIZE);
     run_ok(Command::new("mkfs.xfs").arg("-q").arg(stack.dev()));
     stack.mount();
     let data = stack.mnt.join("pgdata");
@@ -830,7 +728,7 @@ fn postgres_survives_sigkill_of_the_daemon_under_pgbench() {
         println!("  superdisk: {}", restart.lines().find(|l| l.contains("did not stop cleanly")).unwrap_or_default());
         // No wait for the resync of the regions with write-intent bits: the XFS log replay and
         // PostgreSQL's recovery run while it may still be going.
-        stack = Stack::attach(&d);
+        stack = XfsStack::attach(&d, SIZE);
         // The first mount replays the XFS log; xfs_repair then checks what the replay left.
         stack.mount();
         stack.umount();

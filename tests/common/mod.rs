@@ -491,3 +491,108 @@ pub fn fill_random(buf: &mut [u8], seed: &mut u64) {
         chunk.copy_from_slice(&z.to_le_bytes()[..chunk.len()]);
     }
 }
+
+// ------------------------------------------------------------------------------------------------
+// A filesystem on the export: tests/mirror_xfs.rs, tests/postgres.rs.
+
+const STACK_WAIT: Duration = Duration::from_secs(40);
+
+/// nbdfuse + loop + mount, torn down in reverse order on drop, so that a failing assertion leaves
+/// no mount, loop device or FUSE mount behind.
+pub struct XfsStack {
+    pub mnt: PathBuf,
+    loop_dev: Option<String>,
+    mounted: bool,
+    fuse: Option<FuseFile>,
+}
+
+impl XfsStack {
+    /// Presents the daemon's export (`size_bytes`) as a loop device; mount it with [`Self::mount`].
+    pub fn attach(d: &Daemon, size_bytes: u64) -> XfsStack {
+        let mnt = d.path("mnt");
+        std::fs::create_dir_all(&mnt).unwrap();
+        let fuse = FuseFile::mount(&d.path("fuse"), "disk", &d.uri(), size_bytes);
+        let dev = run_ok(Command::new("losetup").args(["-f", "--show"]).arg(&fuse.file)).trim().to_owned();
+        assert!(dev.starts_with("/dev/loop"), "losetup printed {dev:?}");
+        XfsStack { mnt, loop_dev: Some(dev), mounted: false, fuse: Some(fuse) }
+    }
+
+    pub fn dev(&self) -> &str {
+        self.loop_dev.as_deref().expect("attached")
+    }
+
+    pub fn mount(&mut self) {
+        let out = output_within(Command::new("mount").args(["-t", "xfs", self.dev()]).arg(&self.mnt), STACK_WAIT);
+        assert!(
+            out.status.success(),
+            "mount -t xfs failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.mounted = true;
+    }
+
+    pub fn umount(&mut self) {
+        let out = output_within(Command::new("umount").arg(&self.mnt), STACK_WAIT);
+        assert!(out.status.success(), "umount failed: {}", String::from_utf8_lossy(&out.stderr));
+        self.mounted = false;
+    }
+
+    pub fn xfs_repair_clean(&self, when: &str) {
+        assert!(!self.mounted);
+        let out = output_within(Command::new("xfs_repair").args(["-n", self.dev()]), STACK_WAIT);
+        assert!(
+            out.status.success(),
+            "xfs_repair -n found problems {when} ({}):\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Orderly: unmount, detach the loop device, make sure everything reached the daemon, unmount
+    /// FUSE; every step must succeed.
+    pub fn detach(mut self) {
+        if self.mounted {
+            self.umount();
+        }
+        if let Some(dev) = self.loop_dev.take() {
+            run_ok(Command::new("losetup").args(["-d", &dev]));
+        }
+        // fsync through FUSE becomes an NBD flush before FUSE goes away.
+        run_ok(&mut Command::new("sync"));
+        self.fuse.take().unwrap().unmount(false);
+    }
+
+    /// After the server died under it: the filesystem has shut itself down on I/O errors; take
+    /// everything down without expecting success from the dead path.
+    pub fn tear_down_dead(mut self) {
+        if self.mounted {
+            let out = output_within(Command::new("umount").arg(&self.mnt), STACK_WAIT);
+            if !out.status.success() {
+                let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+            }
+            self.mounted = false;
+        }
+        if let Some(dev) = self.loop_dev.take() {
+            let _ = output_within(Command::new("losetup").args(["-d", &dev]), STACK_WAIT);
+        }
+        self.fuse.take().unwrap().unmount(true);
+    }
+}
+
+impl Drop for XfsStack {
+    fn drop(&mut self) {
+        if self.mounted {
+            let ok = Command::new("umount").arg(&self.mnt).status().map(|s| s.success()).unwrap_or(false);
+            if !ok {
+                let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+            }
+        }
+        if let Some(dev) = self.loop_dev.take() {
+            let _ = Command::new("losetup").args(["-d", &dev]).status();
+        }
+        // The FuseFile unmounts itself when dropped, after the fields above.
+    }
+}
