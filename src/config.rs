@@ -3,6 +3,7 @@
 //! that names the key and the reason.
 
 use crate::device::{EngineKind, IoPolicy};
+use crate::mirror::HedgePolicy;
 pub use crate::nbd::handshake::TlsMode;
 use serde::Deserialize;
 use std::net::{IpAddr, SocketAddr};
@@ -113,6 +114,11 @@ pub struct FileConfig {
     pub backing_read_retries: Option<u32>,
     pub backing_retry_backoff_ms: Option<u64>,
     pub backing_io_deadline_ms: Option<u64>,
+    // Hedged cache reads (mirror::hedge): on/off, the threshold's bounds, the budget.
+    pub hedge_reads: Option<bool>,
+    pub hedge_min_us: Option<u64>,
+    pub hedge_max_us: Option<u64>,
+    pub hedge_max_percent: Option<u32>,
 }
 
 impl FileConfig {
@@ -165,6 +171,10 @@ pub struct ServeConfig {
     pub backing_read_retries: u32,
     pub backing_retry_backoff_ms: u64,
     pub backing_io_deadline_ms: u64,
+    pub hedge_reads: bool,
+    pub hedge_min_us: u64,
+    pub hedge_max_us: u64,
+    pub hedge_max_percent: u32,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -239,8 +249,16 @@ impl std::fmt::Display for Cidr {
 
 impl ServeConfig {
     /// Keys whose new value SIGHUP can apply to a running daemon.
-    pub const LIVE_KEYS: [&'static str; 4] =
-        ["log_level", "rebuild_min_bytes_per_s", "rebuild_max_bytes_per_s", "read_error_budget"];
+    pub const LIVE_KEYS: [&'static str; 8] = [
+        "log_level",
+        "rebuild_min_bytes_per_s",
+        "rebuild_max_bytes_per_s",
+        "read_error_budget",
+        "hedge_reads",
+        "hedge_min_us",
+        "hedge_max_us",
+        "hedge_max_percent",
+    ];
 
     /// The keys whose values differ between `self` and `other`, by name.
     pub fn changed_keys(&self, other: &ServeConfig) -> Vec<&'static str> {
@@ -286,9 +304,23 @@ impl ServeConfig {
             backing_timeout_ms,
             backing_read_retries,
             backing_retry_backoff_ms,
-            backing_io_deadline_ms
+            backing_io_deadline_ms,
+            hedge_reads,
+            hedge_min_us,
+            hedge_max_us,
+            hedge_max_percent
         );
         out
+    }
+
+    /// The hedged-read policy these keys describe.
+    pub fn hedge_policy(&self) -> HedgePolicy {
+        HedgePolicy {
+            enabled: self.hedge_reads,
+            min: Duration::from_micros(self.hedge_min_us),
+            max: Duration::from_micros(self.hedge_max_us),
+            max_percent: self.hedge_max_percent,
+        }
     }
 
     /// The backing I/O policy these keys describe.
@@ -474,6 +506,22 @@ impl ServeConfig {
                 ),
             ));
         }
+        let hedge_default = HedgePolicy::default();
+        let hedge_min_us = f.hedge_min_us.unwrap_or(hedge_default.min.as_micros() as u64);
+        if !(10..=10_000_000).contains(&hedge_min_us) {
+            return Err(invalid("hedge_min_us", format!("{hedge_min_us} is outside 10..=10000000")));
+        }
+        let hedge_max_us = f.hedge_max_us.unwrap_or((hedge_default.max.as_micros() as u64).max(hedge_min_us));
+        if !(hedge_min_us..=10_000_000).contains(&hedge_max_us) {
+            return Err(invalid(
+                "hedge_max_us",
+                format!("{hedge_max_us} is outside hedge_min_us ({hedge_min_us}) ..= 10000000"),
+            ));
+        }
+        let hedge_max_percent = f.hedge_max_percent.unwrap_or(hedge_default.max_percent);
+        if hedge_max_percent > 100 {
+            return Err(invalid("hedge_max_percent", format!("{hedge_max_percent} is above 100")));
+        }
         let cfg = ServeConfig {
             backing,
             listen,
@@ -511,6 +559,10 @@ impl ServeConfig {
             backing_read_retries,
             backing_retry_backoff_ms,
             backing_io_deadline_ms,
+            hedge_reads: f.hedge_reads.unwrap_or(hedge_default.enabled),
+            hedge_min_us,
+            hedge_max_us,
+            hedge_max_percent,
         };
         // Read the certificate files now, so that a bad one stops the daemon before any device
         // is opened (and a SIGHUP with a broken one is reported as a config error).
@@ -640,6 +692,29 @@ mod tests {
             parse("backing = \"/x\"\nmetrics = \"9100\"").unwrap().metrics,
             Some("127.0.0.1:9100".parse().unwrap())
         );
+    }
+
+    #[test]
+    fn hedge_keys() {
+        let c = parse("backing = \"/x\"").unwrap();
+        assert_eq!(c.hedge_policy(), HedgePolicy::default());
+        let c = parse("backing = \"/x\"\nhedge_reads = false\nhedge_min_us = 30000\nhedge_max_percent = 1").unwrap();
+        let p = c.hedge_policy();
+        assert!(!p.enabled);
+        assert_eq!((p.min, p.max, p.max_percent), (Duration::from_millis(30), Duration::from_millis(30), 1));
+        for (text, key) in [
+            ("hedge_min_us = 5", "`hedge_min_us`"),
+            ("hedge_min_us = 2000\nhedge_max_us = 1000", "`hedge_max_us`"),
+            ("hedge_max_percent = 101", "`hedge_max_percent`"),
+            ("hedge_reads = \"yes\"", "hedge_reads"),
+        ] {
+            let e = parse(&format!("backing = \"/x\"\n{text}")).unwrap_err().to_string();
+            assert!(e.contains(key), "{text}: {e}");
+        }
+        let a = parse("backing = \"/x\"").unwrap();
+        let b = parse("backing = \"/x\"\nhedge_max_percent = 10").unwrap();
+        assert_eq!(a.changed_keys(&b), vec!["hedge_max_percent"]);
+        assert!(ServeConfig::LIVE_KEYS.contains(&"hedge_max_percent"));
     }
 
     #[test]

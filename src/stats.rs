@@ -5,6 +5,7 @@
 //! 69 s, so a percentile read from it is within 12.5 % of the truth and recording is a couple of
 //! bit operations. Prometheus gets the cumulative counts at every power of two (they nest exactly).
 
+use crate::device::fault::ReadStall;
 use crate::device::{AlignedBuf, BlockDevice, Extent};
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -229,11 +230,18 @@ impl DeviceStats {
 pub struct Instrumented<D> {
     inner: D,
     stats: Arc<DeviceStats>,
+    /// Injected read stalls (benchmarks and tests only; see [`ReadStall`]).
+    stall: Option<Arc<ReadStall>>,
 }
 
 impl<D: BlockDevice> Instrumented<D> {
     pub fn new(inner: D, stats: Arc<DeviceStats>) -> Self {
-        Instrumented { inner, stats }
+        Instrumented { inner, stats, stall: None }
+    }
+    /// Counted as the device's own latency, as a real SSD's stall would be.
+    pub fn with_read_stall(mut self, stall: Arc<ReadStall>) -> Self {
+        self.stall = Some(stall);
+        self
     }
     pub fn inner(&self) -> &D {
         &self.inner
@@ -255,6 +263,9 @@ impl<D: BlockDevice> BlockDevice for Instrumented<D> {
     }
     async fn read(&self, offset: u64, buf: AlignedBuf) -> (AlignedBuf, io::Result<()>) {
         let started = Instant::now();
+        if let Some(d) = self.stall.as_ref().and_then(|s| s.roll()) {
+            tokio::time::sleep(d).await;
+        }
         let (buf, r) = self.inner.read(offset, buf).await;
         self.stats.op(DevOp::Read).record(buf.len() as u64, r.is_ok(), started);
         (buf, r)

@@ -361,3 +361,107 @@ fn forget_cache_after_the_backing_changed_behind_our_back() {
     let report = d.verify_offline(&caches, &[]);
     assert_eq!(report.mismatch_count, 0, "{}", report.output);
 }
+
+/// Runs tests/py/random_reads.py (random 4 KiB reads, each checked against the byte its MiB was
+/// written with) and returns its output line.
+fn random_reads(uri: &str, count: u32, seed: u32) -> String {
+    let out = output_within(
+        py_command("random_reads.py").args([uri, &count.to_string(), &seed.to_string()]),
+        Duration::from_secs(120),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("OK"),
+        "random_reads.py: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout.into_owned()
+}
+
+#[test]
+fn hedged_reads_answer_stalled_cache_reads_from_the_backing() {
+    require_tool("qemu-io");
+    let mut d = Daemon::unstarted();
+    let cache = d.path("cache.img");
+    sparse(&cache, 16 * MIB + 16 * MIB);
+    d.create_with(16 * MIB, &["--cache".as_ref(), cache.as_os_str()]);
+    // MiB i holds byte i + 1: random_reads.py knows what every block must contain.
+    let writes: Vec<String> = (0..16).map(|i| format!("write -P {} {i}M 1M", i + 1)).collect();
+    for w in &writes {
+        qemu_io_file(&d.backing, w);
+    }
+    let sock = d.path("admin.sock");
+    let config = d.path("superdisk.toml");
+    let metrics_port = free_port();
+    let backing = d.backing.clone();
+    let write_config = |extra: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "backing = {:?}\ncache = [{:?}]\nadmin_socket = {:?}\nmetrics = \"{metrics_port}\"\n\
+                 hedge_min_us = 2000\nhedge_max_us = 2000\nhedge_max_percent = 100\n{extra}",
+                backing, cache, sock
+            ),
+        )
+        .unwrap();
+    };
+    write_config("");
+    d.extra_args = vec!["--config".into(), config.display().to_string()];
+    // One cache read in 50 stalls for 300 ms, as an SSD in garbage collection does.
+    d.env.push(("SUPERDISK_INJECT_READ_STALL".into(), "cache0:20000:300".into()));
+    d.spawn();
+    d.wait_log(0, "INJECTING READ STALLS", Duration::from_secs(10));
+    wait_status(&sock, "healthy", Duration::from_secs(60), |s| s["mode"] == "healthy");
+
+    random_reads(&d.uri(), 1500, 1);
+    let s = status(&sock);
+    let h = &s["cache"]["hedge"];
+    assert_eq!(h["enabled"], true, "{h}");
+    assert_eq!(h["threshold_us"], 2000, "{h}");
+    let hedged = h["hedged_total"].as_u64().unwrap();
+    let won = h["backing_won_total"].as_u64().unwrap();
+    // ~30 stalls expected in 1,500 reads; the chance of none is below 1e-12.
+    assert!(hedged > 0 && won > 0, "no read was hedged or none answered by the backing: {h}");
+    assert_eq!(s["cache"]["errors_total"], 0, "a stall is not an error: {}", s["cache"]);
+    assert_eq!(s["mode"], "healthy");
+    let text = ctl_ok(&sock, &["status"]);
+    assert!(text.contains("hedged reads: after 2.0ms"), "{text}");
+    let out = output_within(
+        py_command("metrics_check.py").arg(format!("http://127.0.0.1:{metrics_port}/metrics")),
+        Duration::from_secs(30),
+    );
+    assert!(out.status.success(), "metrics check failed: {}", String::from_utf8_lossy(&out.stderr));
+    let m: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let sample = |k: &str| m["samples"][k].as_f64().unwrap_or_else(|| panic!("no sample {k} in {m}"));
+    assert!(sample("superdisk_hedged_reads_total") >= hedged as f64);
+    assert!(sample("superdisk_hedged_reads_backing_won_total") >= won as f64);
+    assert_eq!(sample("superdisk_hedge_threshold_seconds"), 0.002);
+
+    // Switched off by SIGHUP: nothing is hedged any more.
+    let mark = d.log_mark();
+    write_config("hedge_reads = false\n");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(d.pid() as i32, libc::SIGHUP) };
+    let log = d.wait_log(mark, "configuration reloaded", Duration::from_secs(10));
+    assert!(log.contains("hedge_reads"), "{log}");
+    let before = status(&sock)["cache"]["hedge"]["hedged_total"].as_u64().unwrap();
+    random_reads(&d.uri(), 500, 2);
+    let s = status(&sock);
+    assert_eq!(s["cache"]["hedge"]["enabled"], false);
+    assert_eq!(s["cache"]["hedge"]["hedged_total"].as_u64().unwrap(), before, "hedged while off");
+    assert!(ctl_ok(&sock, &["status"]).contains("hedged reads: off"));
+    assert!(d.stop().success());
+
+    // A malformed injection spec stops the daemon, naming the variable, before it serves.
+    d.env = vec![("SUPERDISK_INJECT_READ_STALL".into(), "cache0:lots".into())];
+    let out = output_within(
+        Command::new(BIN).args(["serve", "--config"]).arg(&config).envs(d.env.clone()),
+        Duration::from_secs(30),
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("SUPERDISK_INJECT_READ_STALL"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -193,6 +193,31 @@ pub fn render(node: &Node) -> String {
             "Cache ranges rewritten from the backing after a read error.",
         );
         o.sample("superdisk_cache_repairs_total", &[], st.repairs.load(Relaxed));
+        let h = &st.hedge;
+        o.family(
+            "superdisk_hedged_reads_total",
+            "counter",
+            "Cache reads slower than the hedging threshold that were also sent to the backing.",
+        );
+        o.sample("superdisk_hedged_reads_total", &[], h.hedged.load(Relaxed));
+        o.family(
+            "superdisk_hedged_reads_backing_won_total",
+            "counter",
+            "Hedged reads answered by the backing before the cache.",
+        );
+        o.sample("superdisk_hedged_reads_backing_won_total", &[], h.backing_won.load(Relaxed));
+        o.family(
+            "superdisk_hedged_reads_over_budget_total",
+            "counter",
+            "Slow cache reads not hedged because hedge_max_percent was spent.",
+        );
+        o.sample("superdisk_hedged_reads_over_budget_total", &[], h.over_budget.load(Relaxed));
+        o.family(
+            "superdisk_hedge_threshold_seconds",
+            "gauge",
+            "Cache read time after which a read is hedged (0: hedging off).",
+        );
+        o.sample("superdisk_hedge_threshold_seconds", &[], h.threshold_us.load(Relaxed) as f64 / 1e6);
         o.family("superdisk_cache_errors_total", "counter", "Cache I/O errors absorbed (never seen by clients).");
         o.sample("superdisk_cache_errors_total", &[], st.cache_errors.load(Relaxed));
         o.family("superdisk_cache_failures_total", "counter", "Times a cache set was dropped (errors or operator).");

@@ -8,6 +8,7 @@ pub mod metrics;
 pub mod status;
 
 use crate::config::ServeConfig;
+use crate::device::fault::ReadStall;
 use crate::device::{FileDevice, OpenOptions};
 use crate::mirror::{MirrorOptions, MirrorVolume, Mode};
 use crate::nbd::ExportParams;
@@ -16,8 +17,8 @@ use crate::service::Notifier;
 use crate::stats::{DevOp, DeviceStats, Instrumented, OpSnapshot, ReqOp, ServerStats};
 use crate::volume::{PlainVolume, Volume};
 use status::{
-    op_status, BackingIoStatus, CacheStatus, ConnectionStatus, DeviceStatus, ExportStatus, RebuildStatus, Status,
-    VerifyOutcome, VerifyStatus,
+    op_status, BackingIoStatus, CacheStatus, ConnectionStatus, DeviceStatus, ExportStatus, HedgeStatus, RebuildStatus,
+    Status, VerifyOutcome, VerifyStatus,
 };
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering::Relaxed;
@@ -64,6 +65,20 @@ pub struct Node {
     verify_task: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     last_verify: Mutex<Option<LastVerify>>,
     reload: Option<Reloader>,
+}
+
+/// Wraps `dev` in its counters, with the read stall `SUPERDISK_INJECT_READ_STALL` names for it.
+fn instrument(name: &str, dev: FileDevice) -> Result<(Dev, Arc<DeviceStats>), AnyError> {
+    let stats = device_stats(name, &dev);
+    let mut dev = Instrumented::new(dev, stats.clone());
+    if let Ok(spec) = std::env::var(ReadStall::ENV) {
+        let (target, stall) = ReadStall::parse(&spec)?;
+        if target == name {
+            tracing::warn!(device = name, spec = %spec, "INJECTING READ STALLS (benchmark/test only)");
+            dev = dev.with_read_stall(Arc::new(stall));
+        }
+    }
+    Ok((dev, stats))
 }
 
 fn device_stats(name: &str, dev: &FileDevice) -> Arc<DeviceStats> {
@@ -198,6 +213,14 @@ impl Node {
                     errors_total: st.cache_errors.load(Relaxed),
                     failures_total: st.cache_failures.load(Relaxed),
                     read_error_budget: m.read_error_budget(),
+                    hedge: HedgeStatus {
+                        enabled: m.hedge_policy().enabled,
+                        threshold_us: st.hedge.threshold_us.load(Relaxed),
+                        hedged_total: st.hedge.hedged.load(Relaxed),
+                        backing_won_total: st.hedge.backing_won.load(Relaxed),
+                        over_budget_total: st.hedge.over_budget.load(Relaxed),
+                        max_percent: m.hedge_policy().max_percent,
+                    },
                 };
                 let (min, max) = m.rebuild_rates();
                 let done = st.rebuild_done_bytes.load(Relaxed);
@@ -319,10 +342,15 @@ impl Node {
         if let Some(m) = &self.mirror {
             m.set_rebuild_rates(new.rebuild_min_bytes_per_s, new.rebuild_max_bytes_per_s);
             m.set_read_error_budget(new.read_error_budget);
+            m.set_hedge_policy(new.hedge_policy());
         }
         cur.rebuild_min_bytes_per_s = new.rebuild_min_bytes_per_s;
         cur.rebuild_max_bytes_per_s = new.rebuild_max_bytes_per_s;
         cur.read_error_budget = new.read_error_budget;
+        cur.hedge_reads = new.hedge_reads;
+        cur.hedge_min_us = new.hedge_min_us;
+        cur.hedge_max_us = new.hedge_max_us;
+        cur.hedge_max_percent = new.hedge_max_percent;
     }
 }
 
@@ -357,8 +385,7 @@ pub async fn serve_with(
         "opened backing device"
     );
     let rotational = dev.rotational();
-    let backing_stats = device_stats("backing", &dev);
-    let dev = Instrumented::new(dev, backing_stats.clone());
+    let (dev, backing_stats) = instrument("backing", dev)?;
     let server_stats = Arc::new(ServerStats::default());
     let node = |mirror: Option<Arc<Mirror>>,
                 caches: Vec<Arc<DeviceStats>>,
@@ -405,6 +432,7 @@ pub async fn serve_with(
         take_over_foreign_cache: cfg.take_over_foreign_cache,
         metadata_interval_ms: cfg.metadata_interval_ms,
         backing_io: cfg.backing_io_policy(),
+        hedge: cfg.hedge_policy(),
         ..MirrorOptions::default()
     };
     let volume =
@@ -424,9 +452,9 @@ pub fn open_caches(
         let d =
             FileDevice::open(path, &OpenOptions { read_only: false, direct: cfg.cache_direct, engine: cfg.io_engine })
                 .map_err(|e| format!("cache {}: {e}", path.display()))?;
-        let s = device_stats(&format!("cache{i}"), &d);
-        members.push(s.clone());
-        devs.push(Instrumented::new(d, s));
+        let (d, s) = instrument(&format!("cache{i}"), d)?;
+        members.push(s);
+        devs.push(d);
     }
     Ok((devs, members))
 }

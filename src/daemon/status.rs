@@ -85,6 +85,18 @@ pub struct CacheStatus {
     pub errors_total: u64,
     pub failures_total: u64,
     pub read_error_budget: u32,
+    pub hedge: HedgeStatus,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HedgeStatus {
+    pub enabled: bool,
+    /// The threshold in force (learnt from the cache's recent p99, within hedge_min/max_us).
+    pub threshold_us: u64,
+    pub hedged_total: u64,
+    pub backing_won_total: u64,
+    pub over_budget_total: u64,
+    pub max_percent: u32,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -264,6 +276,20 @@ pub fn render(s: &Status) -> String {
             c.read_error_budget,
             c.failures_total
         );
+        let h = &c.hedge;
+        let _ = if h.enabled {
+            writeln!(
+                o,
+                "hedged reads: after {}; {} hedged, {} answered by the backing, {} over budget ({}%)",
+                human_us(h.threshold_us as f64),
+                h.hedged_total,
+                h.backing_won_total,
+                h.over_budget_total,
+                h.max_percent
+            )
+        } else {
+            writeln!(o, "hedged reads: off")
+        };
     }
     let _ = writeln!(o, "\nlast {:.0}s:", s.window_secs);
     let _ = writeln!(

@@ -66,6 +66,47 @@ impl SimRng {
     }
 }
 
+/// Read stalls injected into a running daemon's device, for the hedging benchmark and tests:
+/// `SUPERDISK_INJECT_READ_STALL=DEVICE:PPM:MS` makes each read of `DEVICE` (`backing`, `cache0`,
+/// …) wait `MS` milliseconds first with probability `PPM` per million, as an SSD does during
+/// garbage collection. An environment variable rather than a config key: it exists to break
+/// things on purpose and must never be left in a production config by accident.
+#[derive(Debug)]
+pub struct ReadStall {
+    ppm: u32,
+    stall: Duration,
+    rng: Mutex<SimRng>,
+}
+
+impl ReadStall {
+    pub const ENV: &'static str = "SUPERDISK_INJECT_READ_STALL";
+
+    /// Parses `DEVICE:PPM:MS` into the device name and the stall.
+    pub fn parse(spec: &str) -> Result<(String, ReadStall), String> {
+        let parts: Vec<&str> = spec.split(':').collect();
+        let [device, ppm, ms] = parts[..] else {
+            return Err(format!("{}={spec:?}: expected DEVICE:PPM:MS, e.g. cache0:5000:20", Self::ENV));
+        };
+        let ppm: u32 = ppm
+            .parse()
+            .ok()
+            .filter(|p| *p <= 1_000_000)
+            .ok_or_else(|| format!("{}={spec:?}: PPM must be 0..=1000000", Self::ENV))?;
+        let ms: u64 = ms
+            .parse()
+            .ok()
+            .filter(|m| *m <= 60_000)
+            .ok_or_else(|| format!("{}={spec:?}: MS must be 0..=60000", Self::ENV))?;
+        let stall = ReadStall { ppm, stall: Duration::from_millis(ms), rng: Mutex::new(SimRng::new(0x5eed)) };
+        Ok((device.to_owned(), stall))
+    }
+
+    /// How long this read waits first, if it is one of the unlucky ones.
+    pub fn roll(&self) -> Option<Duration> {
+        lock(&self.rng).chance_ppm(self.ppm).then_some(self.stall)
+    }
+}
+
 /// The kinds of operation a fault can target.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum FaultOp {

@@ -36,6 +36,7 @@
 //!   from what the backing finally holds. Reads of valid regions never touch the backing.
 
 mod cacheset;
+pub mod hedge;
 mod journal;
 mod rebuild;
 pub mod region;
@@ -46,6 +47,7 @@ mod verify;
 #[cfg(test)]
 mod tests;
 
+pub use hedge::{HedgePolicy, HedgeStats};
 pub use striped::Striped;
 pub use verify::{verify_offline, verify_offline_report, VerifyReport};
 
@@ -88,6 +90,8 @@ pub struct MirrorOptions {
     pub metadata_interval_ms: u64,
     /// Timeouts, read retries and the request deadline for backing I/O (`backing_*` config keys).
     pub backing_io: IoPolicy,
+    /// When a slow cache read is also sent to the backing (`hedge_*` config keys).
+    pub hedge: HedgePolicy,
 }
 
 impl Default for MirrorOptions {
@@ -101,6 +105,7 @@ impl Default for MirrorOptions {
             take_over_foreign_cache: false,
             metadata_interval_ms: 5000,
             backing_io: IoPolicy::default(),
+            hedge: HedgePolicy::default(),
         }
     }
 }
@@ -151,6 +156,14 @@ pub struct MirrorStats {
     /// Backing stalls: attempts past `backing_timeout_ms`, read retries, requests failed at
     /// `backing_io_deadline_ms`, outages, and the stalled-operation and in-outage gauges.
     pub backing_io: Arc<BackingIoStats>,
+    /// Hedged cache reads ([`hedge`]).
+    pub hedge: Arc<HedgeStats>,
+}
+
+/// Who answered a hedged read: the cache (its result, possibly an error to repair) or the backing.
+enum Hedged {
+    Cache(AlignedBuf, io::Result<()>),
+    Backing(AlignedBuf),
 }
 
 /// Bounds the hot-first queue: beyond this, reads of invalid regions just wait for the scan.
@@ -192,6 +205,7 @@ pub(crate) struct Inner<B: BlockDevice, C: BlockDevice> {
     rebuild_min_bytes_per_s: AtomicU64,
     rebuild_max_bytes_per_s: AtomicU64,
     read_error_budget: AtomicU64,
+    hedger: hedge::Hedger,
     /// Foreground requests, for the rebuild's rate adaptation.
     fg_ops: AtomicU64,
     closed: AtomicBool,
@@ -257,6 +271,7 @@ impl<B: BlockDevice, C: BlockDevice> MirrorVolume<B, C> {
         }
         let (rebuild_min, rebuild_max, error_budget) =
             (opts.rebuild_min_bytes_per_s, opts.rebuild_max_bytes_per_s, opts.read_error_budget);
+        let hedger = hedge::Hedger::new(opts.hedge, stats.hedge.clone());
         let inner = Arc::new_cyclic(|me| Inner {
             me: me.clone(),
             data_bytes: sb.data_size_bytes,
@@ -278,6 +293,7 @@ impl<B: BlockDevice, C: BlockDevice> MirrorVolume<B, C> {
             rebuild_min_bytes_per_s: AtomicU64::new(rebuild_min),
             rebuild_max_bytes_per_s: AtomicU64::new(rebuild_max),
             read_error_budget: AtomicU64::new(u64::from(error_budget)),
+            hedger,
             fg_ops: AtomicU64::new(0),
             closed: AtomicBool::new(false),
         });
@@ -391,6 +407,20 @@ impl<B: BlockDevice, C: BlockDevice> MirrorVolume<B, C> {
 
     pub fn set_read_error_budget(&self, budget: u32) {
         self.inner.read_error_budget.store(u64::from(budget), Ordering::Relaxed);
+    }
+
+    /// Applies new `hedge_*` settings to reads that start from now on.
+    pub fn set_hedge_policy(&self, policy: HedgePolicy) {
+        self.inner.hedger.set_policy(policy);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn set_hedge_refresh(&self, every: Duration) {
+        self.inner.hedger.set_refresh(every);
+    }
+
+    pub fn hedge_policy(&self) -> HedgePolicy {
+        self.inner.hedger.policy()
     }
 
     pub fn read_error_budget(&self) -> u32 {
@@ -879,7 +909,14 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
     /// Reads from the cache; on error, serves from the backing and rewrites the cache range.
     async fn read_cache(&self, set: &Arc<CacheSet<C>>, offset: u64, buf: AlignedBuf) -> (AlignedBuf, io::Result<()>) {
         let len = buf.len() as u64;
-        let (buf, r) = set.dev.read(offset, buf).await;
+        let (buf, r) = if self.hedger.eligible(buf.len()) {
+            match self.read_cache_hedged(set, offset, buf).await {
+                Hedged::Cache(buf, r) => (buf, r),
+                Hedged::Backing(buf) => return (buf, Ok(())),
+            }
+        } else {
+            set.dev.read(offset, buf).await
+        };
         match r {
             Ok(()) => {
                 self.stats.reads_cache.fetch_add(1, Ordering::Relaxed);
@@ -888,6 +925,56 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
             }
             Err(e) => self.read_repair(set, offset, buf, e).await,
         }
+    }
+
+    /// A cache read that, once slower than the hedging threshold, races a backing read.
+    async fn read_cache_hedged(&self, set: &Arc<CacheSet<C>>, offset: u64, buf: AlignedBuf) -> Hedged {
+        let started = Instant::now();
+        let hedge_at = self.hedger.start(started);
+        let len = buf.len();
+        let mut cache = std::pin::pin!(set.dev.read(offset, buf));
+        // Most reads finish at their first poll (page cache) or before the threshold: only those
+        // still pending pay for a timer.
+        let first =
+            std::future::poll_fn(|cx| std::task::Poll::Ready(std::future::Future::poll(cache.as_mut(), cx))).await;
+        if let std::task::Poll::Ready((buf, r)) = first {
+            self.hedger.finish(started.elapsed());
+            return Hedged::Cache(buf, r);
+        }
+        tokio::select! {
+            biased;
+            (buf, r) = &mut cache => {
+                self.hedger.finish(started.elapsed());
+                return Hedged::Cache(buf, r);
+            }
+            _ = tokio::time::sleep_until(hedge_at.into()) => {}
+        }
+        if !self.hedger.try_hedge() {
+            let (buf, r) = cache.await;
+            self.hedger.finish(started.elapsed());
+            return Hedged::Cache(buf, r);
+        }
+        // The backing has every acknowledged write, so its copy is never older than the cache's.
+        let mut backing = std::pin::pin!(self.backing.read(offset, AlignedBuf::uninit_for_fill(len)));
+        let (buf, r) = tokio::select! {
+            biased;
+            x = &mut cache => x,
+            (b, rb) = &mut backing => match rb {
+                Ok(()) => {
+                    // The cache read is abandoned (its engine keeps the buffer until the device
+                    // answers); its latency so far is a lower bound.
+                    self.hedger.finish(started.elapsed());
+                    self.hedger.backing_won();
+                    self.stats.reads_backing.fetch_add(1, Ordering::Relaxed);
+                    self.stats.read_bytes_backing.fetch_add(len as u64, Ordering::Relaxed);
+                    return Hedged::Backing(b);
+                }
+                // A failing backing does not fail a read the cache can still answer.
+                Err(_) => cache.await,
+            },
+        };
+        self.hedger.finish(started.elapsed());
+        Hedged::Cache(buf, r)
     }
 
     async fn read_repair(

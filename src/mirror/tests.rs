@@ -883,3 +883,128 @@ async fn random_backing_stalls_lose_no_acknowledged_write_and_serve_no_stale_dat
     })
     .await;
 }
+
+fn hedging(min_us: u64, max_percent: u32) -> MirrorOptions {
+    MirrorOptions {
+        hedge: HedgePolicy {
+            enabled: true,
+            min: Duration::from_micros(min_us),
+            max: Duration::from_micros(min_us),
+            max_percent,
+        },
+        ..opts()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_cache_reads_are_answered_by_the_backing_within_the_hedge_budget() {
+    let backing = new_backing().await;
+    let cache = FaultDevice::new(new_cache(), 21);
+    let mut model = vec![0u8; DATA as usize];
+    let v = Arc::new(FVol::open(backing, vec![cache.clone()], hedging(1000, 5)).await.unwrap());
+    v.set_hedge_refresh(Duration::from_secs(3600));
+    write(&*v, &mut model, 0, 22, DATA as usize).await;
+    v.wait_rebuilt().await;
+    let stats = v.stats();
+    let hedged = || stats.hedge.hedged.load(Ordering::Relaxed);
+    assert_eq!(hedged(), 0, "the rebuild and writes do not hedge");
+    // The SSD stops answering reads (a long GC pause): every read is answered by the backing,
+    // up to the budget (5 % of recent reads plus a burst of 32).
+    cache.handle().hang(&[FaultOp::Read]);
+    let model = Arc::new(model);
+    let spawn_read = |i: u64| {
+        let (v, model) = (v.clone(), model.clone());
+        tokio::spawn(async move {
+            let off = (i * 7919 * 4096) % DATA;
+            let (b, r) = v.read(off, AlignedBuf::zeroed(4096)).await;
+            r.unwrap();
+            assert_eq!(&b[..], &model[off as usize..off as usize + 4096], "read at {off}");
+        })
+    };
+    for i in 0..10 {
+        tokio::time::timeout(Duration::from_secs(10), spawn_read(i)).await.expect("a hedged read hung").unwrap();
+    }
+    assert_eq!(hedged(), 10);
+    assert_eq!(stats.hedge.backing_won.load(Ordering::Relaxed), 10);
+    let rest: Vec<_> = (10..60).map(spawn_read).collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // 60 reads: 60 × 5 % + 32 = 35 hedges; the other 25 wait.
+    while stats.hedge.over_budget.load(Ordering::Relaxed) < 25 {
+        assert!(Instant::now() < deadline, "over_budget {}", stats.hedge.over_budget.load(Ordering::Relaxed));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(hedged(), 35, "hedges past the budget while every read stalls");
+    // The reads over budget wait for the cache, which answers once it recovers.
+    cache.handle().resume();
+    for t in rest {
+        tokio::time::timeout(Duration::from_secs(10), t).await.expect("a read stayed hung").unwrap();
+    }
+    assert_eq!(v.mode(), Mode::Healthy, "a stall is not an error");
+    assert_eq!(stats.cache_errors.load(Ordering::Relaxed), 0);
+    // Switched off live: a stalled read waits for the cache.
+    v.set_hedge_policy(HedgePolicy { enabled: false, ..v.hedge_policy() });
+    cache.handle().hang(&[FaultOp::Read]);
+    let t = spawn_read(99);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!t.is_finished(), "hedging is off: the read must wait for the cache");
+    cache.handle().resume();
+    t.await.unwrap();
+    assert_eq!(hedged(), 35);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hedged_reads_never_return_data_older_than_an_acknowledged_write() {
+    let backing = FaultDevice::new(new_backing().await, 23);
+    let cache = FaultDevice::new(new_cache(), 24);
+    let v = Arc::new(MirrorVolume::open(backing.clone(), vec![cache.clone()], hedging(100, 100)).await.unwrap());
+    v.wait_rebuilt().await;
+    // Both devices jitter, so either may answer a hedged read first.
+    cache.handle().set_latency(Duration::ZERO, Duration::from_micros(1500));
+    backing.handle().set_latency(Duration::ZERO, Duration::from_micros(400));
+    let acked = Arc::new(AtomicU64::new(0));
+    const BLOCKS: u64 = 4;
+    let writer = {
+        let (v, acked) = (v.clone(), acked.clone());
+        tokio::spawn(async move {
+            for version in 1..=300u64 {
+                // Version stamped in every 8 bytes of four blocks that straddle a region boundary.
+                let off = u64::from(REGION) - 2 * 4096;
+                let mut b = AlignedBuf::zeroed((BLOCKS * 4096) as usize);
+                for w in b.chunks_mut(8) {
+                    w.copy_from_slice(&version.to_le_bytes());
+                }
+                let (_, r) = v.write(off, b, false).await;
+                r.unwrap();
+                acked.store(version, Ordering::SeqCst);
+            }
+        })
+    };
+    let mut readers = Vec::new();
+    for seed in 0..3u64 {
+        let (v, acked) = (v.clone(), acked.clone());
+        readers.push(tokio::spawn(async move {
+            let mut rng = SimRng::new(seed);
+            let mut reads = 0u64;
+            while acked.load(Ordering::SeqCst) < 300 {
+                let floor = acked.load(Ordering::SeqCst);
+                let block = rng.below(BLOCKS);
+                let off = u64::from(REGION) - 2 * 4096 + block * 4096;
+                let (b, r) = v.read(off, AlignedBuf::zeroed(4096)).await;
+                r.unwrap();
+                let got = u64::from_le_bytes(b[..8].try_into().unwrap());
+                assert!(got >= floor, "read version {got} after version {floor} was acknowledged");
+                assert!(b.chunks(8).all(|w| w == got.to_le_bytes()), "a torn 4 KiB read");
+                reads += 1;
+            }
+            reads
+        }));
+    }
+    writer.await.unwrap();
+    for r in readers {
+        assert!(r.await.unwrap() > 0);
+    }
+    let s = v.stats();
+    assert!(s.hedge.hedged.load(Ordering::Relaxed) > 0, "no read was hedged: the test tests nothing");
+    assert!(s.hedge.backing_won.load(Ordering::Relaxed) > 0, "the backing never won a race");
+    assert!(s.reads_cache.load(Ordering::Relaxed) > 0, "the cache never won a race");
+}

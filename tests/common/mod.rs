@@ -38,6 +38,8 @@ pub struct Daemon {
     pub port: u16,
     pub unix: PathBuf,
     pub extra_args: Vec<String>,
+    /// Environment variables for the serve process.
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -53,6 +55,7 @@ impl Daemon {
             backing,
             port: 0,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
             child: None,
         };
         d.spawn();
@@ -72,6 +75,7 @@ impl Daemon {
             .args(["--listen", &format!("127.0.0.1:{}", self.port), "--unix"])
             .arg(&self.unix)
             .args(&self.extra_args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -273,6 +277,7 @@ impl Daemon {
             dir,
             port: 0,
             extra_args: Vec::new(),
+            env: Vec::new(),
             child: None,
         }
     }
