@@ -71,7 +71,7 @@ pub struct Node {
 fn instrument(name: &str, dev: FileDevice) -> Result<(Dev, Arc<DeviceStats>), AnyError> {
     let stats = device_stats(name, &dev);
     let mut dev = Instrumented::new(dev, stats.clone());
-    if let Ok(spec) = std::env::var(ReadStall::ENV) {
+    if let Some(spec) = std::env::var(ReadStall::ENV).ok().filter(|s| !s.is_empty()) {
         let (target, stall) = ReadStall::parse(&spec)?;
         if target == name {
             tracing::warn!(device = name, spec = %spec, "INJECTING READ STALLS (benchmark/test only)");
