@@ -2,8 +2,11 @@
 # Benchmark superdisk against nbdkit (file plugin), qemu-nbd and `nbdkit null` with fio's nbd engine
 # over loopback. A script, not a test: it asserts nothing about speed, it measures and reports.
 #
-#   scripts/bench.sh [--quick] [--servers "superdisk nbdkit-file qemu-nbd nbdkit-null"] [--out DIR]
+#   scripts/bench.sh [--quick] [--servers "superdisk superdisk-mirror nbdkit-file qemu-nbd nbdkit-null"]
+#                    [--workloads "read-1m-qd8 …"] [--out DIR]
 #
+# `superdisk` serves the image alone (no cache); `superdisk-mirror` serves it with a cache file that is
+# fully rebuilt before measuring, so its reads come from the cache and its writes go to both files.
 # Every workload is run round-robin over every server, BENCH_REPS times, and the median is reported, so
 # that background noise on the machine lands on all servers alike rather than on whichever ran last.
 #
@@ -29,14 +32,17 @@ die() { echo "bench.sh: $*" >&2; exit 1; }
 log() { echo "bench.sh: $*" >&2; }
 
 quick=0
-servers="superdisk nbdkit-file qemu-nbd nbdkit-null"
+default_servers="superdisk superdisk-mirror nbdkit-file qemu-nbd nbdkit-null"
+servers="$default_servers"
+only_workloads=""
 out=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) quick=1 ;;
         --servers) [ $# -ge 2 ] || die "--servers needs a list"; servers="$2"; shift ;;
+        --workloads) [ $# -ge 2 ] || die "--workloads needs a list"; only_workloads="$2"; shift ;;
         --out) [ $# -ge 2 ] || die "--out needs a directory"; out="$2"; shift ;;
-        -h|--help) sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,26p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument '$1' (try --help)" ;;
     esac
     shift
@@ -83,14 +89,14 @@ fio --enghelp=nbd 2>/dev/null | grep -q uri || die "this fio has no nbd engine (
 
 for s in $servers; do
     case "$s" in
-        superdisk) ;;
+        superdisk|superdisk-mirror) ;;
         nbdkit-file|nbdkit-null)
             need nbdkit "apt-get install nbdkit"
             plugin="${s#nbdkit-}"
             nbdkit "$plugin" --version >/dev/null 2>&1 || die "nbdkit has no '$plugin' plugin"
             ;;
         qemu-nbd) need qemu-nbd "apt-get install qemu-utils" ;;
-        *) die "unknown server '$s' (known: superdisk nbdkit-file qemu-nbd nbdkit-null)" ;;
+        *) die "unknown server '$s' (known: $default_servers)" ;;
     esac
 done
 case " $servers " in
@@ -109,7 +115,7 @@ rev="$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo unknown)"
 git -C "$repo" diff --quiet HEAD -- 2>/dev/null || rev+=" with uncommitted changes"
 
 superdisk_bin=""
-if [[ " $servers " == *" superdisk "* ]]; then
+if [[ " $servers " == *" superdisk "* || " $servers " == *" superdisk-mirror "* ]]; then
     if [ -n "${SUPERDISK:-}" ]; then
         superdisk_bin="$SUPERDISK"
     else
@@ -156,13 +162,18 @@ for s in $servers; do
     case "$s" in
         nbdkit-file) cp "$run_dir/data.raw" "$run_dir/nbdkit-file.img" ;;
         qemu-nbd) cp "$run_dir/data.raw" "$run_dir/qemu-nbd.img" ;;
-        superdisk)
-            cp "$run_dir/data.raw" "$run_dir/superdisk.img"
+        superdisk|superdisk-mirror)
+            cp "$run_dir/data.raw" "$run_dir/$s.img"
+            cache_args=()
+            if [ "$s" = superdisk-mirror ]; then
+                truncate -s "$((size_b + 64 * 1024 * 1024))" "$run_dir/$s.cache.img"
+                cache_args=(--cache "$run_dir/$s.cache.img")
+            fi
             # The exported disk is the file's first bytes; create only appends metadata at the tail.
-            "$superdisk_bin" create --backing "$run_dir/superdisk.img" --size "$size_b" \
-                >"$run_dir/superdisk-create.log" 2>&1 \
-                || die "superdisk create failed: $(cat "$run_dir/superdisk-create.log")"
-            cmp -n "$size_b" "$run_dir/data.raw" "$run_dir/superdisk.img" >/dev/null \
+            "$superdisk_bin" create --backing "$run_dir/$s.img" --size "$size_b" "${cache_args[@]}" \
+                >"$run_dir/$s-create.log" 2>&1 \
+                || die "superdisk create failed: $(cat "$run_dir/$s-create.log")"
+            cmp -n "$size_b" "$run_dir/data.raw" "$run_dir/$s.img" >/dev/null \
                 || die "superdisk create changed the first $size bytes of the image"
             ;;
     esac
@@ -187,6 +198,12 @@ start_server() {
             # shellcheck disable=SC2086  # SUPERDISK_ARGS is a word list on purpose
             "$superdisk_bin" serve --backing "$run_dir/superdisk.img" --listen "127.0.0.1:$port" \
                 ${SUPERDISK_ARGS:-} 2>"$errlog" &
+            uri_of[$s]="nbd://127.0.0.1:$port/superdisk"
+            ;;
+        superdisk-mirror)
+            # shellcheck disable=SC2086
+            "$superdisk_bin" serve --backing "$run_dir/$s.img" --cache "$run_dir/$s.cache.img" \
+                --listen "127.0.0.1:$port" ${SUPERDISK_ARGS:-} 2>"$errlog" &
             uri_of[$s]="nbd://127.0.0.1:$port/superdisk"
             ;;
         nbdkit-file)
@@ -222,6 +239,17 @@ wait_up() {
 
 for s in $servers; do start_server "$s"; done
 for s in $servers; do wait_up "$s"; log "$s up at ${uri_of[$s]} (pid ${pid_of[$s]})"; done
+# The mirror is measured once its cache holds the whole disk (reads then never touch the backing).
+if [[ " $servers " == *" superdisk-mirror "* ]]; then
+    for _ in $(seq 6000); do
+        grep -q "rebuild complete" "$run_dir/superdisk-mirror.log" && break
+        kill -0 "${pid_of[superdisk-mirror]}" 2>/dev/null || die "superdisk-mirror died during its rebuild"
+        sleep 0.1
+    done
+    grep -q "rebuild complete" "$run_dir/superdisk-mirror.log" || die "superdisk-mirror did not finish its rebuild in 10 min"
+    cat "$run_dir/superdisk-mirror.cache.img" >/dev/null
+    log "superdisk-mirror: cache rebuilt"
+fi
 
 # --- measurement -----------------------------------------------------------------------------------
 
@@ -244,6 +272,12 @@ workloads=(
     "read-1m-qd8 read 1m 8"
     "write-1m-qd8 write 1m 8"
 )
+if [ -n "$only_workloads" ]; then
+    kept=()
+    for w in "${workloads[@]}"; do [[ " $only_workloads " == *" ${w%% *} "* ]] && kept+=("$w"); done
+    [ "${#kept[@]}" -gt 0 ] || die "--workloads matched none of: ${workloads[*]%% *}"
+    workloads=("${kept[@]}")
+fi
 read -r -a server_list <<<"$servers"
 nserv=${#server_list[@]}
 results="$run_dir/results.tsv"
@@ -296,7 +330,8 @@ done
 
 cmdline="scripts/bench.sh"
 [ "$quick" = 1 ] && cmdline+=" --quick"
-[ "$servers" = "superdisk nbdkit-file qemu-nbd nbdkit-null" ] || cmdline+=" --servers \"$servers\""
+[ "$servers" = "$default_servers" ] || cmdline+=" --servers \"$servers\""
+[ -z "$only_workloads" ] || cmdline+=" --workloads \"$only_workloads\""
 [ "$out" = "$repo/docs/bench" ] || cmdline+=" --out $out"
 env_note=""
 for v in BENCH_SIZE BENCH_RUNTIME BENCH_RAMP BENCH_REPS SUPERDISK SUPERDISK_ARGS; do

@@ -29,12 +29,14 @@ WORKLOADS = [
 ]
 LABELS = {
     "superdisk": "superdisk",
+    "superdisk-mirror": "superdisk + cache",
     "nbdkit-file": "nbdkit file",
     "qemu-nbd": "qemu-nbd",
     "nbdkit-null": "nbdkit null",
 }
 COLOURS = {
     "superdisk": "#d1495b",
+    "superdisk-mirror": "#6a4c93",
     "nbdkit-file": "#2e86ab",
     "qemu-nbd": "#edae49",
     "nbdkit-null": "#8d8d8d",
@@ -229,7 +231,11 @@ def main():
             runs.setdefault((w, s), []).append(m)
 
     rows = []
+    # A run limited with --workloads reports only the workloads it ran.
+    measured = {w for w, _ in runs}
     for w, label, unit in WORKLOADS:
+        if w not in measured:
+            continue
         row = {"workload": w, "label": label, "unit": unit, "servers": {}}
         for s in servers:
             reps = runs.get((w, s))
