@@ -19,6 +19,8 @@
 #   SUPERDISK       superdisk binary; when unset the script runs `cargo build --release` and uses
 #                   target/release/superdisk
 #   SUPERDISK_ARGS  extra arguments for `superdisk serve`         (default none)
+#   SUPERDISK_MIRROR_ARGS  extra arguments for superdisk-mirror   (default none; e.g.
+#                   "--cache-direct true" for a cache written with O_DIRECT, as a block-device SSD is)
 #
 # Outputs: the table on stdout; docs/bench/latest.{md,svg,json} for a full run. A --quick run is a smoke
 # run and writes next to its raw data in BENCH_DIR instead, so it never overwrites recorded figures;
@@ -203,7 +205,7 @@ start_server() {
         superdisk-mirror)
             # shellcheck disable=SC2086
             "$superdisk_bin" serve --backing "$run_dir/$s.img" --cache "$run_dir/$s.cache.img" \
-                --listen "127.0.0.1:$port" ${SUPERDISK_ARGS:-} 2>"$errlog" &
+                --listen "127.0.0.1:$port" ${SUPERDISK_ARGS:-} ${SUPERDISK_MIRROR_ARGS:-} 2>"$errlog" &
             uri_of[$s]="nbd://127.0.0.1:$port/superdisk"
             ;;
         nbdkit-file)
@@ -334,7 +336,7 @@ cmdline="scripts/bench.sh"
 [ -z "$only_workloads" ] || cmdline+=" --workloads \"$only_workloads\""
 [ "$out" = "$repo/docs/bench" ] || cmdline+=" --out $out"
 env_note=""
-for v in BENCH_SIZE BENCH_RUNTIME BENCH_RAMP BENCH_REPS SUPERDISK SUPERDISK_ARGS; do
+for v in BENCH_SIZE BENCH_RUNTIME BENCH_RAMP BENCH_REPS SUPERDISK SUPERDISK_ARGS SUPERDISK_MIRROR_ARGS; do
     [ -n "${!v:-}" ] && env_note+="$v=${!v} "
 done
 

@@ -173,6 +173,9 @@ struct ServeArgs {
     /// O_DIRECT on the backing (default: on for block devices, off for files).
     #[arg(long)]
     direct: Option<bool>,
+    /// O_DIRECT on the cache devices (config key cache_direct; default: on for block devices).
+    #[arg(long)]
+    cache_direct: Option<bool>,
     #[arg(long)]
     log_level: Option<String>,
     /// A local SSD holding the mirror; repeat to stripe several.
@@ -507,6 +510,9 @@ fn merge_flags(mut f: FileConfig, args: &ServeArgs) -> FileConfig {
     }
     if args.direct.is_some() {
         f.direct = args.direct;
+    }
+    if args.cache_direct.is_some() {
+        f.cache_direct = args.cache_direct;
     }
     if args.log_level.is_some() {
         f.log_level = args.log_level;

@@ -26,6 +26,10 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+/// Regions marked ahead of a sequential writer in one intent commit (with 1 MiB regions, one
+/// commit per 16 MiB written instead of one per MiB).
+const INTENT_AHEAD_REGIONS: u64 = 16;
+
 struct JState {
     /// In memory: set means the region may have a write in flight or not yet flushed on both.
     intent: Bits,
@@ -219,6 +223,19 @@ impl Journal {
                         st.dirty_changed.insert(page_of(r));
                     }
                     need = true;
+                }
+            }
+            // A sequential writer (the region before this write is marked too) would otherwise
+            // wait for one intent commit per region: mark the next regions in the same commit.
+            // Safe: an intent bit only ever costs a resync after a crash, and the cleaner clears
+            // the ones no write reached at its next pass.
+            if need && rs.start > 0 && st.intent.get(rs.start - 1) {
+                let ahead_end = (rs.end + INTENT_AHEAD_REGIONS).min(st.intent.len());
+                for r in rs.end..ahead_end {
+                    if !st.intent.get(r) {
+                        st.intent.set(r);
+                        st.dirty_intent.insert(page_of(r));
+                    }
                 }
             }
             let recording = st.recording;

@@ -178,7 +178,9 @@ async fn concurrent_first_writes_share_intent_commits() {
     }
     let commits = v.stats().intent_commits.load(Ordering::Relaxed) - before;
     assert!(commits <= 3, "32 concurrent first writes took {commits} intent commits; they should share them");
-    assert_eq!(v.dirty_regions().0, 32);
+    // The 32 written, plus at most one run marked ahead of what looked like a sequential writer.
+    let dirty = v.dirty_regions().0;
+    assert!((32..=32 + INTENT_AHEAD).contains(&dirty), "{dirty} dirty regions");
 }
 
 #[tokio::test]
@@ -884,6 +886,9 @@ async fn random_backing_stalls_lose_no_acknowledged_write_and_serve_no_stale_dat
     .await;
 }
 
+/// journal::INTENT_AHEAD_REGIONS.
+const INTENT_AHEAD: u64 = 16;
+
 fn hedging(min_us: u64, max_percent: u32) -> MirrorOptions {
     MirrorOptions {
         hedge: HedgePolicy {
@@ -1007,4 +1012,25 @@ async fn hedged_reads_never_return_data_older_than_an_acknowledged_write() {
     assert!(s.hedge.hedged.load(Ordering::Relaxed) > 0, "no read was hedged: the test tests nothing");
     assert!(s.hedge.backing_won.load(Ordering::Relaxed) > 0, "the backing never won a race");
     assert!(s.reads_cache.load(Ordering::Relaxed) > 0, "the cache never won a race");
+}
+
+#[tokio::test]
+async fn a_sequential_writer_shares_intent_commits_with_the_regions_ahead() {
+    let backing = new_backing().await;
+    let v = Vol::open(backing, vec![new_cache()], opts()).await.unwrap();
+    v.wait_rebuilt().await;
+    let mut model = vec![0u8; DATA as usize];
+    let before = v.stats().intent_commits.load(Ordering::Relaxed);
+    // One region per write, front to back, as a file being written out or an sstable flushed.
+    for r in 0..REGIONS {
+        write(&v, &mut model, r * u64::from(REGION), 40 + r, REGION as usize).await;
+    }
+    let commits = v.stats().intent_commits.load(Ordering::Relaxed) - before;
+    // Without marking ahead this is one commit per region (64).
+    assert!(commits <= 2 + REGIONS / 16, "{commits} intent commits for {REGIONS} sequential regions");
+    // The regions marked ahead but never written clear like any idle region.
+    v.clean_metadata().await.unwrap();
+    v.clean_metadata().await.unwrap();
+    assert_reads(&v, &model).await;
+    assert_eq!(v.verify(false).await.unwrap(), vec![]);
 }
