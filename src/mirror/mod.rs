@@ -931,6 +931,20 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
     async fn read_cache_hedged(&self, set: &Arc<CacheSet<C>>, offset: u64, buf: AlignedBuf) -> Hedged {
         let started = Instant::now();
         let hedge_at = self.hedger.start(started);
+        let out = self.cache_or_backing(set, offset, buf, hedge_at).await;
+        // When the backing won, the cache's time so far is a lower bound of its latency: recorded
+        // as such, so a stalling cache's p99 never looks better than it is.
+        self.hedger.finish(started.elapsed());
+        out
+    }
+
+    async fn cache_or_backing(
+        &self,
+        set: &Arc<CacheSet<C>>,
+        offset: u64,
+        buf: AlignedBuf,
+        hedge_at: Instant,
+    ) -> Hedged {
         let len = buf.len();
         let mut cache = std::pin::pin!(set.dev.read(offset, buf));
         // Most reads finish at their first poll (page cache) or before the threshold: only those
@@ -938,43 +952,35 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
         let first =
             std::future::poll_fn(|cx| std::task::Poll::Ready(std::future::Future::poll(cache.as_mut(), cx))).await;
         if let std::task::Poll::Ready((buf, r)) = first {
-            self.hedger.finish(started.elapsed());
             return Hedged::Cache(buf, r);
         }
         tokio::select! {
             biased;
-            (buf, r) = &mut cache => {
-                self.hedger.finish(started.elapsed());
-                return Hedged::Cache(buf, r);
-            }
+            (buf, r) = &mut cache => return Hedged::Cache(buf, r),
             _ = tokio::time::sleep_until(hedge_at.into()) => {}
         }
         if !self.hedger.try_hedge() {
             let (buf, r) = cache.await;
-            self.hedger.finish(started.elapsed());
             return Hedged::Cache(buf, r);
         }
         // The backing has every acknowledged write, so its copy is never older than the cache's.
-        let mut backing = std::pin::pin!(self.backing.read(offset, AlignedBuf::uninit_for_fill(len)));
-        let (buf, r) = tokio::select! {
+        let mut backing = std::pin::pin!(self.read_backing(offset, AlignedBuf::uninit_for_fill(len)));
+        tokio::select! {
             biased;
-            x = &mut cache => x,
+            (buf, r) = &mut cache => Hedged::Cache(buf, r),
             (b, rb) = &mut backing => match rb {
+                // The cache read is abandoned; its engine keeps the buffer until the device answers.
                 Ok(()) => {
-                    // The cache read is abandoned (its engine keeps the buffer until the device
-                    // answers); its latency so far is a lower bound.
-                    self.hedger.finish(started.elapsed());
                     self.hedger.backing_won();
-                    self.stats.reads_backing.fetch_add(1, Ordering::Relaxed);
-                    self.stats.read_bytes_backing.fetch_add(len as u64, Ordering::Relaxed);
-                    return Hedged::Backing(b);
+                    Hedged::Backing(b)
                 }
                 // A failing backing does not fail a read the cache can still answer.
-                Err(_) => cache.await,
+                Err(_) => {
+                    let (buf, r) = cache.await;
+                    Hedged::Cache(buf, r)
+                }
             },
-        };
-        self.hedger.finish(started.elapsed());
-        Hedged::Cache(buf, r)
+        }
     }
 
     async fn read_repair(
