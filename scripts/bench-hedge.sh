@@ -71,22 +71,13 @@ mkdir -p "$run/fio" "$run/fuse"
 [ -n "$out" ] || { if [ "$quick" = 1 ]; then out="$run/hedge.md"; else out="$repo/docs/bench/hedge.md"; fi; }
 loadavg_start="$(cut -d' ' -f1-3 /proc/loadavg)"
 
+# shellcheck source=scripts/delayed-backing.sh
+. "$here/delayed-backing.sh"
 sd_pid=""
-nbdkit_pid=""
-fuse_up=0
-stop_pid() {
-    local p="$1"
-    [ -n "$p" ] || return 0
-    kill -TERM "$p" 2>/dev/null || true
-    for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$p" 2>/dev/null || true
-    wait "$p" 2>/dev/null || true
-}
 cleanup() {
     local rc=$?
     stop_pid "$sd_pid"
-    if [ "$fuse_up" = 1 ]; then fusermount3 -u "$run/fuse" 2>/dev/null || fusermount3 -uz "$run/fuse" 2>/dev/null || true; fi
-    stop_pid "$nbdkit_pid"
+    stop_delayed_backing
     rm -f "$run"/*.img
     exit "$rc"
 }
@@ -98,23 +89,14 @@ log "writing $size of random data to the backing"
 head -c "$size_b" /dev/urandom >"$run/backing.img"
 "$sd" create --backing "$run/backing.img" --size "$size_b" >"$run/create.log" 2>&1 \
     || die "superdisk create failed: $(cat "$run/create.log")"
-nbdkit -f -U "$run/nbdkit.sock" -P "$run/nbdkit.pid" --filter=delay file "$run/backing.img" rdelay="$rdelay" \
-    2>"$run/nbdkit.log" &
-nbdkit_pid=$!
-for _ in $(seq 100); do [ -e "$run/nbdkit.pid" ] && break; sleep 0.1; done
-[ -e "$run/nbdkit.pid" ] || die "nbdkit did not start: $(cat "$run/nbdkit.log")"
-nbdfuse -P "$run/nbdfuse.pid" "$run/fuse/backing" "nbd+unix:///?socket=$run/nbdkit.sock" 2>"$run/nbdfuse.log" &
-fuse_up=1
-for _ in $(seq 100); do [ -e "$run/nbdfuse.pid" ] && break; sleep 0.1; done
-[ "$(stat -c %s "$run/fuse/backing" 2>/dev/null)" = "$(stat -c %s "$run/backing.img")" ] \
-    || die "nbdfuse did not present the backing"
+start_delayed_backing "$run/backing.img" rdelay="$rdelay"
 truncate -s "$((size_b + 64 * 1024 * 1024))" "$run/cache.img"
 
 # start_sd NAME HEDGE STALL: serves the delayed backing with the cache; HEDGE is true or false, STALL
 # the injection spec or empty. Waits until the cache is fully rebuilt (mode healthy).
 start_sd() {
     local name="$1" hedge="$2" stall="$3" port
-    port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+    port="$(free_port)"
     printf 'backing = "%s"\ncache = ["%s"]\ndirect = true\nlisten = "127.0.0.1:%s"\nadmin_socket = "%s"\nhedge_reads = %s\n' \
         "$run/fuse/backing" "$run/cache.img" "$port" "$run/admin.sock" "$hedge" >"$run/$name.toml"
     SUPERDISK_INJECT_READ_STALL="$stall" "$sd" serve --config "$run/$name.toml" 2>"$run/$name.log" &

@@ -108,26 +108,16 @@ run="$bench_dir/run-$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$run/fio" "$run/fuse"
 [ -n "$out" ] || { if [ "$quick" = 1 ]; then out="$run/BENCHMARKS-MIRROR.md"; else out="$repo/docs/BENCHMARKS-MIRROR.md"; fi; }
 
+# shellcheck source=scripts/delayed-backing.sh
+. "$here/delayed-backing.sh"
 sd_pid=""
 fio_pid=""
-nbdkit_pid=""
-fuse_up=0
-stop_pid() {
-    # TERM, then KILL for one that hangs; only processes this script started, by PID.
-    local p="$1"
-    [ -n "$p" ] || return 0
-    kill -TERM "$p" 2>/dev/null || true
-    for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$p" 2>/dev/null || true
-    wait "$p" 2>/dev/null || true
-}
 cleanup() {
     local rc=$?
     stop_pid "$fio_pid"
     stop_pid "$sd_pid"
     # superdisk held the FUSE file; with it gone the mount can go, then the server behind it.
-    if [ "$fuse_up" = 1 ]; then fusermount3 -u "$run/fuse" 2>/dev/null || fusermount3 -uz "$run/fuse" 2>/dev/null || true; fi
-    stop_pid "$nbdkit_pid"
+    stop_delayed_backing
     rm -f "$run"/*.img
     exit "$rc"
 }
@@ -141,22 +131,9 @@ log "writing $size of random data to $run/backing.img"
 head -c "$size_b" /dev/urandom >"$run/backing.img"
 "$sd" create --backing "$run/backing.img" --size "$size_b" >"$run/create.log" 2>&1 \
     || die "superdisk create failed: $(cat "$run/create.log")"
-backing_len="$(stat -c %s "$run/backing.img")"
-nbdkit -f -U "$run/nbdkit.sock" -P "$run/nbdkit.pid" --filter=delay file "$run/backing.img" \
-    rdelay="$rdelay" wdelay="$wdelay" 2>"$run/nbdkit.log" &
-nbdkit_pid=$!
-for _ in $(seq 100); do [ -e "$run/nbdkit.pid" ] && break; sleep 0.1; done
-[ -e "$run/nbdkit.pid" ] || die "nbdkit did not start: $(cat "$run/nbdkit.log")"
-nbdfuse -P "$run/nbdfuse.pid" "$run/fuse/backing" "nbd+unix:///?socket=$run/nbdkit.sock" 2>"$run/nbdfuse.log" &
-fuse_up=1
-for _ in $(seq 100); do [ -e "$run/nbdfuse.pid" ] && break; sleep 0.1; done
-[ "$(stat -c %s "$run/fuse/backing" 2>/dev/null)" = "$backing_len" ] || die "nbdfuse did not present the backing"
+start_delayed_backing "$run/backing.img" rdelay="$rdelay" wdelay="$wdelay"
 backing="$run/fuse/backing"
 cache="$run/cache.img"
-
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
 
 # start_sd NAME [serve args...]: starts superdisk on the delayed backing; sets sd_pid and uri.
 start_sd() {
