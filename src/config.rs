@@ -119,6 +119,8 @@ pub struct FileConfig {
     pub hedge_min_us: Option<u64>,
     pub hedge_max_us: Option<u64>,
     pub hedge_max_percent: Option<u32>,
+    // How long a cache device may take before the cache set is given up on (device::timeout).
+    pub cache_timeout_ms: Option<u64>,
 }
 
 impl FileConfig {
@@ -175,6 +177,8 @@ pub struct ServeConfig {
     pub hedge_min_us: u64,
     pub hedge_max_us: u64,
     pub hedge_max_percent: u32,
+    /// 0: no limit.
+    pub cache_timeout_ms: u64,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -249,7 +253,7 @@ impl std::fmt::Display for Cidr {
 
 impl ServeConfig {
     /// Keys whose new value SIGHUP can apply to a running daemon.
-    pub const LIVE_KEYS: [&'static str; 8] = [
+    pub const LIVE_KEYS: [&'static str; 9] = [
         "log_level",
         "rebuild_min_bytes_per_s",
         "rebuild_max_bytes_per_s",
@@ -258,6 +262,7 @@ impl ServeConfig {
         "hedge_min_us",
         "hedge_max_us",
         "hedge_max_percent",
+        "cache_timeout_ms",
     ];
 
     /// The keys whose values differ between `self` and `other`, by name.
@@ -308,7 +313,8 @@ impl ServeConfig {
             hedge_reads,
             hedge_min_us,
             hedge_max_us,
-            hedge_max_percent
+            hedge_max_percent,
+            cache_timeout_ms
         );
         out
     }
@@ -522,6 +528,13 @@ impl ServeConfig {
         if hedge_max_percent > 100 {
             return Err(invalid("hedge_max_percent", format!("{hedge_max_percent} is above 100")));
         }
+        let cache_timeout_ms = f.cache_timeout_ms.unwrap_or(crate::mirror::DEFAULT_CACHE_TIMEOUT.as_millis() as u64);
+        if cache_timeout_ms != 0 && !(100..=3_600_000).contains(&cache_timeout_ms) {
+            return Err(invalid(
+                "cache_timeout_ms",
+                format!("{cache_timeout_ms} is outside 100..=3600000 (or 0 for no limit)"),
+            ));
+        }
         let cfg = ServeConfig {
             backing,
             listen,
@@ -563,6 +576,7 @@ impl ServeConfig {
             hedge_min_us,
             hedge_max_us,
             hedge_max_percent,
+            cache_timeout_ms,
         };
         // Read the certificate files now, so that a bad one stops the daemon before any device
         // is opened (and a SIGHUP with a broken one is reported as a config error).
@@ -692,6 +706,20 @@ mod tests {
             parse("backing = \"/x\"\nmetrics = \"9100\"").unwrap().metrics,
             Some("127.0.0.1:9100".parse().unwrap())
         );
+    }
+
+    #[test]
+    fn cache_timeout_key() {
+        let c = parse("backing = \"/x\"").unwrap();
+        assert_eq!(c.cache_timeout_ms, 10_000);
+        assert_eq!(parse("backing = \"/x\"\ncache_timeout_ms = 0").unwrap().cache_timeout_ms, 0);
+        for bad in ["cache_timeout_ms = 50", "cache_timeout_ms = 3600001", "cache_timeout_ms = -1"] {
+            let e = parse(&format!("backing = \"/x\"\n{bad}")).unwrap_err().to_string();
+            assert!(e.contains("cache_timeout_ms"), "{bad}: {e}");
+        }
+        let b = parse("backing = \"/x\"\ncache_timeout_ms = 2000").unwrap();
+        assert_eq!(c.changed_keys(&b), vec!["cache_timeout_ms"]);
+        assert!(ServeConfig::LIVE_KEYS.contains(&"cache_timeout_ms"));
     }
 
     #[test]

@@ -255,6 +255,9 @@ impl<D: BlockDevice> BlockDevice for Instrumented<D> {
     fn size_bytes(&self) -> u64 {
         self.inner.size_bytes()
     }
+    fn identity(&self) -> Option<crate::device::DeviceId> {
+        self.inner.identity()
+    }
     fn logical_block_bytes(&self) -> u32 {
         self.inner.logical_block_bytes()
     }

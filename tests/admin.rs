@@ -465,3 +465,72 @@ fn hedged_reads_answer_stalled_cache_reads_from_the_backing() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_cache_that_stops_answering_is_given_up_on_at_cache_timeout_ms() {
+    require_tool("qemu-io");
+    let mut d = Daemon::unstarted();
+    let cache = d.path("cache.img");
+    sparse(&cache, 16 * MIB + 16 * MIB);
+    d.create_with(16 * MIB, &["--cache".as_ref(), cache.as_os_str()]);
+    for i in 0..16 {
+        qemu_io_file(&d.backing, &format!("write -P {} {i}M 1M", i + 1));
+    }
+    let sock = d.path("admin.sock");
+    let config = d.path("superdisk.toml");
+    let metrics_port = free_port();
+    std::fs::write(
+        &config,
+        format!(
+            "backing = {:?}\ncache = [{:?}]\nadmin_socket = {:?}\nmetrics = \"{metrics_port}\"\n\
+             cache_timeout_ms = 500\nhedge_reads = false\n",
+            d.backing, cache, sock
+        ),
+    )
+    .unwrap();
+    d.extra_args = vec!["--config".into(), config.display().to_string()];
+    // From 5 s to 10 s after start every cache read hangs for 4 s: the SSD stops answering,
+    // then recovers. Start-up (metadata reads) is over long before.
+    let (from, until) = (Duration::from_secs(5), Duration::from_secs(10));
+    d.env.push(("SUPERDISK_INJECT_READ_STALL".into(), "cache0:1000000:4000:5:10".into()));
+    let t0 = Instant::now();
+    d.spawn();
+    wait_status(&sock, "healthy", Duration::from_secs(60), |s| s["mode"] == "healthy");
+    std::thread::sleep((from + Duration::from_millis(500)).saturating_sub(t0.elapsed()));
+
+    // Every read is answered, with the right bytes, though the cache holds every one of them.
+    let mark = d.log_mark();
+    let started = Instant::now();
+    random_reads(&d.uri(), 300, 3);
+    assert!(started.elapsed() < Duration::from_secs(4), "reads waited for the hung SSD: {:?}", started.elapsed());
+    let s = status(&sock);
+    assert_eq!(s["mode"], "degraded", "{s}");
+    let t = &s["cache"]["timeout"];
+    assert_eq!(t["timeout_ms"], 500, "{t}");
+    assert!(t["timed_out_total"].as_u64().unwrap() >= 1, "{t}");
+    assert!(t["abandoned_now"].as_u64().unwrap() >= 1, "{t}");
+    d.wait_log(mark, "did not answer within cache_timeout_ms", Duration::from_secs(10));
+    assert!(ctl_ok(&sock, &["status"]).contains("cache time limit: 500 ms"));
+    let out = output_within(
+        py_command("metrics_check.py").arg(format!("http://127.0.0.1:{metrics_port}/metrics")),
+        Duration::from_secs(30),
+    );
+    assert!(out.status.success(), "metrics check failed: {}", String::from_utf8_lossy(&out.stderr));
+    let m: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(m["samples"]["superdisk_cache_timeouts_total"].as_f64().unwrap() >= 1.0, "{m}");
+    assert!(m["samples"]["superdisk_cache_abandoned_ops"].as_f64().unwrap() >= 1.0, "{m}");
+
+    // The hung reads may still land: the device cannot come back until it has answered them.
+    let c = cache.to_str().unwrap();
+    ctl_err(&sock, &["cache", "add", c], "still outstanding");
+    wait_status(&sock, "given-up reads answered", Duration::from_secs(30), |s| {
+        s["cache"]["timeout"]["abandoned_now"] == 0
+    });
+    std::thread::sleep((until + Duration::from_millis(500)).saturating_sub(t0.elapsed()));
+    ctl_ok(&sock, &["cache", "add", c]);
+    wait_status(&sock, "healthy", Duration::from_secs(60), |s| s["mode"] == "healthy");
+    random_reads(&d.uri(), 300, 4);
+    let v = ctl_ok(&sock, &["verify", "--wait"]);
+    assert!(v.contains("verify: 0 mismatches"), "{v}");
+    assert!(d.stop().success());
+}

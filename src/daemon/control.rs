@@ -135,6 +135,20 @@ impl Node {
                 if paths.contains(&cfg.backing) {
                     return Err(format!("{} is the backing device", cfg.backing.display()));
                 }
+                // Before opening: the old handle of a device that hung is still open (and locked)
+                // while its given-up operations wait in the kernel; say so rather than "in use".
+                for p in &paths {
+                    if let Ok(meta) = std::fs::metadata(p) {
+                        let n = m.cache_outstanding(Some(crate::device::DeviceId::of(&meta)));
+                        if n > 0 {
+                            return Err(format!(
+                                "cannot attach {}: {n} operation(s) given up on when it stopped answering are still \
+                                 outstanding; it can be attached again once it has answered them",
+                                p.display()
+                            ));
+                        }
+                    }
+                }
                 let (devs, members) = open_caches(&paths, &cfg).map_err(|e| e.to_string())?;
                 match m.replace_cache_with(devs, take_over).await {
                     Ok(()) => {

@@ -218,6 +218,18 @@ pub fn render(node: &Node) -> String {
             "Cache read time after which a read is hedged (0: hedging off).",
         );
         o.sample("superdisk_hedge_threshold_seconds", &[], h.threshold_us.load(Relaxed) as f64 / 1e6);
+        o.family(
+            "superdisk_cache_timeouts_total",
+            "counter",
+            "Cache operations that ran past cache_timeout_ms (each failed its cache set).",
+        );
+        o.sample("superdisk_cache_timeouts_total", &[], st.cache_io.timed_out.load(Relaxed));
+        o.family(
+            "superdisk_cache_abandoned_ops",
+            "gauge",
+            "Cache operations given up on that their device has not answered yet.",
+        );
+        o.sample("superdisk_cache_abandoned_ops", &[], st.cache_io.abandoned_now.load(Relaxed));
         o.family("superdisk_cache_errors_total", "counter", "Cache I/O errors absorbed (never seen by clients).");
         o.sample("superdisk_cache_errors_total", &[], st.cache_errors.load(Relaxed));
         o.family("superdisk_cache_failures_total", "counter", "Times a cache set was dropped (errors or operator).");

@@ -17,8 +17,8 @@ use crate::service::Notifier;
 use crate::stats::{DevOp, DeviceStats, Instrumented, OpSnapshot, ReqOp, ServerStats};
 use crate::volume::{PlainVolume, Volume};
 use status::{
-    op_status, BackingIoStatus, CacheStatus, ConnectionStatus, DeviceStatus, ExportStatus, HedgeStatus, RebuildStatus,
-    Status, VerifyOutcome, VerifyStatus,
+    op_status, BackingIoStatus, CacheStatus, CacheTimeoutStatus, ConnectionStatus, DeviceStatus, ExportStatus,
+    HedgeStatus, RebuildStatus, Status, VerifyOutcome, VerifyStatus,
 };
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering::Relaxed;
@@ -221,6 +221,11 @@ impl Node {
                         over_budget_total: st.hedge.over_budget.load(Relaxed),
                         max_percent: m.hedge_policy().max_percent,
                     },
+                    timeout: CacheTimeoutStatus {
+                        timeout_ms: m.cache_timeout().as_millis() as u64,
+                        timed_out_total: st.cache_io.timed_out.load(Relaxed),
+                        abandoned_now: st.cache_io.abandoned_now.load(Relaxed),
+                    },
                 };
                 let (min, max) = m.rebuild_rates();
                 let done = st.rebuild_done_bytes.load(Relaxed);
@@ -343,6 +348,7 @@ impl Node {
             m.set_rebuild_rates(new.rebuild_min_bytes_per_s, new.rebuild_max_bytes_per_s);
             m.set_read_error_budget(new.read_error_budget);
             m.set_hedge_policy(new.hedge_policy());
+            m.set_cache_timeout(Duration::from_millis(new.cache_timeout_ms));
         }
         cur.rebuild_min_bytes_per_s = new.rebuild_min_bytes_per_s;
         cur.rebuild_max_bytes_per_s = new.rebuild_max_bytes_per_s;
@@ -351,6 +357,7 @@ impl Node {
         cur.hedge_min_us = new.hedge_min_us;
         cur.hedge_max_us = new.hedge_max_us;
         cur.hedge_max_percent = new.hedge_max_percent;
+        cur.cache_timeout_ms = new.cache_timeout_ms;
     }
 }
 
@@ -433,6 +440,7 @@ pub async fn serve_with(
         metadata_interval_ms: cfg.metadata_interval_ms,
         backing_io: cfg.backing_io_policy(),
         hedge: cfg.hedge_policy(),
+        cache_timeout: Duration::from_millis(cfg.cache_timeout_ms),
         ..MirrorOptions::default()
     };
     let volume =

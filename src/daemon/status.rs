@@ -86,6 +86,19 @@ pub struct CacheStatus {
     pub failures_total: u64,
     pub read_error_budget: u32,
     pub hedge: HedgeStatus,
+    pub timeout: CacheTimeoutStatus,
+}
+
+/// The cache devices' time limit (`cache_timeout_ms`) and what it caught.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CacheTimeoutStatus {
+    /// 0: no limit.
+    pub timeout_ms: u64,
+    /// Cache operations that ran past the limit (each failed the cache set it belonged to).
+    pub timed_out_total: u64,
+    /// Operations given up on that their device has not answered yet; while any are outstanding
+    /// on a device it cannot be attached again.
+    pub abandoned_now: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -290,6 +303,13 @@ pub fn render(s: &Status) -> String {
         } else {
             writeln!(o, "hedged reads: off")
         };
+        let t = &c.timeout;
+        let limit = if t.timeout_ms == 0 { "none".to_string() } else { format!("{} ms", t.timeout_ms) };
+        let _ = writeln!(
+            o,
+            "cache time limit: {limit}; {} timed out, {} given up and not yet answered",
+            t.timed_out_total, t.abandoned_now
+        );
     }
     let _ = writeln!(o, "\nlast {:.0}s:", s.window_secs);
     let _ = writeln!(

@@ -67,42 +67,65 @@ impl SimRng {
 }
 
 /// Read stalls injected into a running daemon's device, for the hedging benchmark and tests:
-/// `SUPERDISK_INJECT_READ_STALL=DEVICE:PPM:MS` makes each read of `DEVICE` (`backing`, `cache0`,
-/// …) wait `MS` milliseconds first with probability `PPM` per million, as an SSD does during
-/// garbage collection. An environment variable rather than a config key: it exists to break
-/// things on purpose and must never be left in a production config by accident.
+/// `SUPERDISK_INJECT_READ_STALL=DEVICE:PPM:MS[:FROM_S[:UNTIL_S]]` makes each read of `DEVICE`
+/// (`backing`, `cache0`, …) wait `MS` milliseconds first with probability `PPM` per million, as an
+/// SSD does during garbage collection; with `FROM_S`/`UNTIL_S`, only between that many seconds
+/// after the first device was opened (so a test can bring the daemon up healthy first, and let
+/// the device recover later). An environment variable rather than a config key: it exists to
+/// break things on purpose and must never be left in a production config by accident.
 #[derive(Debug)]
 pub struct ReadStall {
     ppm: u32,
     stall: Duration,
+    from: Duration,
+    until: Option<Duration>,
     rng: Mutex<SimRng>,
 }
+
+/// The clock `FROM_S`/`UNTIL_S` count from: one per process, so a device opened later (a cache
+/// added by the operator) stalls in the same window as the others.
+static STALL_CLOCK: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
 
 impl ReadStall {
     pub const ENV: &'static str = "SUPERDISK_INJECT_READ_STALL";
 
-    /// Parses `DEVICE:PPM:MS` into the device name and the stall.
+    /// Parses `DEVICE:PPM:MS[:FROM_S[:UNTIL_S]]` into the device name and the stall.
     pub fn parse(spec: &str) -> Result<(String, ReadStall), String> {
         let parts: Vec<&str> = spec.split(':').collect();
-        let [device, ppm, ms] = parts[..] else {
-            return Err(format!("{}={spec:?}: expected DEVICE:PPM:MS, e.g. cache0:5000:20", Self::ENV));
+        let bad = |what: &str| format!("{}={spec:?}: {what}", Self::ENV);
+        let (device, ppm, ms, from, until) = match parts[..] {
+            [d, p, m] => (d, p, m, None, None),
+            [d, p, m, f] => (d, p, m, Some(f), None),
+            [d, p, m, f, u] => (d, p, m, Some(f), Some(u)),
+            _ => return Err(bad("expected DEVICE:PPM:MS[:FROM_S[:UNTIL_S]], e.g. cache0:5000:20")),
         };
-        let ppm: u32 = ppm
-            .parse()
-            .ok()
-            .filter(|p| *p <= 1_000_000)
-            .ok_or_else(|| format!("{}={spec:?}: PPM must be 0..=1000000", Self::ENV))?;
-        let ms: u64 = ms
-            .parse()
-            .ok()
-            .filter(|m| *m <= 60_000)
-            .ok_or_else(|| format!("{}={spec:?}: MS must be 0..=60000", Self::ENV))?;
-        let stall = ReadStall { ppm, stall: Duration::from_millis(ms), rng: Mutex::new(SimRng::new(0x5eed)) };
+        let ppm: u32 = ppm.parse().ok().filter(|p| *p <= 1_000_000).ok_or_else(|| bad("PPM must be 0..=1000000"))?;
+        let ms: u64 = ms.parse().ok().filter(|m| *m <= 60_000).ok_or_else(|| bad("MS must be 0..=60000"))?;
+        let secs = |s: Option<&str>, what: &str| -> Result<Option<Duration>, String> {
+            s.map(|s| {
+                s.parse::<u64>().map(Duration::from_secs).map_err(|_| bad(&format!("{what} must be whole seconds")))
+            })
+            .transpose()
+        };
+        let from = secs(from, "FROM_S")?.unwrap_or_default();
+        let until = secs(until, "UNTIL_S")?;
+        if until.is_some_and(|u| u <= from) {
+            return Err(bad("UNTIL_S must be after FROM_S"));
+        }
+        STALL_CLOCK.get_or_init(std::time::Instant::now);
+        let stall =
+            ReadStall { ppm, stall: Duration::from_millis(ms), from, until, rng: Mutex::new(SimRng::new(0x5eed)) };
         Ok((device.to_owned(), stall))
     }
 
     /// How long this read waits first, if it is one of the unlucky ones.
     pub fn roll(&self) -> Option<Duration> {
+        if !self.from.is_zero() || self.until.is_some() {
+            let t = STALL_CLOCK.get_or_init(std::time::Instant::now).elapsed();
+            if t < self.from || self.until.is_some_and(|u| t >= u) {
+                return None;
+            }
+        }
         lock(&self.rng).chance_ppm(self.ppm).then_some(self.stall)
     }
 }
@@ -374,6 +397,9 @@ impl<D: BlockDevice> BlockDevice for FaultDevice<D> {
     fn size_bytes(&self) -> u64 {
         self.inner.size_bytes()
     }
+    fn identity(&self) -> Option<crate::device::DeviceId> {
+        self.inner.identity()
+    }
 
     fn logical_block_bytes(&self) -> u32 {
         self.inner.logical_block_bytes()
@@ -449,6 +475,28 @@ impl<D: BlockDevice> BlockDevice for FaultDevice<D> {
 mod tests {
     use super::*;
     use crate::device::mem::MemDevice;
+
+    #[test]
+    fn read_stall_specs_parse_or_name_the_problem() {
+        let (dev, st) = ReadStall::parse("cache0:1000000:20").unwrap();
+        assert_eq!(dev, "cache0");
+        assert_eq!(st.roll(), Some(Duration::from_millis(20)));
+        let (_, st) = ReadStall::parse("cache1:1000000:20:3600").unwrap();
+        assert_eq!(st.roll(), None, "the window has not opened");
+        let (_, st) = ReadStall::parse("cache1:1000000:20:0:3600").unwrap();
+        assert_eq!(st.roll(), Some(Duration::from_millis(20)));
+        for (bad, says) in [
+            ("cache0:lots", "expected DEVICE:PPM:MS"),
+            ("cache0:2000000:5", "PPM"),
+            ("cache0:5:60001", "MS"),
+            ("cache0:5:5:x", "FROM_S"),
+            ("cache0:5:5:9:3", "UNTIL_S"),
+            ("cache0:5:5:1:2:3", "expected"),
+        ] {
+            let e = ReadStall::parse(bad).unwrap_err();
+            assert!(e.contains(says) && e.contains(ReadStall::ENV), "{bad}: {e}");
+        }
+    }
 
     fn block_on<F: std::future::Future>(f: F) -> F::Output {
         tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(f)

@@ -233,6 +233,10 @@ impl BlockDevice for MemDevice {
     fn size_bytes(&self) -> u64 {
         self.lock().current.len() as u64
     }
+    /// Every handle of one simulated device (clones, reopens) is the same device.
+    fn identity(&self) -> Option<super::DeviceId> {
+        Some(super::DeviceId { major_space: u64::MAX, minor_space: Arc::as_ptr(&self.state) as u64 })
+    }
 
     fn logical_block_bytes(&self) -> u32 {
         self.logical_block_bytes

@@ -16,11 +16,13 @@ pub mod fault;
 pub mod guard;
 pub mod mem;
 mod rangelock;
+pub mod timeout;
 
 pub use buf::AlignedBuf;
 pub use engine_uring::UringEngine;
 pub use guard::{BackingIoStats, Guarded, IoPolicy};
 pub use rangelock::RangeLocks;
+pub use timeout::{CacheTimeouts, Timed, Tripwire};
 
 use engine_uring::UringOp;
 use std::future::Future;
@@ -30,6 +32,27 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+
+/// Which physical device (or file) a [`BlockDevice`] reaches, so operations still outstanding on
+/// it can be recognised when the same device is offered again under another handle or path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DeviceId {
+    pub major_space: u64,
+    pub minor_space: u64,
+}
+
+impl DeviceId {
+    /// The identity of the file or device node `meta` describes: a block device by its device
+    /// number (every path to it agrees), a regular file by its inode.
+    pub fn of(meta: &std::fs::Metadata) -> DeviceId {
+        use std::os::unix::fs::MetadataExt;
+        if meta.file_type().is_block_device() {
+            DeviceId { major_space: u64::MAX - 1, minor_space: meta.rdev() }
+        } else {
+            DeviceId { major_space: meta.dev(), minor_space: meta.ino() }
+        }
+    }
+}
 
 /// One extent of `base:allocation` information: `hole` means unallocated and reading as zeroes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,6 +84,10 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> impl Future<Output = io::Result<()>> + Send;
     /// Allocation map of `[offset, offset+len)`, possibly covering only a prefix of it.
     fn allocation(&self, offset: u64, len: u64) -> impl Future<Output = io::Result<Vec<Extent>>> + Send;
+    /// The physical device (or file) behind this handle, where known.
+    fn identity(&self) -> Option<DeviceId> {
+        None
+    }
 }
 
 /// A shared device is a device: lets one opened device be handed to code that wants ownership
@@ -94,6 +121,9 @@ impl<D: BlockDevice> BlockDevice for Arc<D> {
     }
     fn allocation(&self, offset: u64, len: u64) -> impl Future<Output = io::Result<Vec<Extent>>> + Send {
         (**self).allocation(offset, len)
+    }
+    fn identity(&self) -> Option<DeviceId> {
+        (**self).identity()
     }
 }
 
@@ -136,6 +166,7 @@ pub struct FileDevice {
     size_bytes: u64,
     logical_block_bytes: u32,
     is_block_device: bool,
+    id: DeviceId,
     direct: bool,
     engine: Engine,
     /// Serialises read-modify-write cycles on shared edge blocks (O_DIRECT only).
@@ -230,6 +261,7 @@ impl FileDevice {
             size_bytes,
             logical_block_bytes,
             is_block_device,
+            id: DeviceId::of(&meta),
             direct,
             engine,
             rmw_locks: RangeLocks::default(),
@@ -349,6 +381,9 @@ impl FileDevice {
 impl BlockDevice for FileDevice {
     fn size_bytes(&self) -> u64 {
         self.size_bytes
+    }
+    fn identity(&self) -> Option<DeviceId> {
+        Some(self.id)
     }
 
     fn logical_block_bytes(&self) -> u32 {

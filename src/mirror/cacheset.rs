@@ -8,11 +8,13 @@
 use super::region::RegionTable;
 use super::striped::Striped;
 use crate::device::BlockDevice;
+use crate::device::Tripwire;
 use crate::meta::store::{inspect_tail, new_uuid, read_superblock, unix_now_s, write_superblock, TailState};
 use crate::meta::superblock::DeviceRole;
 use crate::meta::{meta_bytes, BitmapKind, Bits, DiskBitmap, MetaLayout, Superblock, SuperblockError};
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 struct SetMeta {
     sbs: Vec<Superblock>,
@@ -29,6 +31,9 @@ pub(crate) struct CacheSet<C> {
     pub failed: AtomicBool,
     /// Read and write errors seen on this set.
     pub errors: AtomicU64,
+    /// Shared by the members' time limits: tripped when one of them timed out, or when the set
+    /// is failed, so nothing keeps waiting on it.
+    pub wire: Arc<Tripwire>,
     meta: tokio::sync::Mutex<SetMeta>,
 }
 
@@ -240,6 +245,7 @@ impl<C: BlockDevice> CacheSet<C> {
         bsb: &Superblock,
         stripe_bytes: u32,
         epoch: u64,
+        wire: Arc<Tripwire>,
     ) -> io::Result<Self> {
         let n = members.len();
         let per = check_capacity(&members, bsb, stripe_bytes)?;
@@ -283,6 +289,7 @@ impl<C: BlockDevice> CacheSet<C> {
             table: RegionTable::new(&none),
             failed: AtomicBool::new(false),
             errors: AtomicU64::new(0),
+            wire,
             meta: tokio::sync::Mutex::new(SetMeta { sbs, bitmaps, persisted: none }),
         })
     }
@@ -295,6 +302,7 @@ impl<C: BlockDevice> CacheSet<C> {
         bitmaps: Vec<DiskBitmap>,
         persisted: Bits,
         valid: &Bits,
+        wire: Arc<Tripwire>,
     ) -> Self {
         let first = sbs[0].clone();
         let stripe = if members.len() > 1 { first.stripe_bytes } else { 4096 };
@@ -304,6 +312,7 @@ impl<C: BlockDevice> CacheSet<C> {
             table: RegionTable::new(valid),
             failed: AtomicBool::new(false),
             errors: AtomicU64::new(0),
+            wire,
             meta: tokio::sync::Mutex::new(SetMeta { sbs, bitmaps, persisted }),
         }
     }

@@ -52,7 +52,8 @@ pub use striped::Striped;
 pub use verify::{verify_offline, verify_offline_report, VerifyReport};
 
 use crate::device::guard::{self, BackingIoStats, Guarded, IoPolicy};
-use crate::device::{AlignedBuf, BlockDevice, Extent, RangeLocks};
+use crate::device::timeout::{CacheTimeouts, Timed, Tripwire};
+use crate::device::{AlignedBuf, BlockDevice, DeviceId, Extent, RangeLocks};
 use crate::meta::store::{check_backing, read_superblock};
 use crate::meta::superblock::FLAG_OPEN;
 use crate::meta::{Bits, Superblock};
@@ -67,6 +68,13 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 use util::region_span;
+
+/// A cache set as the engine holds it: every member behind its time limit.
+pub(crate) type Set<C> = CacheSet<Timed<C>>;
+
+/// md leaves a hung member to the SCSI/NVMe layer's 30 s timeouts and retries; a local SSD that
+/// has not answered one request in 10 s is broken, and the backing holds every byte.
+pub const DEFAULT_CACHE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Debug)]
 pub struct MirrorOptions {
@@ -92,6 +100,10 @@ pub struct MirrorOptions {
     pub backing_io: IoPolicy,
     /// When a slow cache read is also sent to the backing (`hedge_*` config keys).
     pub hedge: HedgePolicy,
+    /// How long a cache device may take to answer one read or write (a flush gets
+    /// [`crate::device::timeout::FLUSH_TIMEOUT_FACTOR`] times as long) before the whole set is given up on
+    /// (`cache_timeout_ms`); zero for no limit.
+    pub cache_timeout: Duration,
 }
 
 impl Default for MirrorOptions {
@@ -106,6 +118,7 @@ impl Default for MirrorOptions {
             metadata_interval_ms: 5000,
             backing_io: IoPolicy::default(),
             hedge: HedgePolicy::default(),
+            cache_timeout: DEFAULT_CACHE_TIMEOUT,
         }
     }
 }
@@ -158,6 +171,8 @@ pub struct MirrorStats {
     pub backing_io: Arc<BackingIoStats>,
     /// Hedged cache reads ([`hedge`]).
     pub hedge: Arc<HedgeStats>,
+    /// The cache devices' time limit, timeouts, and given-up operations not yet answered.
+    pub cache_io: Arc<CacheTimeouts>,
 }
 
 /// Who answered a hedged read: the cache (its result, possibly an error to repair) or the backing.
@@ -186,7 +201,7 @@ pub(crate) struct Inner<B: BlockDevice, C: BlockDevice> {
     stats: Arc<MirrorStats>,
     journal: Journal,
     /// The attached cache set. Lock order: journal state, then this.
-    cache: RwLock<Option<Arc<CacheSet<C>>>>,
+    cache: RwLock<Option<Arc<Set<C>>>>,
     /// Serialises overlapping writes, read repairs, rebuild copies and verify on both devices.
     locks: RangeLocks,
     /// Serialises attach, detach completion, cleaner passes and shutdown.
@@ -251,6 +266,7 @@ impl<B: BlockDevice, C: BlockDevice> MirrorVolume<B, C> {
     /// 6. no cache (or its devices fail): degraded, serving from the backing.
     pub async fn open(backing: B, caches: Vec<C>, opts: MirrorOptions) -> io::Result<Self> {
         let stats = Arc::new(MirrorStats::default());
+        stats.cache_io.set_timeout(opts.cache_timeout);
         let backing = Guarded::new(backing, opts.backing_io.clone(), stats.backing_io.clone(), "backing");
         let sb = read_superblock(&backing).await?.map_err(|e| {
             io::Error::new(
@@ -410,6 +426,21 @@ impl<B: BlockDevice, C: BlockDevice> MirrorVolume<B, C> {
     }
 
     /// Applies new `hedge_*` settings to reads that start from now on.
+    /// Changes the cache devices' time limit for operations that start from now on.
+    pub fn set_cache_timeout(&self, timeout: Duration) {
+        self.inner.stats.cache_io.set_timeout(timeout);
+    }
+
+    pub fn cache_timeout(&self) -> Duration {
+        self.inner.stats.cache_io.timeout()
+    }
+
+    /// Operations on device `id` that were given up on (timed out) and that it has not answered
+    /// yet: while any is, the device cannot be attached again (see [`crate::device::timeout`]).
+    pub fn cache_outstanding(&self, id: Option<DeviceId>) -> u64 {
+        self.inner.stats.cache_io.outstanding(id)
+    }
+
     pub fn set_hedge_policy(&self, policy: HedgePolicy) {
         self.inner.hedger.set_policy(policy);
     }
@@ -512,7 +543,7 @@ async fn cleaner_loop<B: BlockDevice, C: BlockDevice>(inner: Arc<Inner<B, C>>) {
 }
 
 impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
-    fn cache_now(&self) -> Option<Arc<CacheSet<C>>> {
+    fn cache_now(&self) -> Option<Arc<Set<C>>> {
         self.cache.read().expect("cache pointer poisoned").clone()
     }
 
@@ -542,7 +573,7 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
     }
 
     /// Invalidates regions `rs` of `set` and wakes the rebuild for them.
-    fn invalidate(&self, set: &CacheSet<C>, rs: std::ops::Range<u64>) {
+    fn invalidate(&self, set: &Set<C>, rs: std::ops::Range<u64>) {
         let mut n = 0;
         for r in rs {
             if set.table.invalidate(r) {
@@ -557,11 +588,16 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
     }
 
     /// Counts a cache error against the set's budget; true if the set is (now) failed.
-    fn cache_error(&self, set: &Arc<CacheSet<C>>) -> bool {
+    fn cache_error(&self, set: &Arc<Set<C>>) -> bool {
         if set.is_failed() {
             return true;
         }
         self.stats.cache_errors.fetch_add(1, Ordering::Relaxed);
+        if set.wire.is_tripped() {
+            // A member stopped answering: waiting for it costs every request that touches it.
+            self.fail_set(set, "a cache device did not answer within cache_timeout_ms");
+            return true;
+        }
         let n = set.errors.fetch_add(1, Ordering::AcqRel) + 1;
         if n > self.read_error_budget.load(Ordering::Relaxed) {
             self.fail_set(set, "cache error budget exceeded");
@@ -571,7 +607,7 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
     }
 
     /// Detaches a failing set and records the degraded period on the backing in the background.
-    fn fail_set(&self, set: &Arc<CacheSet<C>>, why: &str) {
+    fn fail_set(&self, set: &Arc<Set<C>>, why: &str) {
         if self.detach(set, why) {
             if let Some(me) = self.me.upgrade() {
                 tokio::spawn(async move {
@@ -587,13 +623,13 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
     /// Takes `set` out of service if it is the attached one. From here on no request uses it, and
     /// every region written (or possibly in flight) joins the changed record. The backing epoch
     /// is bumped by [`Inner::complete_degrade`]; until then no intent bit is cleared.
-    fn detach(&self, set: &Arc<CacheSet<C>>, why: &str) -> bool {
+    fn detach(&self, set: &Arc<Set<C>>, why: &str) -> bool {
         self.detach_for(set, why, true)
     }
 
     /// [`Inner::detach`]; `failure` says whether it counts as a cache failure (not when the
     /// operator removes the set on purpose).
-    fn detach_for(&self, set: &Arc<CacheSet<C>>, why: &str, failure: bool) -> bool {
+    fn detach_for(&self, set: &Arc<Set<C>>, why: &str, failure: bool) -> bool {
         let detached = self.journal.start_recording_if(|| {
             let mut cur = self.cache.write().expect("cache pointer poisoned");
             if cur.as_ref().is_some_and(|c| Arc::ptr_eq(c, set)) {
@@ -611,6 +647,9 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
             tracing::warn!(reason = why, "cache set detached; serving degraded from the backing");
             if failure {
                 self.stats.cache_failures.fetch_add(1, Ordering::Relaxed);
+                // Requests still waiting on a failed set give up now instead of at their limit.
+                // Outside the journal lock: the trip callback detaches (a no-op by now).
+                set.wire.trip();
             }
             self.update_invalid_gauge();
             self.settled.notify_waiters();
@@ -645,6 +684,23 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
 
     async fn attach(&self, members: Vec<C>, take_over: bool) -> Result<(), AttachError> {
         let _t = self.transition.lock().await;
+        // A write given up on a device that hung may still land on it; attached and resynced
+        // before that, the late write would put old bytes under a region marked valid.
+        for m in &members {
+            let n = self.stats.cache_io.outstanding(m.identity());
+            if n > 0 {
+                return Err(AttachError::Refused(io::Error::new(
+                    io::ErrorKind::ResourceBusy,
+                    format!(
+                        "{n} operation(s) given up on this device when it stopped answering are still outstanding; \
+                         it can be attached again once it has answered them"
+                    ),
+                )));
+            }
+        }
+        let wire = Arc::new(Tripwire::default());
+        let members: Vec<Timed<C>> =
+            members.into_iter().map(|m| Timed::new(m, self.stats.cache_io.clone(), wire.clone())).collect();
         self.complete_degrade().await.map_err(AttachError::Io)?;
         // Look at the new devices before letting go of the attached set: a refused or unreadable
         // replacement leaves the old set serving.
@@ -671,7 +727,8 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
                     let (_, _, _, persisted) = parts.as_ref().expect("parts present");
                     let trusted = reusable_valid(&bsb, set_uuid, set_epoch, persisted, intent, changed, recording)?;
                     let (members, sbs, bitmaps, persisted) = parts.take().expect("parts present");
-                    let set = Arc::new(CacheSet::existing(members, sbs, bitmaps, persisted, &trusted));
+                    let set = Arc::new(CacheSet::existing(members, sbs, bitmaps, persisted, &trusted, wire.clone()));
+                    self.arm_wire(&set);
                     *self.cache.write().expect("cache pointer poisoned") = Some(set.clone());
                     Some(set)
                 });
@@ -691,8 +748,9 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
             Found::Format { members, generations, reason } => (members, generations, reason),
         };
         tracing::info!(reason = %reason, "formatting the cache set; full rebuild");
-        let set =
-            CacheSet::format(members, &generations, &bsb, self.opts.stripe_bytes, bsb.epoch).await.map_err(|e| {
+        let set = CacheSet::format(members, &generations, &bsb, self.opts.stripe_bytes, bsb.epoch, wire)
+            .await
+            .map_err(|e| {
                 if e.kind() == io::ErrorKind::InvalidInput {
                     AttachError::Refused(e)
                 } else {
@@ -700,6 +758,7 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
                 }
             })?;
         let set = Arc::new(set);
+        self.arm_wire(&set);
         // Pair the backing with the new set; the changed record now starts from this epoch. Any
         // other set (a different uuid) is no longer paired and will be rebuilt in full.
         let pair = async {
@@ -725,7 +784,7 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
     /// backing epoch, then drops the changed record it no longer needs — in that order, so a crash
     /// in between leaves either the old epoch (the record still applies) or the new one with the
     /// invalidations durable.
-    async fn finish_reattach(&self, set: Arc<CacheSet<C>>, bsb: &Superblock, set_epoch: u64) -> io::Result<()> {
+    async fn finish_reattach(&self, set: Arc<Set<C>>, bsb: &Superblock, set_epoch: u64) -> io::Result<()> {
         let invalid = set.table.not_valid();
         tracing::info!(
             invalid_regions = invalid,
@@ -751,7 +810,20 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
         Ok(())
     }
 
-    fn started_rebuild(&self, set: &CacheSet<C>) {
+    /// A member that times out fails the set at once, whatever request was waiting on it.
+    fn arm_wire(&self, set: &Arc<Set<C>>) {
+        let (me, weak_set) = (self.me.clone(), Arc::downgrade(set));
+        set.wire.on_trip(move || {
+            if let (Some(me), Some(set)) = (me.upgrade(), weak_set.upgrade()) {
+                me.fail_set(&set, "a cache device did not answer within cache_timeout_ms");
+            }
+        });
+        if set.wire.is_tripped() {
+            self.fail_set(set, "a cache device did not answer within cache_timeout_ms");
+        }
+    }
+
+    fn started_rebuild(&self, set: &Set<C>) {
         self.stats.rebuild_total_bytes.store(set.table.not_valid() * self.region_bytes, Ordering::Relaxed);
         self.stats.rebuild_done_bytes.store(0, Ordering::Relaxed);
         self.rebuild_idle.store(false, Ordering::Release);
@@ -803,7 +875,7 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
         Ok(())
     }
 
-    fn cache_meta_failed(&self, set: &Arc<CacheSet<C>>, e: &io::Error) {
+    fn cache_meta_failed(&self, set: &Arc<Set<C>>, e: &io::Error) {
         if !set.is_failed() {
             tracing::error!(error = %e, "cache flush or metadata write failed");
             self.stats.cache_errors.fetch_add(1, Ordering::Relaxed);
@@ -907,7 +979,7 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
     }
 
     /// Reads from the cache; on error, serves from the backing and rewrites the cache range.
-    async fn read_cache(&self, set: &Arc<CacheSet<C>>, offset: u64, buf: AlignedBuf) -> (AlignedBuf, io::Result<()>) {
+    async fn read_cache(&self, set: &Arc<Set<C>>, offset: u64, buf: AlignedBuf) -> (AlignedBuf, io::Result<()>) {
         let len = buf.len() as u64;
         let (buf, r) = if self.hedger.eligible(buf.len()) {
             match self.read_cache_hedged(set, offset, buf).await {
@@ -928,7 +1000,7 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
     }
 
     /// A cache read that, once slower than the hedging threshold, races a backing read.
-    async fn read_cache_hedged(&self, set: &Arc<CacheSet<C>>, offset: u64, buf: AlignedBuf) -> Hedged {
+    async fn read_cache_hedged(&self, set: &Arc<Set<C>>, offset: u64, buf: AlignedBuf) -> Hedged {
         let started = Instant::now();
         let hedge_at = self.hedger.start(started);
         let out = self.cache_or_backing(set, offset, buf, hedge_at).await;
@@ -938,13 +1010,7 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
         out
     }
 
-    async fn cache_or_backing(
-        &self,
-        set: &Arc<CacheSet<C>>,
-        offset: u64,
-        buf: AlignedBuf,
-        hedge_at: Instant,
-    ) -> Hedged {
+    async fn cache_or_backing(&self, set: &Arc<Set<C>>, offset: u64, buf: AlignedBuf, hedge_at: Instant) -> Hedged {
         let len = buf.len();
         let mut cache = std::pin::pin!(set.dev.read(offset, buf));
         // Most reads finish at their first poll (page cache) or before the threshold: only those
@@ -985,7 +1051,7 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
 
     async fn read_repair(
         &self,
-        set: &Arc<CacheSet<C>>,
+        set: &Arc<Set<C>>,
         offset: u64,
         buf: AlignedBuf,
         e: io::Error,
@@ -1163,7 +1229,7 @@ struct Mutation<'a, B: BlockDevice, C: BlockDevice> {
     offset: u64,
     len: u64,
     rs: std::ops::Range<u64>,
-    set: Option<Arc<CacheSet<C>>>,
+    set: Option<Arc<Set<C>>>,
     armed: bool,
     // Released after `drop` settled the state, so the cleaner never sees the region idle first.
     _mark: journal::MarkGuard<'a>,
@@ -1331,10 +1397,14 @@ pub async fn create_cache<C: BlockDevice + Clone>(
         Found::Existing { sbs, .. } if sbs[0].cache_set_uuid == backing_sb.cache_set_uuid => Ok(()),
         Found::Existing { members, sbs, .. } => {
             let generations: Vec<u64> = sbs.iter().map(|s| s.generation).collect();
-            CacheSet::format(members, &generations, backing_sb, opts.stripe_bytes, backing_sb.epoch).await.map(|_| ())
+            CacheSet::format(members, &generations, backing_sb, opts.stripe_bytes, backing_sb.epoch, Arc::default())
+                .await
+                .map(|_| ())
         }
         Found::Format { members, generations, .. } => {
-            CacheSet::format(members, &generations, backing_sb, opts.stripe_bytes, backing_sb.epoch).await.map(|_| ())
+            CacheSet::format(members, &generations, backing_sb, opts.stripe_bytes, backing_sb.epoch, Arc::default())
+                .await
+                .map(|_| ())
         }
     }
 }

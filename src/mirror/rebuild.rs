@@ -11,8 +11,8 @@
 //! [`MAX_BACKOFF`], resuming as soon as the backing answers every stalled operation again) rather
 //! than queueing more reads behind the stall; a failed copy leaves its region Invalid.
 
-use super::cacheset::CacheSet;
 use super::region::RegionState;
+use super::Set;
 use super::{Inner, HOT_QUEUE_MAX};
 use crate::device::{guard, AlignedBuf, BlockDevice};
 use std::io;
@@ -218,7 +218,7 @@ pub(crate) async fn rebuild_loop<B: BlockDevice, C: BlockDevice>(inner: Arc<Inne
 /// cursor.
 pub(crate) fn pick<B: BlockDevice, C: BlockDevice>(
     inner: &Inner<B, C>,
-    set: &CacheSet<C>,
+    set: &Set<C>,
     cursor: &mut u64,
     max: usize,
 ) -> Vec<u64> {
@@ -252,7 +252,7 @@ pub(crate) fn pick<B: BlockDevice, C: BlockDevice>(
 /// Copies region `r` from the backing to the cache; Ok(false) if it was no longer Invalid.
 async fn copy_region<B: BlockDevice, C: BlockDevice>(
     inner: &Inner<B, C>,
-    set: &CacheSet<C>,
+    set: &Set<C>,
     r: u64,
 ) -> Result<bool, CopyError> {
     if !set.table.transition(r, RegionState::Invalid, RegionState::Copying) {
@@ -286,7 +286,7 @@ async fn copy_region<B: BlockDevice, C: BlockDevice>(
 /// The copy itself, under the region's range lock.
 async fn copy_locked<B: BlockDevice, C: BlockDevice>(
     inner: &Inner<B, C>,
-    set: &CacheSet<C>,
+    set: &Set<C>,
     start: u64,
     len: u64,
 ) -> Result<(), CopyError> {

@@ -1034,3 +1034,119 @@ async fn a_sequential_writer_shares_intent_commits_with_the_regions_ahead() {
     assert_reads(&v, &model).await;
     assert_eq!(v.verify(false).await.unwrap(), vec![]);
 }
+
+fn time_limited(ms: u64) -> MirrorOptions {
+    MirrorOptions {
+        cache_timeout: Duration::from_millis(ms),
+        hedge: HedgePolicy { enabled: false, ..HedgePolicy::default() },
+        ..opts()
+    }
+}
+
+/// Polls `cond` for up to 10 s.
+async fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_cache_write_fails_the_set_and_the_device_comes_back_only_after_it_answered() {
+    let backing = new_backing().await;
+    let cache = FaultDevice::new(new_cache(), 31);
+    let mut model = vec![0u8; DATA as usize];
+    let v = FVol::open(backing, vec![cache.clone()], time_limited(300)).await.unwrap();
+    write(&v, &mut model, 0, 32, DATA as usize).await;
+    v.wait_rebuilt().await;
+    v.clean_metadata().await.unwrap();
+    let stats = v.stats();
+    // The SSD stops answering writes: the client's write is acknowledged once the backing has
+    // it, at the limit, and the set is given up on.
+    cache.handle().hang(&[FaultOp::Write]);
+    let started = Instant::now();
+    write(&v, &mut model, 5 * REGION as u64, 33, 4096).await;
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(300) && waited < Duration::from_secs(5), "{waited:?}");
+    assert_eq!(v.mode(), Mode::Degraded);
+    assert_eq!(stats.cache_io.timed_out.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.cache_failures.load(Ordering::Relaxed), 1);
+    assert_eq!(v.cache_outstanding(cache.identity()), 1);
+    // Degraded: the same region is written again (backing only), and reads are right.
+    write(&v, &mut model, 5 * REGION as u64, 34, 4096).await;
+    assert_reads(&v, &model).await;
+    // The same device offered again while its given-up write may still land: refused, and the
+    // engine keeps serving degraded.
+    let e = v.replace_cache(vec![cache.clone()]).await.unwrap_err();
+    assert!(e.to_string().contains("still outstanding"), "{e}");
+    assert_eq!(v.mode(), Mode::Degraded);
+    // The device answers at last: the old write lands on it (older than what the backing has).
+    cache.handle().resume();
+    eventually("the given-up write is answered", || v.cache_outstanding(cache.identity()) == 0).await;
+    // Now it comes back; the region it missed (and got a stale write for) is resynced.
+    v.replace_cache(vec![cache.clone()]).await.unwrap();
+    v.wait_rebuilt().await;
+    assert_eq!(v.mode(), Mode::Healthy);
+    assert_reads(&v, &model).await;
+    assert_eq!(v.verify(false).await.unwrap(), vec![]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_cache_read_is_served_from_the_backing_at_the_limit() {
+    let backing = new_backing().await;
+    let cache = FaultDevice::new(new_cache(), 41);
+    let mut model = vec![0u8; DATA as usize];
+    let v = Arc::new(FVol::open(backing, vec![cache.clone()], time_limited(200)).await.unwrap());
+    write(&*v, &mut model, 0, 42, DATA as usize).await;
+    v.wait_rebuilt().await;
+    cache.handle().hang(&[FaultOp::Read]);
+    // Several readers wait on the hung device; the first to reach the limit fails the set and the
+    // others give up with it, each answered by the backing.
+    let model = Arc::new(model);
+    let readers: Vec<_> = (0..8u64)
+        .map(|i| {
+            let (v, model) = (v.clone(), model.clone());
+            tokio::spawn(async move {
+                let off = i * 3 * REGION as u64 + 4096;
+                let (b, r) = v.read(off, AlignedBuf::zeroed(8192)).await;
+                r.unwrap();
+                assert_eq!(&b[..], &model[off as usize..off as usize + 8192]);
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    for r in readers {
+        tokio::time::timeout(Duration::from_secs(5), r).await.expect("a read outlived the limit").unwrap();
+    }
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    assert_eq!(v.mode(), Mode::Degraded);
+    assert_eq!(v.stats().cache_io.timed_out.load(Ordering::Relaxed), 1, "one timeout trips the set");
+    cache.handle().resume();
+    assert_reads(&*v, &model).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_limit_failing_the_cache_releases_requests_waiting_on_it() {
+    let backing = new_backing().await;
+    let cache = FaultDevice::new(new_cache(), 51);
+    let mut model = vec![0u8; DATA as usize];
+    let v = Arc::new(FVol::open(backing, vec![cache.clone()], time_limited(0)).await.unwrap());
+    write(&*v, &mut model, 0, 52, DATA as usize).await;
+    v.wait_rebuilt().await;
+    cache.handle().hang(&[FaultOp::Write]);
+    let b = pattern(53, 4096);
+    model[8192..8192 + 4096].copy_from_slice(&b);
+    let w = {
+        let v = v.clone();
+        tokio::spawn(async move { v.write(8192, b, false).await.1 })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!w.is_finished(), "no limit: the write waits for the cache");
+    // The operator fails the hung SSD: the waiting write is acknowledged from the backing.
+    v.fail_cache().await;
+    tokio::time::timeout(Duration::from_secs(5), w).await.expect("still waiting").unwrap().unwrap();
+    assert_eq!(v.stats().cache_io.timed_out.load(Ordering::Relaxed), 0);
+    assert_reads(&*v, &model).await;
+    cache.handle().resume();
+}
