@@ -171,6 +171,8 @@ struct Coverage {
     crashes_in_flight: u64,
     /// Client writes that failed on the backing and left bytes uncertain.
     failed_backing_writes: u64,
+    /// Cache operations given up at cache_timeout (a hung SSD).
+    cache_timeouts: u64,
 }
 
 impl Coverage {
@@ -182,6 +184,7 @@ impl Coverage {
         self.cache_errors += get(&stats.cache_errors);
         self.cache_failures += get(&stats.cache_failures);
         self.rebuild_done_bytes += get(&stats.rebuild_done_bytes);
+        self.cache_timeouts += get(&stats.cache_io.timed_out);
     }
 }
 
@@ -196,6 +199,8 @@ struct World {
     /// Faults are switched on in the running cache set (or the engine was told to fail it), so
     /// the mirror may be degraded and verify has nothing meaningful to say.
     cache_faulty: bool,
+    /// The cache set's devices stopped answering (and may answer at the next restart).
+    cache_hung: bool,
     vol: Arc<Mirror>,
     model: ShadowDisk,
     size: u64,
@@ -264,6 +269,9 @@ impl World {
             // The background cleaner would run on the wall clock; the Clean step runs a pass at
             // seeded moments instead, so a seed replays exactly.
             metadata_interval_ms: 3_600_000,
+            // Long enough that a busy test machine never trips it by accident (a timeout only
+            // fails the set, which is safe, but the checks below expect a fresh set to stay).
+            cache_timeout: Duration::from_millis(300),
             ..MirrorOptions::default()
         };
         // Random initial contents, so that a trimmed or lost range is told apart from zeroes.
@@ -295,6 +303,7 @@ impl World {
             backing_faults,
             caches,
             cache_faulty: false,
+            cache_hung: false,
             vol: Arc::new(vol),
             model: ShadowDisk::new(image),
             size: DATA_BYTES,
@@ -487,6 +496,7 @@ impl World {
     fn crash_devices(&mut self) -> (CrashReport, Vec<CrashReport>) {
         let backing = self.backing.crash(&mut self.rng);
         let caches: Vec<_> = self.caches.mems.iter().map(|m| m.crash(&mut self.rng)).collect();
+        self.release_hung();
         let lossy = |r: &CrashReport| r.dropped + r.torn > 0;
         self.coverage.lossy_crashes += u64::from(lossy(&backing) || caches.iter().any(lossy));
         (backing, caches)
@@ -543,8 +553,24 @@ impl World {
     /// A clean stop and start. Sometimes the power goes right after the stop (nothing may be
     /// lost), and sometimes the stopped devices are checked with the offline verify.
     async fn restart(&mut self) -> Result<(), String> {
+        if std::mem::take(&mut self.cache_hung) && self.rng.below(2) == 0 {
+            // The hung SSD answers before the process exits: writes given up on land on it now,
+            // after newer data reached the backing; the restart must resync over them.
+            self.log("the hung cache answers: held operations land".into());
+            for f in &self.caches.faults {
+                f.resume();
+            }
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while self.vol.stats().cache_io.abandoned_now.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+                if std::time::Instant::now() > deadline {
+                    return Err("given-up cache operations never finished after the device answered".into());
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
         let faulty = self.cache_faulty;
         self.shutdown().await?;
+        self.release_hung();
         let power_loss = self.rng.below(3) == 0;
         let offline_verify = !faulty && !self.caches.mems.is_empty() && self.rng.below(2) == 0;
         self.log(format!("clean restart (power lost after it: {power_loss}, offline verify: {offline_verify})"));
@@ -573,6 +599,7 @@ impl World {
     /// is missing altogether (the engine must start degraded and serve).
     async fn lose_cache(&mut self) -> Result<(), String> {
         self.shutdown().await?;
+        self.release_hung();
         let n = self.rng.below(3);
         self.log(format!("lose cache while stopped: {n} blank device(s) now"));
         let slack = self.rng.below(3) * 4096;
@@ -593,7 +620,21 @@ impl World {
         }
         // Mostly a cache that still half works: that is where a missed invalidation shows as a
         // stale read, while a dead cache is simply dropped.
-        match self.rng.below(20) {
+        match self.rng.below(24) {
+            20..=23 => {
+                // A firmware hang, not an error: the engine must give up on the set at
+                // cache_timeout and answer from the backing; the held operations may land later.
+                let ops: Vec<FaultOp> = [FaultOp::Read, FaultOp::Write, FaultOp::Flush]
+                    .into_iter()
+                    .filter(|_| self.rng.below(2) != 0)
+                    .collect();
+                let ops = if ops.is_empty() { vec![FaultOp::Write] } else { ops };
+                self.log(format!("fail cache: it stops answering {ops:?}"));
+                for f in &self.caches.faults {
+                    f.hang(&ops);
+                }
+                self.cache_hung = true;
+            }
             0..=2 => {
                 self.log("fail cache: the operator fails it (fail_cache)".into());
                 self.vol.fail_cache().await;
@@ -634,6 +675,16 @@ impl World {
         Ok(())
     }
 
+    /// Lets operations held by a hung cache go on, after the handles they use were revoked (the
+    /// process stopped or the devices were pulled): they fail instead of landing.
+    fn release_hung(&mut self) {
+        if std::mem::take(&mut self.cache_hung) {
+            for f in &self.caches.faults {
+                f.resume();
+            }
+        }
+    }
+
     /// Blank devices attached while running; the rebuild starts in the background.
     async fn replace_cache(&mut self) -> Result<(), String> {
         let n = self.rng.in_range(1..3);
@@ -643,6 +694,7 @@ impl World {
         for m in &self.caches.mems {
             m.revoke_handles();
         }
+        self.release_hung();
         self.caches.mems = (0..n).map(|_| MemDevice::new(cache_member_bytes(n, &self.opts, slack))).collect();
         let devs = self.caches.wrap(&mut self.rng);
         self.vol.replace_cache(devs).await.map_err(|e| format!("replace_cache failed: {e}"))?;
@@ -843,6 +895,7 @@ async fn run_seed(seed: u64, coverage: &mut Coverage) -> Result<(), String> {
     coverage.undecided_after_crash += c.undecided_after_crash;
     coverage.crashes_in_flight += c.crashes_in_flight;
     coverage.failed_backing_writes += c.failed_backing_writes;
+    coverage.cache_timeouts += c.cache_timeouts;
     Ok(())
 }
 
@@ -905,6 +958,7 @@ fn mirror_survives_crashes_and_cache_loss_without_losing_or_staling_data() {
             c.undecided_after_crash,
             c.crashes_in_flight,
             c.failed_backing_writes,
+            c.cache_timeouts,
         ];
         assert!(all.iter().all(|&n| n > 0), "the seeds left part of the mirror unexercised: {c:?}");
     }
