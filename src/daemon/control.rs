@@ -139,7 +139,7 @@ impl Node {
                 // while its given-up operations wait in the kernel; say so rather than "in use".
                 for p in &paths {
                     if let Ok(meta) = std::fs::metadata(p) {
-                        let n = m.cache_outstanding(Some(crate::device::DeviceId::of(&meta)));
+                        let n = m.cache_outstanding(Some(crate::device::DeviceId::of(&meta))).await;
                         if n > 0 {
                             return Err(format!(
                                 "cannot attach {}: {n} operation(s) given up on when it stopped answering are still \

@@ -76,6 +76,20 @@ impl CacheTimeouts {
         self.outstanding.lock().expect("timeout table poisoned").get(&id).copied().unwrap_or(0)
     }
 
+    /// [`Self::outstanding`] after waiting up to `within` for it to reach zero: operations given
+    /// up only because their set was failed (not hung) finish within milliseconds, and an
+    /// operator re-adding the device right away should not be refused for those.
+    pub async fn outstanding_after(&self, id: Option<DeviceId>, within: Duration) -> u64 {
+        let deadline = Instant::now() + within;
+        loop {
+            let n = self.outstanding(id);
+            if n == 0 || Instant::now() >= deadline {
+                return n;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     fn hold(&self, id: Option<DeviceId>) {
         *self.outstanding.lock().expect("timeout table poisoned").entry(id).or_insert(0) += 1;
         self.abandoned_now.fetch_add(1, Ordering::Relaxed);

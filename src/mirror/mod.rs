@@ -76,6 +76,9 @@ pub(crate) type Set<C> = CacheSet<Timed<C>>;
 /// has not answered one request in 10 s is broken, and the backing holds every byte.
 pub const DEFAULT_CACHE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long attaching a device waits for operations given up on it to finish before refusing.
+const REATTACH_GRACE: Duration = Duration::from_secs(2);
+
 #[derive(Clone, Debug)]
 pub struct MirrorOptions {
     /// Region size for a backing formatted by this process. An existing backing keeps the region
@@ -437,8 +440,8 @@ impl<B: BlockDevice, C: BlockDevice> MirrorVolume<B, C> {
 
     /// Operations on device `id` that were given up on (timed out) and that it has not answered
     /// yet: while any is, the device cannot be attached again (see [`crate::device::timeout`]).
-    pub fn cache_outstanding(&self, id: Option<DeviceId>) -> u64 {
-        self.inner.stats.cache_io.outstanding(id)
+    pub async fn cache_outstanding(&self, id: Option<DeviceId>) -> u64 {
+        self.inner.stats.cache_io.outstanding_after(id, REATTACH_GRACE).await
     }
 
     pub fn set_hedge_policy(&self, policy: HedgePolicy) {
@@ -687,7 +690,7 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
         // A write given up on a device that hung may still land on it; attached and resynced
         // before that, the late write would put old bytes under a region marked valid.
         for m in &members {
-            let n = self.stats.cache_io.outstanding(m.identity());
+            let n = self.stats.cache_io.outstanding_after(m.identity(), REATTACH_GRACE).await;
             if n > 0 {
                 return Err(AttachError::Refused(io::Error::new(
                     io::ErrorKind::ResourceBusy,

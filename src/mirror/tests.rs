@@ -1072,7 +1072,7 @@ async fn a_hung_cache_write_fails_the_set_and_the_device_comes_back_only_after_i
     assert_eq!(v.mode(), Mode::Degraded);
     assert_eq!(stats.cache_io.timed_out.load(Ordering::Relaxed), 1);
     assert_eq!(stats.cache_failures.load(Ordering::Relaxed), 1);
-    assert_eq!(v.cache_outstanding(cache.identity()), 1);
+    assert_eq!(v.cache_outstanding(cache.identity()).await, 1);
     // Degraded: the same region is written again (backing only), and reads are right.
     write(&v, &mut model, 5 * REGION as u64, 34, 4096).await;
     assert_reads(&v, &model).await;
@@ -1083,7 +1083,7 @@ async fn a_hung_cache_write_fails_the_set_and_the_device_comes_back_only_after_i
     assert_eq!(v.mode(), Mode::Degraded);
     // The device answers at last: the old write lands on it (older than what the backing has).
     cache.handle().resume();
-    eventually("the given-up write is answered", || v.cache_outstanding(cache.identity()) == 0).await;
+    eventually("the given-up write is answered", || v.stats().cache_io.outstanding(cache.identity()) == 0).await;
     // Now it comes back; the region it missed (and got a stale write for) is resynced.
     v.replace_cache(vec![cache.clone()]).await.unwrap();
     v.wait_rebuilt().await;
@@ -1148,5 +1148,12 @@ async fn without_a_limit_failing_the_cache_releases_requests_waiting_on_it() {
     tokio::time::timeout(Duration::from_secs(5), w).await.expect("still waiting").unwrap().unwrap();
     assert_eq!(v.stats().cache_io.timed_out.load(Ordering::Relaxed), 0);
     assert_reads(&*v, &model).await;
+    // The SSD answers; put straight back, the attach waits out its last operations instead of
+    // refusing, and resyncs what it missed.
     cache.handle().resume();
+    v.replace_cache(vec![cache.clone()]).await.unwrap();
+    v.wait_rebuilt().await;
+    assert_eq!(v.mode(), Mode::Healthy);
+    assert_reads(&*v, &model).await;
+    assert_eq!(v.verify(false).await.unwrap(), vec![]);
 }
