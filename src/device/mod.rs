@@ -247,7 +247,7 @@ impl FileDevice {
         let remote_fs = !is_block_device && on_remote_filesystem(raw);
         let engine = match opts.engine {
             EngineKind::Psync => Engine::Sync,
-            EngineKind::Uring => match UringEngine::new(&path.file_name().unwrap_or_default().to_string_lossy()) {
+            EngineKind::Uring => match UringEngine::new(&path.file_name().unwrap_or_default().to_string_lossy(), raw) {
                 Ok(u) => Engine::Uring(u),
                 Err(e) => {
                     tracing::warn!(path = %path.display(), error = %e, "io_uring unavailable; using psync");
