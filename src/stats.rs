@@ -279,6 +279,13 @@ impl<D: BlockDevice> BlockDevice for Instrumented<D> {
         self.stats.op(DevOp::Write).record(buf.len() as u64, r.is_ok(), started);
         (buf, r)
     }
+    async fn write_shared(&self, offset: u64, data: Arc<AlignedBuf>, fua: bool) -> io::Result<()> {
+        let started = Instant::now();
+        let len = data.len() as u64;
+        let r = self.inner.write_shared(offset, data, fua).await;
+        self.stats.op(DevOp::Write).record(len, r.is_ok(), started);
+        r
+    }
     async fn flush(&self) -> io::Result<()> {
         let started = Instant::now();
         let r = self.inner.flush().await;

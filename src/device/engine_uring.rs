@@ -25,10 +25,34 @@ const RING_ENTRIES: u32 = 256;
 const EVENTFD_TAG: u64 = u64::MAX;
 
 pub(crate) enum UringOp {
-    Read { fd: Arc<OwnedFd>, buf: AlignedBuf, offset: u64 },
-    Write { fd: Arc<OwnedFd>, buf: AlignedBuf, offset: u64, dsync: bool },
-    Fsync { fd: Arc<OwnedFd> },
-    Fallocate { fd: Arc<OwnedFd>, mode: i32, offset: u64, len: u64 },
+    Read {
+        fd: Arc<OwnedFd>,
+        buf: AlignedBuf,
+        offset: u64,
+    },
+    Write {
+        fd: Arc<OwnedFd>,
+        buf: AlignedBuf,
+        offset: u64,
+        dsync: bool,
+    },
+    /// A write from a buffer other writes share (the mirror's two devices): the operation holds
+    /// a reference, so the memory outlives the kernel's use of it even if the caller goes away.
+    WriteShared {
+        fd: Arc<OwnedFd>,
+        buf: Arc<AlignedBuf>,
+        offset: u64,
+        dsync: bool,
+    },
+    Fsync {
+        fd: Arc<OwnedFd>,
+    },
+    Fallocate {
+        fd: Arc<OwnedFd>,
+        mode: i32,
+        offset: u64,
+        len: u64,
+    },
 }
 
 type Completion = oneshot::Sender<(Option<AlignedBuf>, io::Result<()>)>;
@@ -160,6 +184,16 @@ fn sqe_for(p: &mut Pending, key: u64, fixed: Option<RawFd>) -> io_uring::squeue:
                 .rw_flags(flags)
                 .build())
         }
+        UringOp::WriteShared { fd, buf, offset, dsync } => {
+            let len = u32::try_from(buf.len() - d).expect("I/O sizes fit in u32");
+            let flags = if *dsync { libc::RWF_DSYNC } else { 0 };
+            // SAFETY: as for Write; the Arc in `p` keeps the memory alive.
+            let ptr = unsafe { buf.as_ptr().add(d) };
+            with_target!(fd, fixed, |t| opcode::Write::new(t, ptr, len)
+                .offset(*offset + d as u64)
+                .rw_flags(flags)
+                .build())
+        }
         UringOp::Fsync { fd } => {
             with_target!(fd, fixed, |t| opcode::Fsync::new(t).flags(types::FsyncFlags::DATASYNC).build())
         }
@@ -252,6 +286,7 @@ fn ring_thread(ring: IoUring, rx: mpsc::Receiver<Pending>, wake: Arc<OwnedFd>, s
             }
             let total = match &p.op {
                 UringOp::Read { buf, .. } | UringOp::Write { buf, .. } => buf.len(),
+                UringOp::WriteShared { buf, .. } => buf.len(),
                 _ => 0,
             };
             p.done_bytes += res as usize;

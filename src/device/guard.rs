@@ -729,6 +729,15 @@ impl<D: BlockDevice> BlockDevice for Guarded<D> {
         }
     }
 
+    async fn write_shared(&self, offset: u64, data: Arc<AlignedBuf>, fua: bool) -> io::Result<()> {
+        let op = Op { what: "write", offset, len: data.len() as u64 };
+        self.drive(Kind::Write, op, || {
+            let (inner, data) = (self.inner.clone(), data.clone());
+            Box::pin(async move { inner.write_shared(offset, data, fua).await })
+        })
+        .await?
+    }
+
     async fn flush(&self) -> io::Result<()> {
         let op = Op { what: "flush", offset: 0, len: 0 };
         self.drive(Kind::Flush, op, || {

@@ -78,6 +78,21 @@ pub trait BlockDevice: Send + Sync + 'static {
         buf: AlignedBuf,
         fua: bool,
     ) -> impl Future<Output = (AlignedBuf, io::Result<()>)> + Send;
+    /// Writes `data` at `offset` without taking the buffer, so several devices can write one
+    /// buffer at the same time (the mirror's write to the backing and the cache). Devices that can
+    /// write from shared memory override this; the default copies into an owned buffer.
+    fn write_shared(
+        &self,
+        offset: u64,
+        data: Arc<AlignedBuf>,
+        fua: bool,
+    ) -> impl Future<Output = io::Result<()>> + Send {
+        async move {
+            let mut own = AlignedBuf::uninit_for_fill(data.len());
+            own.copy_from_slice(&data);
+            self.write(offset, own, fua).await.1
+        }
+    }
     /// Makes every completed write durable.
     fn flush(&self) -> impl Future<Output = io::Result<()>> + Send;
     /// Afterwards the range reads as zeroes. `may_unmap` lets the device deallocate it.
@@ -112,6 +127,14 @@ impl<D: BlockDevice> BlockDevice for Arc<D> {
         fua: bool,
     ) -> impl Future<Output = (AlignedBuf, io::Result<()>)> + Send {
         (**self).write(offset, buf, fua)
+    }
+    fn write_shared(
+        &self,
+        offset: u64,
+        data: Arc<AlignedBuf>,
+        fua: bool,
+    ) -> impl Future<Output = io::Result<()>> + Send {
+        (**self).write_shared(offset, data, fua)
     }
     fn flush(&self) -> impl Future<Output = io::Result<()>> + Send {
         (**self).flush()
@@ -350,6 +373,32 @@ impl FileDevice {
         (b.unwrap_or_else(|| AlignedBuf::zeroed(len)), r)
     }
 
+    /// [`Self::raw_write`] from a shared buffer: the same paths, with no copy on any of them.
+    async fn raw_write_shared(&self, offset: u64, data: Arc<AlignedBuf>, fua: bool) -> io::Result<()> {
+        let len = data.len();
+        if !self.direct && !fua && !self.remote_fs {
+            if self.nowait_writes.load(Ordering::Relaxed) {
+                // The kernel only reads from the pointer of a write.
+                match engine_sync::try_nowait(self.fd.as_raw_fd(), data.as_ptr().cast_mut(), len, offset, true) {
+                    Ok(n) if n == len => return Ok(()),
+                    Err(libc::EOPNOTSUPP) => self.nowait_writes.store(false, Ordering::Relaxed),
+                    _ => {}
+                }
+            } else {
+                return engine_sync::pwrite_full(self.fd.as_raw_fd(), &data, offset, false);
+            }
+        }
+        match &self.engine {
+            Engine::Uring(u) => {
+                u.submit(UringOp::WriteShared { fd: self.fd.clone(), buf: data, offset, dsync: fua }).await.1
+            }
+            Engine::Sync => {
+                let fd = self.fd.clone();
+                engine_sync::blocking(move || engine_sync::pwrite_full(fd.as_raw_fd(), &data, offset, fua)).await?
+            }
+        }
+    }
+
     async fn fallocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
         match &self.engine {
             Engine::Uring(u) => u.submit(UringOp::Fallocate { fd: self.fd.clone(), mode, offset, len }).await.1,
@@ -439,6 +488,21 @@ impl BlockDevice for FileDevice {
         bounce[skip..skip + len as usize].copy_from_slice(&buf);
         let (_, r) = self.raw_write(start, bounce, fua).await;
         (buf, r)
+    }
+
+    async fn write_shared(&self, offset: u64, data: Arc<AlignedBuf>, fua: bool) -> io::Result<()> {
+        let a = self.align();
+        let len = data.len() as u64;
+        if len == 0 {
+            return Ok(());
+        }
+        if offset % a == 0 && len % a == 0 {
+            return self.raw_write_shared(offset, data, fua).await;
+        }
+        // Unaligned O_DIRECT: read-modify-write through an owned buffer, as `write` does.
+        let mut own = AlignedBuf::uninit_for_fill(data.len());
+        own.copy_from_slice(&data);
+        self.write(offset, own, fua).await.1
     }
 
     async fn flush(&self) -> io::Result<()> {

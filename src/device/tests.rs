@@ -32,6 +32,16 @@ async fn write(dev: &FileDevice, offset: u64, data: &[u8], fua: bool) {
     r.unwrap_or_else(|e| panic!("write {offset}+{}: {e}", data.len()));
 }
 
+async fn write_shared(dev: &FileDevice, offset: u64, data: &[u8], fua: bool) {
+    let mut buf = AlignedBuf::zeroed(data.len());
+    buf.copy_from_slice(data);
+    let shared = Arc::new(buf);
+    dev.write_shared(offset, shared.clone(), fua)
+        .await
+        .unwrap_or_else(|e| panic!("write_shared {offset}+{}: {e}", data.len()));
+    assert_eq!(Arc::strong_count(&shared), 1, "the device kept a reference after answering");
+}
+
 async fn random_round_trips(dev: &FileDevice, seed: u64) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut model = vec![0u8; SIZE_BYTES as usize];
@@ -49,7 +59,12 @@ async fn random_round_trips(dev: &FileDevice, seed: u64) {
             let w = rng.gen::<u64>().to_le_bytes();
             chunk.copy_from_slice(&w[..chunk.len()]);
         }
-        write(dev, offset, &data, i % 7 == 0).await;
+        // Half the writes from a shared buffer (the mirror's path), half from an owned one.
+        if i % 2 == 0 {
+            write(dev, offset, &data, i % 7 == 0).await;
+        } else {
+            write_shared(dev, offset, &data, i % 7 == 0).await;
+        }
         model[offset as usize..offset as usize + len].copy_from_slice(&data);
         let (ro, rl) = (rng.gen_range(0..SIZE_BYTES - 1), rng.gen_range(1..=70000u64));
         let rl = rl.min(SIZE_BYTES - ro) as usize;
@@ -182,4 +197,34 @@ async fn uring_engine_loses_no_wake_up_and_uses_its_registered_file() {
     // Not a bound (timing decides how often the thread parks), just a sanity check of the count.
     assert!(engine.pokes() <= TASKS * OPS, "{} wake-ups for {} operations", engine.pokes(), TASKS * OPS);
     eprintln!("{} wake-ups for {} operations", engine.pokes(), TASKS * OPS);
+}
+
+/// The mirror's write: two devices (here every engine and mode) write one buffer at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_write_one_shared_buffer_at_once() {
+    let devs: Vec<_> = variants().into_iter().map(|(e, d)| open(e, d)).collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    for _ in 0..50 {
+        let len = 4096 * rng.gen_range(1..=256usize);
+        let offset = rng.gen_range(0..(SIZE_BYTES - len as u64) / 4096) * 4096;
+        let mut buf = AlignedBuf::zeroed(len);
+        for chunk in buf.chunks_mut(8) {
+            chunk.copy_from_slice(&rng.gen::<u64>().to_le_bytes());
+        }
+        let data = Arc::new(buf);
+        let [(_, a), (_, b), (_, c), (_, d)] = &devs[..] else { panic!("four variants") };
+        let (ra, rb, rc, rd) = tokio::join!(
+            a.write_shared(offset, data.clone(), false),
+            b.write_shared(offset, data.clone(), false),
+            c.write_shared(offset, data.clone(), false),
+            d.write_shared(offset, data.clone(), false)
+        );
+        for r in [ra, rb, rc, rd] {
+            r.unwrap();
+        }
+        let data = Arc::try_unwrap(data).unwrap_or_else(|_| panic!("a device kept the shared buffer"));
+        for (_, d) in &devs {
+            assert_eq!(read(d, offset, len).await, &data[..]);
+        }
+    }
 }

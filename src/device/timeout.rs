@@ -290,6 +290,10 @@ impl<D: BlockDevice> BlockDevice for Timed<D> {
         let (d, len) = (self.inner.clone(), buf.len());
         self.run(len, 1, async move { d.write(offset, buf, fua).await }).await
     }
+    async fn write_shared(&self, offset: u64, data: Arc<AlignedBuf>, fua: bool) -> io::Result<()> {
+        let d = self.inner.clone();
+        self.run(0, 1, async move { d.write_shared(offset, data, fua).await }).await
+    }
     async fn flush(&self) -> io::Result<()> {
         let d = self.inner.clone();
         self.run(0, FLUSH_TIMEOUT_FACTOR, async move { d.flush().await }).await

@@ -1176,14 +1176,18 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
             self.finish(m, &r, None);
             return (buf, r);
         };
-        // The cache gets its own copy so both writes are in flight at once. The cache write needs
-        // no FUA: the valid bitmap is only persisted after a cache flush.
-        let mut copy = AlignedBuf::uninit_for_fill(len as usize);
-        copy.copy_from_slice(&buf);
+        // Both devices write from the one buffer, at once. The cache write needs no FUA: the
+        // valid bitmap is only persisted after a cache flush.
+        let data = Arc::new(buf);
         m.armed = true;
-        let ((buf, rb), (_, rc)) =
-            tokio::join!(self.backing.write(offset, buf, fua), set.dev.write(offset, copy, false));
+        let (rb, rc) = tokio::join!(
+            self.backing.write_shared(offset, data.clone(), fua),
+            set.dev.write_shared(offset, data.clone(), false)
+        );
         self.finish(m, &rb, Some(rc));
+        // Still shared only when a write was given up on and is still in flight (a stalled
+        // device): the caller gets a buffer of the same length, holding nothing of anyone else's.
+        let buf = Arc::try_unwrap(data).unwrap_or_else(|d| AlignedBuf::zeroed(d.len()));
         (buf, rb)
     }
 

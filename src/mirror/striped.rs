@@ -170,6 +170,24 @@ impl<C: BlockDevice> BlockDevice for Striped<C> {
         (buf, r)
     }
 
+    async fn write_shared(&self, offset: u64, data: std::sync::Arc<AlignedBuf>, fua: bool) -> io::Result<()> {
+        self.check(offset, data.len() as u64)?;
+        let pieces = self.pieces(offset, data.len() as u64);
+        if let [p] = pieces[..] {
+            return self.members[p.member].write_shared(p.member_offset, data, fua).await;
+        }
+        // Across members each piece needs its own buffer anyway.
+        let futs = pieces
+            .iter()
+            .map(|p| {
+                let mut b = AlignedBuf::uninit_for_fill(p.len as usize);
+                b.copy_from_slice(&data[p.at as usize..(p.at + p.len) as usize]);
+                self.members[p.member].write(p.member_offset, b, fua)
+            })
+            .collect();
+        first_error(join_all(futs).await.into_iter().map(|(_, r)| r))
+    }
+
     async fn flush(&self) -> io::Result<()> {
         first_error(join_all(self.members.iter().map(|m| m.flush()).collect()).await)
     }
