@@ -343,28 +343,37 @@ impl FileDevice {
         (b.unwrap_or_else(|| AlignedBuf::zeroed(len)), r)
     }
 
-    async fn raw_write(&self, offset: u64, mut buf: AlignedBuf, fua: bool) -> (AlignedBuf, io::Result<()>) {
-        let len = buf.len();
+    /// The buffered write done on the caller's thread, shared by both write paths: `Some` with
+    /// the result when it was done here, `None` when the engine must do (the rest of) it.
+    fn write_in_place(&self, data: &[u8], offset: u64, fua: bool) -> Option<io::Result<()>> {
         // On a remote filesystem a buffered write waits for the server (FUSE and NFS write through
         // or throttle on it); done in place it would stall a runtime thread, and every request on
         // it, for the whole outage. There, every write goes through the engine.
-        if !self.direct && !fua && !self.remote_fs {
-            if self.nowait_writes.load(Ordering::Relaxed) {
-                match engine_sync::try_nowait(self.fd.as_raw_fd(), buf.as_mut_ptr(), len, offset, true) {
-                    Ok(n) if n == len => return (buf, Ok(())),
-                    // The filesystem cannot do non-blocking buffered writes (ext4): stop asking.
-                    Err(libc::EOPNOTSUPP) => self.nowait_writes.store(false, Ordering::Relaxed),
-                    _ => {}
-                }
-            } else {
-                // Without NOWAIT support, io_uring would punt every buffered write to a kernel
-                // worker thread (a hop each way). A buffered write is a copy into the page cache
-                // and blocks only under dirty-page throttling, so do it here, as nbdkit's worker
-                // threads do. Block devices and O_DIRECT files never take this path.
-                let r = engine_sync::pwrite_full(self.fd.as_raw_fd(), &buf, offset, false);
-                return (buf, r);
-            }
-            // Rewriting an already-written prefix with the same bytes is harmless.
+        if self.direct || fua || self.remote_fs {
+            return None;
+        }
+        if !self.nowait_writes.load(Ordering::Relaxed) {
+            // Without NOWAIT support, io_uring would punt every buffered write to a kernel
+            // worker thread (a hop each way). A buffered write is a copy into the page cache
+            // and blocks only under dirty-page throttling, so do it here, as nbdkit's worker
+            // threads do. Block devices and O_DIRECT files never take this path.
+            return Some(engine_sync::pwrite_full(self.fd.as_raw_fd(), data, offset, false));
+        }
+        // The kernel only reads through the pointer of a write.
+        match engine_sync::try_nowait(self.fd.as_raw_fd(), data.as_ptr().cast_mut(), data.len(), offset, true) {
+            Ok(n) if n == data.len() => return Some(Ok(())),
+            // The filesystem cannot do non-blocking buffered writes (ext4): stop asking.
+            Err(libc::EOPNOTSUPP) => self.nowait_writes.store(false, Ordering::Relaxed),
+            _ => {}
+        }
+        // Rewriting an already-written prefix with the same bytes is harmless.
+        None
+    }
+
+    async fn raw_write(&self, offset: u64, buf: AlignedBuf, fua: bool) -> (AlignedBuf, io::Result<()>) {
+        let len = buf.len();
+        if let Some(r) = self.write_in_place(&buf, offset, fua) {
+            return (buf, r);
         }
         let (b, r) = match &self.engine {
             Engine::Uring(u) => u.submit(UringOp::Write { fd: self.fd.clone(), buf, offset, dsync: fua }).await,
@@ -375,18 +384,8 @@ impl FileDevice {
 
     /// [`Self::raw_write`] from a shared buffer: the same paths, with no copy on any of them.
     async fn raw_write_shared(&self, offset: u64, data: Arc<AlignedBuf>, fua: bool) -> io::Result<()> {
-        let len = data.len();
-        if !self.direct && !fua && !self.remote_fs {
-            if self.nowait_writes.load(Ordering::Relaxed) {
-                // The kernel only reads from the pointer of a write.
-                match engine_sync::try_nowait(self.fd.as_raw_fd(), data.as_ptr().cast_mut(), len, offset, true) {
-                    Ok(n) if n == len => return Ok(()),
-                    Err(libc::EOPNOTSUPP) => self.nowait_writes.store(false, Ordering::Relaxed),
-                    _ => {}
-                }
-            } else {
-                return engine_sync::pwrite_full(self.fd.as_raw_fd(), &data, offset, false);
-            }
+        if let Some(r) = self.write_in_place(&data, offset, fua) {
+            return r;
         }
         match &self.engine {
             Engine::Uring(u) => {

@@ -104,6 +104,21 @@ impl<C: BlockDevice> Striped<C> {
     }
 }
 
+impl<C: BlockDevice> Striped<C> {
+    /// Writes a request that spans members: each piece from its own buffer, all at once.
+    async fn write_pieces(&self, pieces: &[Piece], data: &[u8], fua: bool) -> io::Result<()> {
+        let futs = pieces
+            .iter()
+            .map(|p| {
+                let mut b = AlignedBuf::uninit_for_fill(p.len as usize);
+                b.copy_from_slice(&data[p.at as usize..(p.at + p.len) as usize]);
+                self.members[p.member].write(p.member_offset, b, fua)
+            })
+            .collect();
+        first_error(join_all(futs).await.into_iter().map(|(_, r)| r))
+    }
+}
+
 fn first_error(results: impl IntoIterator<Item = io::Result<()>>) -> io::Result<()> {
     results.into_iter().find(|r| r.is_err()).unwrap_or(Ok(()))
 }
@@ -158,15 +173,7 @@ impl<C: BlockDevice> BlockDevice for Striped<C> {
         if let [p] = pieces[..] {
             return self.members[p.member].write(p.member_offset, buf, fua).await;
         }
-        let futs = pieces
-            .iter()
-            .map(|p| {
-                let mut b = AlignedBuf::uninit_for_fill(p.len as usize);
-                b.copy_from_slice(&buf[p.at as usize..(p.at + p.len) as usize]);
-                self.members[p.member].write(p.member_offset, b, fua)
-            })
-            .collect();
-        let r = first_error(join_all(futs).await.into_iter().map(|(_, r)| r));
+        let r = self.write_pieces(&pieces, &buf, fua).await;
         (buf, r)
     }
 
@@ -176,16 +183,7 @@ impl<C: BlockDevice> BlockDevice for Striped<C> {
         if let [p] = pieces[..] {
             return self.members[p.member].write_shared(p.member_offset, data, fua).await;
         }
-        // Across members each piece needs its own buffer anyway.
-        let futs = pieces
-            .iter()
-            .map(|p| {
-                let mut b = AlignedBuf::uninit_for_fill(p.len as usize);
-                b.copy_from_slice(&data[p.at as usize..(p.at + p.len) as usize]);
-                self.members[p.member].write(p.member_offset, b, fua)
-            })
-            .collect();
-        first_error(join_all(futs).await.into_iter().map(|(_, r)| r))
+        self.write_pieces(&pieces, &data, fua).await
     }
 
     async fn flush(&self) -> io::Result<()> {
