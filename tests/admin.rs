@@ -532,5 +532,15 @@ fn a_cache_that_stops_answering_is_given_up_on_at_cache_timeout_ms() {
     random_reads(&d.uri(), 300, 4);
     let v = ctl_ok(&sock, &["verify", "--wait"]);
     assert!(v.contains("verify: 0 mismatches"), "{v}");
+
+    // The limit changes live on SIGHUP.
+    let text = std::fs::read_to_string(&config).unwrap().replace("cache_timeout_ms = 500", "cache_timeout_ms = 700");
+    std::fs::write(&config, text).unwrap();
+    let mark = d.log_mark();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(d.pid() as i32, libc::SIGHUP) };
+    let log = d.wait_log(mark, "configuration reloaded", Duration::from_secs(10));
+    assert!(log.contains("cache_timeout_ms"), "{log}");
+    assert_eq!(status(&sock)["cache"]["timeout"]["timeout_ms"], 700);
     assert!(d.stop().success());
 }
