@@ -3,7 +3,7 @@
 # `nbdkit null` (no I/O: the ceiling fio, libnbd and loopback leave), optionally qemu-nbd.
 # A script, not a test: it measures and reports, it asserts nothing about speed.
 #
-#   scripts/bench-scale.sh [--quick] [--conns "1 2 4 8"] [--servers "superdisk nbdkit-file nbdkit-null"]
+#   scripts/bench-scale.sh [--quick] [--conns "1 2 4 8"] [--servers "superdisk superdisk-mirror nbdkit-file nbdkit-null"]
 #                          [--workloads "randread-4k-qd32 randwrite-4k-qd32 read-1m-qd8"] [--out PREFIX]
 #
 # fio's nbd engine with numjobs=N: every job opens its own NBD connection (the script counts the
@@ -20,6 +20,8 @@
 #   BENCH_REPS      repetitions per cell, median reported        (default 1)
 #   SUPERDISK       superdisk binary; unset: `cargo build --release`, target/release/superdisk
 #   SUPERDISK_ARGS  extra arguments for `superdisk serve`        (default none)
+#   SUPERDISK_MIRROR_ARGS  extra arguments for superdisk-mirror (the image with a cache file,
+#                   rebuilt before measuring)                   (default none)
 #   FIO, NBDKIT, NBDINFO, QEMU_NBD   tool paths (default: found on PATH)
 #   NBDKIT_PLUGINS  directory holding nbdkit-file-plugin.so and nbdkit-null-plugin.so (default: nbdkit's own)
 #   BENCH_THREADS   1: also record each server thread's CPU time per cell (RUN_DIR/threads/)
@@ -111,14 +113,14 @@ plugin_arg() {
 }
 for s in $servers; do
     case "$s" in
-        superdisk) ;;
+        superdisk|superdisk-mirror) ;;
         nbdkit-file|nbdkit-null)
             need "$nbdkit" "apt-get install nbdkit"
             "$nbdkit" "$(plugin_arg "${s#nbdkit-}")" --version >/dev/null 2>&1 \
                 || die "nbdkit cannot load its '${s#nbdkit-}' plugin"
             ;;
         qemu-nbd) need "$qemu_nbd" "apt-get install qemu-utils" ;;
-        *) die "unknown server '$s' (known: superdisk nbdkit-file nbdkit-null qemu-nbd)" ;;
+        *) die "unknown server '$s' (known: superdisk superdisk-mirror nbdkit-file nbdkit-null qemu-nbd)" ;;
     esac
 done
 case " $servers " in
@@ -134,7 +136,7 @@ rev="$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo unknown)"
 git -C "$repo" diff --quiet HEAD -- 2>/dev/null || rev+=" with uncommitted changes"
 
 superdisk_bin=""
-if [[ " $servers " == *" superdisk "* ]]; then
+if [[ " $servers " == *" superdisk "* || " $servers " == *" superdisk-mirror "* ]]; then
     if [ -n "${SUPERDISK:-}" ]; then
         superdisk_bin="$SUPERDISK"
     else
@@ -176,11 +178,16 @@ head -c "$size_b" /dev/urandom >"$run_dir/data.raw"
 for s in $servers; do
     case "$s" in
         nbdkit-file|qemu-nbd) cp "$run_dir/data.raw" "$run_dir/$s.img" ;;
-        superdisk)
-            cp "$run_dir/data.raw" "$run_dir/superdisk.img"
-            "$superdisk_bin" create --backing "$run_dir/superdisk.img" --size "$size_b" \
-                >"$run_dir/superdisk-create.log" 2>&1 \
-                || die "superdisk create failed: $(cat "$run_dir/superdisk-create.log")"
+        superdisk|superdisk-mirror)
+            cp "$run_dir/data.raw" "$run_dir/$s.img"
+            cache_args=()
+            if [ "$s" = superdisk-mirror ]; then
+                truncate -s "$((size_b + 64 * 1024 * 1024))" "$run_dir/$s.cache.img"
+                cache_args=(--cache "$run_dir/$s.cache.img")
+            fi
+            "$superdisk_bin" create --backing "$run_dir/$s.img" --size "$size_b" "${cache_args[@]}" \
+                >"$run_dir/$s-create.log" 2>&1 \
+                || die "superdisk create failed: $(cat "$run_dir/$s-create.log")"
             ;;
     esac
 done
@@ -202,6 +209,13 @@ start_server() {
             # shellcheck disable=SC2086  # SUPERDISK_ARGS is a word list on purpose
             "$superdisk_bin" serve --backing "$run_dir/superdisk.img" --listen "127.0.0.1:$port" \
                 ${SUPERDISK_ARGS:-} 2>"$errlog" &
+            uri_of[$s]="nbd://127.0.0.1:$port/superdisk"
+            ;;
+        superdisk-mirror)
+            # The same image with a cache file (reads from the cache, writes to both files).
+            # shellcheck disable=SC2086
+            "$superdisk_bin" serve --backing "$run_dir/$s.img" --cache "$run_dir/$s.cache.img" \
+                --listen "127.0.0.1:$port" ${SUPERDISK_ARGS:-} ${SUPERDISK_MIRROR_ARGS:-} 2>"$errlog" &
             uri_of[$s]="nbd://127.0.0.1:$port/superdisk"
             ;;
         nbdkit-file)
@@ -237,6 +251,17 @@ wait_up() {
 
 for s in $servers; do start_server "$s"; done
 for s in $servers; do wait_up "$s"; log "$s up at ${uri_of[$s]} (pid ${pid_of[$s]})"; done
+# The mirror is measured once its cache holds the whole disk (reads then never touch the backing).
+if [[ " $servers " == *" superdisk-mirror "* ]]; then
+    for _ in $(seq 6000); do
+        grep -q "rebuild complete" "$run_dir/superdisk-mirror.log" && break
+        kill -0 "${pid_of[superdisk-mirror]}" 2>/dev/null || die "superdisk-mirror died during its rebuild"
+        sleep 0.1
+    done
+    grep -q "rebuild complete" "$run_dir/superdisk-mirror.log" || die "superdisk-mirror did not finish its rebuild in 10 min"
+    cat "$run_dir/superdisk-mirror.cache.img" >/dev/null
+    log "superdisk-mirror: cache rebuilt"
+fi
 
 # --- measurement -----------------------------------------------------------------------------------
 
@@ -443,7 +468,7 @@ def mach():
 
 m = mach()
 now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-names = {"superdisk": "superdisk", "nbdkit-file": "nbdkit file", "nbdkit-null": "nbdkit null", "qemu-nbd": "qemu-nbd"}
+names = {"superdisk": "superdisk", "superdisk-mirror": "superdisk + cache", "nbdkit-file": "nbdkit file", "nbdkit-null": "nbdkit null", "qemu-nbd": "qemu-nbd"}
 md = [
     f"# superdisk scaling with connections — {now}",
     "",
