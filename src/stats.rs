@@ -258,6 +258,9 @@ impl<D: BlockDevice> BlockDevice for Instrumented<D> {
     fn identity(&self) -> Option<crate::device::DeviceId> {
         self.inner.identity()
     }
+    fn drop_cached(&self, offset: u64, len: u64) {
+        self.inner.drop_cached(offset, len)
+    }
     fn logical_block_bytes(&self) -> u32 {
         self.inner.logical_block_bytes()
     }

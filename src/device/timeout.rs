@@ -282,6 +282,11 @@ impl<D: BlockDevice> BlockDevice for Timed<D> {
     fn identity(&self) -> Option<DeviceId> {
         self.id
     }
+    fn drop_cached(&self, offset: u64, len: u64) {
+        if !self.wire.is_tripped() {
+            self.inner.drop_cached(offset, len)
+        }
+    }
     async fn read(&self, offset: u64, buf: AlignedBuf) -> (AlignedBuf, io::Result<()>) {
         let (d, len) = (self.inner.clone(), buf.len());
         self.run(len, 1, async move { d.read(offset, buf).await }).await

@@ -176,7 +176,11 @@ pub(crate) async fn rebuild_loop<B: BlockDevice, C: BlockDevice>(inner: Arc<Inne
                 let mut bytes = 0;
                 for &r in &copied {
                     if set.table.transition(r, RegionState::Copying, RegionState::Valid) {
-                        bytes += inner.region_bounds(r).1;
+                        let (start, len) = inner.region_bounds(r);
+                        bytes += len;
+                        // Flushed, so clean: a cache file keeps no large folios from the copy
+                        // (see FileDevice::drop_cached).
+                        set.dev.drop_cached(start, len);
                     }
                 }
                 inner.stats.rebuild_done_bytes.fetch_add(bytes, Ordering::Relaxed);

@@ -186,6 +186,14 @@ impl<C: BlockDevice> BlockDevice for Striped<C> {
         self.write_pieces(&pieces, &data, fua).await
     }
 
+    fn drop_cached(&self, offset: u64, len: u64) {
+        if self.check(offset, len).is_ok() {
+            for p in self.pieces(offset, len) {
+                self.members[p.member].drop_cached(p.member_offset, p.len);
+            }
+        }
+    }
+
     async fn flush(&self) -> io::Result<()> {
         first_error(join_all(self.members.iter().map(|m| m.flush()).collect()).await)
     }
