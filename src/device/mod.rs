@@ -448,7 +448,13 @@ impl BlockDevice for FileDevice {
         if self.direct || self.is_block_device {
             return;
         }
-        let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else { return };
+        // The kernel drops only whole folios inside the range; the largest (a PMD, 2 MiB with
+        // 4 KiB pages) can straddle the range's ends, so widen it to that alignment. The
+        // neighbours' clean pages go too, which costs at most a re-read.
+        const FOLIO_MAX_BYTES: u64 = 2 << 20;
+        let start = offset / FOLIO_MAX_BYTES * FOLIO_MAX_BYTES;
+        let end = offset.saturating_add(len).div_ceil(FOLIO_MAX_BYTES) * FOLIO_MAX_BYTES;
+        let (Ok(off), Ok(l)) = (libc::off_t::try_from(start), libc::off_t::try_from(end - start)) else { return };
         // SAFETY: an advisory syscall on our descriptor; failure changes nothing.
         unsafe { libc::posix_fadvise(self.fd.as_raw_fd(), off, l, libc::POSIX_FADV_DONTNEED) };
     }
