@@ -29,6 +29,8 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/.." && pwd)"
+# shellcheck source=scripts/bench-superdisk.sh
+. "$here/bench-superdisk.sh"
 
 die() { echo "bench.sh: $*" >&2; exit 1; }
 log() { echo "bench.sh: $*" >&2; }
@@ -164,20 +166,7 @@ for s in $servers; do
     case "$s" in
         nbdkit-file) cp "$run_dir/data.raw" "$run_dir/nbdkit-file.img" ;;
         qemu-nbd) cp "$run_dir/data.raw" "$run_dir/qemu-nbd.img" ;;
-        superdisk|superdisk-mirror)
-            cp "$run_dir/data.raw" "$run_dir/$s.img"
-            cache_args=()
-            if [ "$s" = superdisk-mirror ]; then
-                truncate -s "$((size_b + 64 * 1024 * 1024))" "$run_dir/$s.cache.img"
-                cache_args=(--cache "$run_dir/$s.cache.img")
-            fi
-            # The exported disk is the file's first bytes; create only appends metadata at the tail.
-            "$superdisk_bin" create --backing "$run_dir/$s.img" --size "$size_b" "${cache_args[@]}" \
-                >"$run_dir/$s-create.log" 2>&1 \
-                || die "superdisk create failed: $(cat "$run_dir/$s-create.log")"
-            cmp -n "$size_b" "$run_dir/data.raw" "$run_dir/$s.img" >/dev/null \
-                || die "superdisk create changed the first $size bytes of the image"
-            ;;
+        superdisk|superdisk-mirror) bench_create_superdisk "$s" ;;
     esac
 done
 rm -f "$run_dir/data.raw"
@@ -241,25 +230,7 @@ wait_up() {
 
 for s in $servers; do start_server "$s"; done
 for s in $servers; do wait_up "$s"; log "$s up at ${uri_of[$s]} (pid ${pid_of[$s]})"; done
-# The mirror is measured once its cache holds the whole disk (reads then never touch the backing).
-if [[ " $servers " == *" superdisk-mirror "* ]]; then
-    for _ in $(seq 6000); do
-        grep -q "rebuild complete" "$run_dir/superdisk-mirror.log" && break
-        kill -0 "${pid_of[superdisk-mirror]}" 2>/dev/null || die "superdisk-mirror died during its rebuild"
-        sleep 0.1
-    done
-    grep -q "rebuild complete" "$run_dir/superdisk-mirror.log" || die "superdisk-mirror did not finish its rebuild in 10 min"
-    # Warm its page cache as the other images are, but without readahead: readahead fills the
-    # page cache with large folios, and on ext4 (Linux 6.18) every 4 KiB buffered write into a
-    # large folio walks all its blocks, which would measure that instead of the server (the
-    # daemon drops the rebuild's pages for the same reason; docs/PERFORMANCE.md).
-    python3 -c 'import os, sys
-fd = os.open(sys.argv[1], os.O_RDONLY)
-os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-while os.read(fd, 1 << 20):
-    pass' "$run_dir/superdisk-mirror.cache.img"
-    log "superdisk-mirror: cache rebuilt"
-fi
+[[ " $servers " != *" superdisk-mirror "* ]] || bench_wait_mirror_rebuilt
 
 # --- measurement -----------------------------------------------------------------------------------
 

@@ -165,6 +165,23 @@ macro_rules! with_target {
     };
 }
 
+/// A write of `buf[done..]` at `offset + done`.
+fn write_sqe(
+    fd: &OwnedFd,
+    buf: &AlignedBuf,
+    done: usize,
+    offset: u64,
+    dsync: bool,
+    fixed: Option<RawFd>,
+) -> io_uring::squeue::Entry {
+    let len = u32::try_from(buf.len() - done).expect("I/O sizes fit in u32");
+    let flags = if dsync { libc::RWF_DSYNC } else { 0 };
+    // SAFETY (for the kernel's use of the pointer): the buffer is held by the pending operation,
+    // which stays in the slab until its completion arrives.
+    let ptr = unsafe { buf.as_ptr().add(done) };
+    with_target!(fd, fixed, |t| opcode::Write::new(t, ptr, len).offset(offset + done as u64).rw_flags(flags).build())
+}
+
 fn sqe_for(p: &mut Pending, key: u64, fixed: Option<RawFd>) -> io_uring::squeue::Entry {
     let d = p.done_bytes;
     let sqe = match &mut p.op {
@@ -175,25 +192,9 @@ fn sqe_for(p: &mut Pending, key: u64, fixed: Option<RawFd>) -> io_uring::squeue:
             let ptr = unsafe { buf.as_mut_ptr().add(d) };
             with_target!(fd, fixed, |t| opcode::Read::new(t, ptr, len).offset(*offset + d as u64).build())
         }
-        UringOp::Write { fd, buf, offset, dsync } => {
-            let len = u32::try_from(buf.len() - d).expect("I/O sizes fit in u32");
-            let flags = if *dsync { libc::RWF_DSYNC } else { 0 };
-            let ptr = unsafe { buf.as_ptr().add(d) };
-            with_target!(fd, fixed, |t| opcode::Write::new(t, ptr, len)
-                .offset(*offset + d as u64)
-                .rw_flags(flags)
-                .build())
-        }
-        UringOp::WriteShared { fd, buf, offset, dsync } => {
-            let len = u32::try_from(buf.len() - d).expect("I/O sizes fit in u32");
-            let flags = if *dsync { libc::RWF_DSYNC } else { 0 };
-            // SAFETY: as for Write; the Arc in `p` keeps the memory alive.
-            let ptr = unsafe { buf.as_ptr().add(d) };
-            with_target!(fd, fixed, |t| opcode::Write::new(t, ptr, len)
-                .offset(*offset + d as u64)
-                .rw_flags(flags)
-                .build())
-        }
+        UringOp::Write { fd, buf, offset, dsync } => write_sqe(fd, buf, d, *offset, *dsync, fixed),
+        // The Arc in `p` keeps the shared memory alive as the owned buffer does for Write.
+        UringOp::WriteShared { fd, buf, offset, dsync } => write_sqe(fd, buf, d, *offset, *dsync, fixed),
         UringOp::Fsync { fd } => {
             with_target!(fd, fixed, |t| opcode::Fsync::new(t).flags(types::FsyncFlags::DATASYNC).build())
         }
