@@ -2,7 +2,7 @@
 //! `superdisk create`, runs `superdisk serve` on a free loopback port, and stops it on drop.
 #![allow(dead_code)]
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -16,8 +16,42 @@ pub fn require_tool(name: &str) {
     assert!(found.unwrap_or(false), "required tool `{name}` is not installed (see .ci/run for the package list)");
 }
 
+/// A loopback port nothing listened on a moment ago. Never the same one twice in one test binary:
+/// tests run in parallel, and two daemons given one port would leave one of them failing to bind
+/// while its test's readiness probe reached the other one (a CI failure once).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
+}
+
+/// Whether process `pid` holds a listening TCP socket on `port` (IPv4). Between `free_port` and
+/// the daemon's bind another process can take the port; a connect would then reach that process,
+/// so readiness is read from /proc instead: the listening socket's inode among `pid`'s files.
+pub fn listens_on(pid: u32, port: u16) -> bool {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // local_address is HEXIP:HEXPORT; state 0A is LISTEN; field 9 is the inode.
+            let local_port = f.get(1)?.rsplit(':').next()?;
+            (u16::from_str_radix(local_port, 16).ok()? == port && *f.get(3)? == "0A")
+                .then(|| f.get(9).map(|i| i.to_string()))?
+        })
+        .collect();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
+    fds.flatten().filter_map(|fd| std::fs::read_link(fd.path()).ok()).any(|target| {
+        let t = target.to_string_lossy();
+        inodes.iter().any(|inode| t == format!("socket:[{inode}]"))
+    })
 }
 
 pub fn run_ok(cmd: &mut Command) -> String {
@@ -62,33 +96,47 @@ impl Daemon {
         d
     }
 
-    /// Starts (or restarts) the serve process on a new free port.
+    /// Starts (or restarts) the serve process on a new free port. Should another process take the
+    /// port before the daemon binds it, the daemon exits saying so and is started on another one.
     pub fn spawn(&mut self) {
         assert!(self.child.is_none(), "already running");
-        self.port = free_port();
-        let _ = std::fs::remove_file(&self.unix);
-        let log =
-            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("daemon.log")).unwrap();
-        let child = Command::new(BIN)
-            .args(["serve", "--backing"])
-            .arg(&self.backing)
-            .args(["--listen", &format!("127.0.0.1:{}", self.port), "--unix"])
-            .arg(&self.unix)
-            .args(&self.extra_args)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn superdisk serve");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("superdisk serve exited early with {status}; log:\n{}", self.log());
+        for _attempt in 0..5 {
+            let log_from = self.log().len();
+            self.port = free_port();
+            let _ = std::fs::remove_file(&self.unix);
+            let log =
+                std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("daemon.log")).unwrap();
+            let child = Command::new(BIN)
+                .args(["serve", "--backing"])
+                .arg(&self.backing)
+                .args(["--listen", &format!("127.0.0.1:{}", self.port), "--unix"])
+                .arg(&self.unix)
+                .args(&self.extra_args)
+                .envs(self.env.iter().map(|(k, v)| (k, v)))
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("spawn superdisk serve");
+            let pid = child.id();
+            self.child = Some(child);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !listens_on(pid, self.port) {
+                if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                    self.child = None;
+                    let log = self.log();
+                    if log[log_from..].contains("Address already in use") {
+                        break;
+                    }
+                    panic!("superdisk serve exited early with {status}; log:\n{log}");
+                }
+                assert!(Instant::now() < deadline, "superdisk did not start listening; log:\n{}", self.log());
+                std::thread::sleep(Duration::from_millis(20));
             }
-            assert!(Instant::now() < deadline, "superdisk did not start listening; log:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(20));
+            if self.child.is_some() {
+                return;
+            }
         }
+        panic!("five free ports were taken before superdisk could bind them; log:\n{}", self.log());
     }
 
     pub fn uri(&self) -> String {
