@@ -261,6 +261,16 @@ impl<D: BlockDevice> BlockDevice for Instrumented<D> {
     fn drop_cached(&self, offset: u64, len: u64) {
         self.inner.drop_cached(offset, len)
     }
+    fn zero_copy_source(&self, offset: u64, len: usize) -> Option<crate::device::FileSlice> {
+        // An injected stall must delay the read, so it is read the ordinary way.
+        if self.stall.is_some() {
+            return None;
+        }
+        let started = Instant::now();
+        let slice = self.inner.zero_copy_source(offset, len)?;
+        self.stats.op(DevOp::Read).record(len as u64, true, started);
+        Some(slice)
+    }
     fn logical_block_bytes(&self) -> u32 {
         self.inner.logical_block_bytes()
     }

@@ -409,6 +409,19 @@ impl<D: BlockDevice> BlockDevice for FaultDevice<D> {
         self.inner.fast_zero()
     }
 
+    /// A read that would be failed or held is left to `read`, which fails or holds it: a real
+    /// page-cache send cannot stall, and one that fails falls back to `read` anyway.
+    fn zero_copy_source(&self, offset: u64, len: usize) -> Option<crate::device::FileSlice> {
+        if self.shared.hung[FaultOp::Read.index()].load(Ordering::Acquire) {
+            return None;
+        }
+        let v = self.decide(FaultOp::Read, Some(offset..offset.saturating_add(len as u64)));
+        if v.fail {
+            return None;
+        }
+        self.inner.zero_copy_source(offset, len)
+    }
+
     async fn read(&self, offset: u64, buf: AlignedBuf) -> (AlignedBuf, io::Result<()>) {
         let v = self.decide(FaultOp::Read, Some(offset..offset.saturating_add(buf.len() as u64)));
         pause(&v).await;

@@ -693,6 +693,12 @@ impl<D: BlockDevice> BlockDevice for Guarded<D> {
         self.inner.fast_zero()
     }
 
+    /// Bytes already in the page cache are the device's as the kernel holds them: no attempt
+    /// that could stall, so nothing to time out or fence.
+    fn zero_copy_source(&self, offset: u64, len: usize) -> Option<super::FileSlice> {
+        self.inner.zero_copy_source(offset, len)
+    }
+
     async fn read(&self, offset: u64, buf: AlignedBuf) -> (AlignedBuf, io::Result<()>) {
         let len = buf.len();
         let mut first = Some(buf);

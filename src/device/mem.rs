@@ -246,6 +246,27 @@ impl BlockDevice for MemDevice {
         true
     }
 
+    /// The range's bytes as of now, in a memfd at the same offset: lets tests drive the zero-copy
+    /// read path (a page-cache file's bytes are likewise what the device holds at send time).
+    fn zero_copy_source(&self, offset: u64, len: usize) -> Option<super::FileSlice> {
+        use std::os::fd::{FromRawFd, OwnedFd};
+        let bytes = {
+            let st = self.live().ok()?;
+            check_range(offset, len as u64, st.current.len() as u64).ok()?;
+            st.current[offset as usize..offset as usize + len].to_vec()
+        };
+        // SAFETY: memfd_create takes a NUL-terminated name and returns a new descriptor or -1.
+        let raw = unsafe { libc::memfd_create(c"superdisk-memdevice".as_ptr(), libc::MFD_CLOEXEC) };
+        if raw < 0 {
+            return None;
+        }
+        // SAFETY: `raw` is a fresh descriptor owned by nobody else.
+        let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(raw) });
+        std::os::unix::fs::FileExt::write_all_at(&file, &bytes, offset).ok()?;
+        let fd = OwnedFd::from(file);
+        Some(super::FileSlice { fd: Arc::new(fd), offset, len })
+    }
+
     async fn read(&self, offset: u64, mut buf: AlignedBuf) -> (AlignedBuf, io::Result<()>) {
         let r = (|| {
             let st = self.live()?;

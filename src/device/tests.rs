@@ -231,3 +231,34 @@ async fn devices_write_one_shared_buffer_at_once() {
         }
     }
 }
+
+/// A buffered file offers its bytes for `sendfile` exactly while the page cache holds the whole
+/// range, and what it offers is what a read returns; O_DIRECT never offers any.
+#[test]
+fn zero_copy_source_only_for_resident_buffered_ranges() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    for (engine, direct) in variants() {
+        rt.block_on(async {
+            let (_dir, dev) = open(engine, direct);
+            let data: Vec<u8> = (0..(2u32 << 20)).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+            write(&dev, 1 << 20, &data, false).await;
+            dev.flush().await.unwrap();
+            let offered = dev.zero_copy_source((1 << 20) + 4097, 1 << 20);
+            if direct {
+                assert!(offered.is_none(), "{engine:?}: O_DIRECT offered a page-cache source");
+                return;
+            }
+            let slice = offered.unwrap_or_else(|| panic!("{engine:?}: just-written pages not offered"));
+            assert_eq!((slice.offset, slice.len), ((1 << 20) + 4097, 1 << 20));
+            let mut got = vec![0u8; slice.len];
+            let file = std::fs::File::from(slice.fd.try_clone().unwrap());
+            std::os::unix::fs::FileExt::read_exact_at(&file, &mut got, slice.offset).unwrap();
+            assert!(got == data[4097..4097 + (1 << 20)], "{engine:?}: the offered bytes differ");
+            // Past the end, or not in memory: read instead.
+            assert!(dev.zero_copy_source(SIZE_BYTES - 4096, 8192).is_none());
+            dev.drop_cached(0, SIZE_BYTES);
+            assert!(dev.zero_copy_source(1 << 20, 65536).is_none(), "{engine:?}: evicted pages offered");
+            assert_eq!(read(&dev, 1 << 20, 65536).await, &data[..65536]);
+        });
+    }
+}

@@ -287,6 +287,14 @@ impl<D: BlockDevice> BlockDevice for Timed<D> {
             self.inner.drop_cached(offset, len)
         }
     }
+    /// Page-cache bytes cannot hang, so no time limit applies; a set already given up on is
+    /// not read at all.
+    fn zero_copy_source(&self, offset: u64, len: usize) -> Option<super::FileSlice> {
+        if self.wire.is_tripped() {
+            return None;
+        }
+        self.inner.zero_copy_source(offset, len)
+    }
     async fn read(&self, offset: u64, buf: AlignedBuf) -> (AlignedBuf, io::Result<()>) {
         let (d, len) = (self.inner.clone(), buf.len());
         self.run(len, 1, async move { d.read(offset, buf).await }).await

@@ -53,7 +53,7 @@ pub use verify::{verify_offline, verify_offline_report, VerifyReport};
 
 use crate::device::guard::{self, BackingIoStats, Guarded, IoPolicy};
 use crate::device::timeout::{CacheTimeouts, Timed, Tripwire};
-use crate::device::{AlignedBuf, BlockDevice, DeviceId, Extent, RangeLocks};
+use crate::device::{AlignedBuf, BlockDevice, DeviceId, Extent, FileSlice, RangeLocks};
 use crate::meta::store::{check_backing, read_superblock};
 use crate::meta::superblock::FLAG_OPEN;
 use crate::meta::{Bits, Superblock};
@@ -970,6 +970,31 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
         (buf, result)
     }
 
+    /// The same choice of source as `read`, for a range whose bytes one device's page cache holds
+    /// whole: the cache when every region is valid there, the backing when there is no cache.
+    /// A range that mixes sources, or is not all in memory, is left to `read`.
+    fn read_zero_copy(&self, offset: u64, len: u64) -> Option<FileSlice> {
+        if len == 0 || out_of_range(offset, len, self.data_bytes) {
+            return None;
+        }
+        let len_usize = usize::try_from(len).ok()?;
+        let Some(set) = self.cache_now() else {
+            let slice = self.backing.zero_copy_source(offset, len_usize)?;
+            self.fg_ops.fetch_add(1, Ordering::Relaxed);
+            self.stats.reads_backing.fetch_add(1, Ordering::Relaxed);
+            self.stats.read_bytes_backing.fetch_add(len, Ordering::Relaxed);
+            return Some(slice);
+        };
+        if region_span(offset, len, self.region_bytes).any(|r| set.table.get(r) != RegionState::Valid) {
+            return None;
+        }
+        let slice = set.dev.zero_copy_source(offset, len_usize)?;
+        self.fg_ops.fetch_add(1, Ordering::Relaxed);
+        self.stats.reads_cache.fetch_add(1, Ordering::Relaxed);
+        self.stats.read_bytes_cache.fetch_add(len, Ordering::Relaxed);
+        Some(slice)
+    }
+
     async fn read_backing(&self, offset: u64, buf: AlignedBuf) -> (AlignedBuf, io::Result<()>) {
         let len = buf.len() as u64;
         let (buf, r) = self.backing.read(offset, buf).await;
@@ -1302,6 +1327,10 @@ impl<B: BlockDevice, C: BlockDevice> Volume for MirrorVolume<B, C> {
 
     async fn read(&self, offset: u64, buf: AlignedBuf) -> (AlignedBuf, io::Result<()>) {
         guard::with_deadline(self.inner.request_deadline(), self.inner.read(offset, buf)).await
+    }
+
+    fn read_zero_copy(&self, offset: u64, len: u64) -> Option<FileSlice> {
+        self.inner.read_zero_copy(offset, len)
     }
 
     async fn write(&self, offset: u64, buf: AlignedBuf, fua: bool) -> (AlignedBuf, io::Result<()>) {

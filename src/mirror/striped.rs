@@ -186,6 +186,15 @@ impl<C: BlockDevice> BlockDevice for Striped<C> {
         self.write_pieces(&pieces, &data, fua).await
     }
 
+    /// Only a range on one member: a range that spans members is read and assembled.
+    fn zero_copy_source(&self, offset: u64, len: usize) -> Option<crate::device::FileSlice> {
+        self.check(offset, len as u64).ok()?;
+        match self.pieces(offset, len as u64)[..] {
+            [p] => self.members[p.member].zero_copy_source(p.member_offset, len),
+            _ => None,
+        }
+    }
+
     fn drop_cached(&self, offset: u64, len: u64) {
         if self.check(offset, len).is_ok() {
             for p in self.pieces(offset, len) {

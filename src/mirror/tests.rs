@@ -1157,3 +1157,46 @@ async fn without_a_limit_failing_the_cache_releases_requests_waiting_on_it() {
     assert_reads(&*v, &model).await;
     assert_eq!(v.verify(false).await.unwrap(), vec![]);
 }
+
+fn slice_bytes(slice: &FileSlice) -> Vec<u8> {
+    let mut out = vec![0u8; slice.len];
+    let file = std::fs::File::from(slice.fd.try_clone().unwrap());
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut out, slice.offset).unwrap();
+    out
+}
+
+/// A read sent straight from a device file is offered from the cache only where every region it
+/// touches is valid there, from the backing when there is no cache, and so never from a cache
+/// region that missed a write.
+#[tokio::test]
+async fn zero_copy_reads_come_only_from_a_current_copy() {
+    let backing = new_backing().await;
+    let cache_mem = new_cache();
+    let cache = FaultDevice::new(cache_mem.clone(), 3);
+    let mut model = vec![0u8; DATA as usize];
+    let v = FVol::open(backing.clone(), vec![cache.clone()], opts()).await.unwrap();
+    v.wait_rebuilt().await;
+    v.set_rebuild_paused(true);
+    let rb = u64::from(REGION);
+    write(&v, &mut model, 6 * rb, 30, 2 * rb as usize).await;
+    cache.handle().fail_range(7 * rb..7 * rb + 1, &[FaultOp::Write]);
+    write(&v, &mut model, 7 * rb, 31, 4096).await;
+    // The cache's copy of region 7 is now stale: that is what must never be sent.
+    assert_ne!(cache_mem.contents()[7 * rb as usize..][..4096], model[7 * rb as usize..][..4096]);
+    let stats = v.stats();
+    let from_cache = stats.reads_cache.load(Ordering::Relaxed);
+    assert!(v.read_zero_copy(7 * rb, 4096).is_none());
+    assert!(v.read_zero_copy(6 * rb, 2 * rb).is_none(), "a range touching the stale region");
+    let slice = v.read_zero_copy(6 * rb + 100, rb - 100).expect("a valid region is offered");
+    assert_eq!(slice_bytes(&slice), model[(6 * rb + 100) as usize..(7 * rb) as usize]);
+    assert_eq!(stats.reads_cache.load(Ordering::Relaxed), from_cache + 1);
+    // Out of range or empty: nothing.
+    assert!(v.read_zero_copy(DATA - 4096, 8192).is_none());
+    assert!(v.read_zero_copy(0, 0).is_none());
+    // Without a cache the backing, which has every acknowledged write, is the source.
+    v.fail_cache().await;
+    let from_backing = stats.reads_backing.load(Ordering::Relaxed);
+    let slice = v.read_zero_copy(7 * rb, 4096).expect("the backing is offered");
+    assert_eq!(slice_bytes(&slice), model[(7 * rb) as usize..(7 * rb + 4096) as usize]);
+    assert_eq!(stats.reads_backing.load(Ordering::Relaxed), from_backing + 1);
+}

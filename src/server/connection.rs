@@ -1,7 +1,8 @@
 //! One NBD connection: the handshake, then the transmission loop.
 
 use super::tls::Joined;
-use crate::device::AlignedBuf;
+use super::zerocopy::{ReplySink, ZERO_COPY_MIN_BYTES};
+use crate::device::{AlignedBuf, FileSlice};
 use crate::nbd::consts::*;
 use crate::nbd::handshake::{self, Handshake, Next, TlsMode, MAX_OPTION_DATA_BYTES};
 use crate::nbd::request::{self, Op, RequestHeader};
@@ -65,16 +66,36 @@ struct Budget {
 /// the in-flight budget it holds, released only once the bytes are handed to the socket.
 struct Reply {
     head: Vec<u8>,
-    data: Option<AlignedBuf>,
+    data: Option<Payload>,
     _budget: Option<Budget>,
     /// The request failed (counted as an error by the front end's statistics).
     failed: bool,
 }
 
+/// A read reply's data: in memory, or bytes of a file the writer sends from the page cache.
+enum Payload {
+    Buf(AlignedBuf),
+    /// `volume_offset` is where the bytes are on the export, for reading whatever part of them
+    /// the socket did not take from the file.
+    File {
+        slice: FileSlice,
+        volume_offset: u64,
+    },
+}
+
+impl Payload {
+    fn len(&self) -> usize {
+        match self {
+            Payload::Buf(b) => b.len(),
+            Payload::File { slice, .. } => slice.len,
+        }
+    }
+}
+
 /// A connected socket that splits into halves the reader and writer tasks own separately.
 pub(crate) trait Transport: Send + 'static {
     type R: AsyncRead + Unpin + Send + 'static;
-    type W: AsyncWrite + Unpin + Send + 'static;
+    type W: ReplySink;
     fn into_halves(self) -> (Self::R, Self::W);
 }
 
@@ -289,11 +310,12 @@ async fn transmission<R, W, V>(
 ) -> io::Result<()>
 where
     R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
+    W: ReplySink,
     V: Volume,
 {
+    let zero_copy = writer.get_ref().can_sendfile();
     let (tx, rx) = mpsc::unbounded_channel::<Reply>();
-    let writer_task = tokio::spawn(write_replies(writer, rx));
+    let writer_task = tokio::spawn(write_replies(writer, rx, volume.clone()));
     let budget_units = (limits.max_inflight_bytes / BUDGET_UNIT_BYTES).max(1);
     // The budget must admit the largest single request, or such a request would wait forever.
     let budget_units = budget_units.max((limits.export.max_payload_bytes as usize).div_ceil(BUDGET_UNIT_BYTES) + 1);
@@ -373,7 +395,7 @@ where
             };
             let (volume, tx, session, stats) = (volume.clone(), tx.clone(), session.clone(), limits.stats.clone());
             let mut request = Box::pin(async move {
-                let mut r = execute(&*volume, &session, &stats, h.cookie, op, payload).await;
+                let mut r = execute(&*volume, &session, &stats, h.cookie, op, payload, zero_copy).await;
                 r._budget = Some(permit);
                 let _ = tx.send(r);
             });
@@ -461,6 +483,7 @@ async fn execute<V: Volume>(
     cookie: u64,
     op: Op,
     payload: Option<AlignedBuf>,
+    zero_copy: bool,
 ) -> Reply {
     let started = std::time::Instant::now();
     let (kind, bytes) = match op {
@@ -471,7 +494,7 @@ async fn execute<V: Volume>(
         Op::WriteZeroes { length, .. } => (ReqOp::WriteZeroes, u64::from(length)),
         _ => (ReqOp::Other, 0),
     };
-    let reply = execute_op(volume, session, cookie, op, payload).await;
+    let reply = execute_op(volume, session, cookie, op, payload, zero_copy).await;
     stats.request(kind).record(bytes, !reply.failed, started);
     reply
 }
@@ -482,13 +505,24 @@ async fn execute_op<V: Volume>(
     cookie: u64,
     op: Op,
     payload: Option<AlignedBuf>,
+    zero_copy: bool,
 ) -> Reply {
     let structured = session.structured_replies;
     let mut head = Vec::with_capacity(64);
-    let outcome: Result<Option<AlignedBuf>, (NbdError, String)> = match op {
+    let outcome: Result<Option<Payload>, (NbdError, String)> = match op {
         Op::Read { offset, length } => {
-            let (buf, r) = volume.read(offset, AlignedBuf::uninit_for_fill(length as usize)).await;
-            r.map(|()| Some(buf)).map_err(|e| io_failure("read", &e))
+            let from_file = if zero_copy && length >= ZERO_COPY_MIN_BYTES {
+                volume.read_zero_copy(offset, u64::from(length))
+            } else {
+                None
+            };
+            match from_file {
+                Some(slice) => Ok(Some(Payload::File { slice, volume_offset: offset })),
+                None => {
+                    let (buf, r) = volume.read(offset, AlignedBuf::uninit_for_fill(length as usize)).await;
+                    r.map(|()| Some(Payload::Buf(buf))).map_err(|e| io_failure("read", &e))
+                }
+            }
         }
         Op::Write { offset, fua, .. } => {
             let buf = payload.expect("write carries its payload");
@@ -526,7 +560,7 @@ async fn execute_op<V: Volume>(
     match outcome {
         Ok(Some(data)) => {
             if structured {
-                if data.is_empty() {
+                if data.len() == 0 {
                     // OFFSET_DATA must carry at least one byte; an empty read is just "done".
                     reply::none_done(&mut head, cookie);
                     return Reply { head, data: None, _budget: None, failed: false };
@@ -587,9 +621,10 @@ fn status_extents(extents: &[crate::device::Extent], length: u32, req_one: bool)
 /// syscall, well under IOV_MAX (two iovecs per reply).
 const MAX_BATCH_REPLIES: usize = 128;
 
-async fn write_replies<W: AsyncWrite + Unpin>(
+async fn write_replies<W: ReplySink, V: Volume>(
     mut writer: BufWriter<W>,
     mut rx: mpsc::UnboundedReceiver<Reply>,
+    volume: Arc<V>,
 ) -> io::Result<()> {
     // The handshake's buffered bytes are all flushed; replies are written with writev from their
     // own buffers (header and data in one syscall, no copy into a staging buffer).
@@ -604,7 +639,7 @@ async fn write_replies<W: AsyncWrite + Unpin>(
                 Err(_) => break,
             }
         }
-        write_batch(&mut sock, &batch).await?;
+        write_batch(&mut sock, &batch, &*volume).await?;
         // A no-op on a plain socket; TLS may hold the last record until flushed.
         within_reply_stall(sock.flush()).await?;
         // Dropping the replies releases their in-flight budget only now that the bytes are out.
@@ -623,15 +658,77 @@ async fn within_reply_stall<T>(io: impl Future<Output = io::Result<T>>) -> io::R
     })
 }
 
-/// Writes every reply of the batch whole and in order, resuming after partial writes.
-async fn write_batch<W: AsyncWrite + Unpin>(sock: &mut W, batch: &[Reply]) -> io::Result<()> {
+/// Writes every reply of the batch whole and in order: runs of in-memory parts with `writev`,
+/// resuming after partial writes; file parts with `sendfile` in between.
+async fn write_batch<W: ReplySink, V: Volume>(sock: &mut W, batch: &[Reply], volume: &V) -> io::Result<()> {
     let mut parts: Vec<&[u8]> = Vec::with_capacity(batch.len() * 2);
     for r in batch {
         parts.push(&r.head);
-        if let Some(d) = &r.data {
-            parts.push(d);
+        match &r.data {
+            Some(Payload::Buf(d)) => parts.push(d),
+            Some(Payload::File { slice, volume_offset }) => {
+                write_parts(sock, &parts).await?;
+                parts.clear();
+                send_file(sock, slice, *volume_offset, volume).await?;
+            }
+            None => {}
         }
     }
+    write_parts(sock, &parts).await
+}
+
+/// Sends a reply's data from the page cache. Whatever the socket did not take from the file (the
+/// file failed to read, or ended early) is read through the volume and written from memory: the
+/// header already promised these bytes, and the volume's own read path (the backing, when the
+/// cache fails) still has them. Only when that read fails too must the connection close, since
+/// a reply cannot be taken back half-sent.
+async fn send_file<W: ReplySink, V: Volume>(
+    sock: &mut W,
+    slice: &FileSlice,
+    volume_offset: u64,
+    volume: &V,
+) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut offset = slice.offset;
+    let end = slice.offset + slice.len as u64;
+    while offset < end {
+        let left = (end - offset) as usize;
+        let sent = within_reply_stall(std::future::poll_fn(|cx| {
+            sock.poll_sendfile(cx, slice.fd.as_raw_fd(), &mut offset, left)
+        }))
+        .await;
+        let why = match sent {
+            Ok(0) => "the file ended early".to_owned(),
+            Ok(_) => continue,
+            Err(e) if is_socket_error(&e) => return Err(e),
+            Err(e) => e.to_string(),
+        };
+        let done = offset - slice.offset;
+        tracing::warn!(error = %why, sent_bytes = done, left_bytes = left, "sending a read from the page cache failed; reading the rest");
+        let (rest, r) = volume.read(volume_offset + done, AlignedBuf::uninit_for_fill(left)).await;
+        r.map_err(|e| {
+            io::Error::new(e.kind(), format!("a read reply was half sent, then reading the rest failed: {e}"))
+        })?;
+        return write_parts(sock, &[&rest]).await;
+    }
+    Ok(())
+}
+
+/// Errors that belong to the socket (the client went away, or stopped reading), as opposed to the
+/// file being sent from.
+fn is_socket_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::NotConnected
+            | io::ErrorKind::TimedOut
+    )
+}
+
+/// Writes `parts` whole and in order with as few `writev` calls as the socket allows.
+async fn write_parts<W: AsyncWrite + Unpin>(sock: &mut W, parts: &[&[u8]]) -> io::Result<()> {
     let (mut part, mut skip) = (0usize, 0usize);
     while part < parts.len() {
         let slices: Vec<std::io::IoSlice<'_>> = std::iter::once(&parts[part][skip..])

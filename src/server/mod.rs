@@ -11,6 +11,7 @@ mod connection;
 mod listen;
 mod stream;
 pub mod tls;
+mod zerocopy;
 
 pub use listen::{run, ServerConfig};
 pub use stream::{fd_streams, serve_stream, stdio_streams, StreamConfig};

@@ -3,6 +3,7 @@
 //! socketpair), a captured session replayed from a file, or an in-memory pipe in the fuzzer.
 
 use super::connection::{serve_connection, ConnLimits, Transport, BUDGET_UNIT_BYTES};
+use super::zerocopy::CopyOnly;
 use super::ServerConfig;
 use crate::nbd::ExportParams;
 use crate::stats::ServerStats;
@@ -96,9 +97,9 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     type R = R;
-    type W = W;
-    fn into_halves(self) -> (R, W) {
-        (self.0, self.1)
+    type W = CopyOnly<W>;
+    fn into_halves(self) -> (R, CopyOnly<W>) {
+        (self.0, CopyOnly(self.1))
     }
 }
 

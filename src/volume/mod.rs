@@ -5,7 +5,7 @@
 
 pub mod plain;
 
-use crate::device::{AlignedBuf, Extent};
+use crate::device::{AlignedBuf, Extent, FileSlice};
 use std::future::Future;
 use std::io;
 
@@ -21,6 +21,13 @@ pub trait Volume: Send + Sync + 'static {
         false
     }
     fn read(&self, offset: u64, buf: AlignedBuf) -> impl Future<Output = (AlignedBuf, io::Result<()>)> + Send;
+    /// A read the front end may send straight from a file to its socket: where the range's bytes
+    /// are, when all of them are in the page cache of one device file right now. None means "use
+    /// `read`". Counted as a read when it returns Some. A send that fails part-way reads the rest
+    /// with `read`, so a source that turns bad costs a copy, never the client's data.
+    fn read_zero_copy(&self, _offset: u64, _len: u64) -> Option<FileSlice> {
+        None
+    }
     /// Acknowledged only once the durable device accepted it; with `fua`, once it is durable there.
     fn write(
         &self,

@@ -7,7 +7,7 @@
 
 use super::Volume;
 use crate::device::guard::{self, BackingIoStats, Guarded, IoPolicy};
-use crate::device::{AlignedBuf, BlockDevice, Extent};
+use crate::device::{AlignedBuf, BlockDevice, Extent, FileSlice};
 use crate::meta::store::{self, check_backing, read_superblock, update_superblock};
 use crate::meta::superblock::{Superblock, FLAG_OPEN};
 use std::io;
@@ -80,6 +80,13 @@ impl<D: BlockDevice> Volume for PlainVolume<D> {
 
     async fn read(&self, offset: u64, buf: AlignedBuf) -> (AlignedBuf, io::Result<()>) {
         self.backing.read(offset, buf).await
+    }
+
+    fn read_zero_copy(&self, offset: u64, len: u64) -> Option<FileSlice> {
+        if offset.checked_add(len)? > self.data_size_bytes {
+            return None;
+        }
+        self.backing.zero_copy_source(offset, usize::try_from(len).ok()?)
     }
 
     async fn write(&self, offset: u64, buf: AlignedBuf, fua: bool) -> (AlignedBuf, io::Result<()>) {
