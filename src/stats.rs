@@ -323,6 +323,11 @@ pub struct ServerStats {
     pub connections_accepted: AtomicU64,
     /// Refused at the connection limit.
     pub connections_refused: AtomicU64,
+    /// Read replies whose data went from the page cache to the socket (`sendfile`), and bytes.
+    pub zero_copy_reads: AtomicU64,
+    pub zero_copy_read_bytes: AtomicU64,
+    /// Of those, sends the file could not finish, completed by reading the rest.
+    pub zero_copy_fallbacks: AtomicU64,
     /// Per request kind; see [`ReqOp`].
     requests: [OpStats; 6],
 }

@@ -144,6 +144,8 @@ fn status_and_metrics_report_devices_latencies_and_mode() {
         ("superdisk_rebuild_remaining_bytes", "gauge"),
         ("superdisk_degraded", "gauge"),
         ("superdisk_connections", "gauge"),
+        ("superdisk_zero_copy_reads", "counter"),
+        ("superdisk_zero_copy_fallbacks", "counter"),
     ] {
         assert_eq!(types[family], kind, "family {family} in {types}");
     }
@@ -153,6 +155,13 @@ fn status_and_metrics_report_devices_latencies_and_mode() {
     assert!(sample(&m, "superdisk_read_bytes_total{source=cache}") >= (4 * MIB) as f64);
     assert!(sample(&m, "superdisk_device_latency_seconds_count{device=cache0,op=read}") >= 1.0);
     assert!(sample(&m, "superdisk_rebuild_remaining_bytes") == 0.0);
+    // The 4 MiB and 64 KiB reads (checked by qemu-io's -P) went from the cache file's page cache
+    // straight to the socket (where the kernel can tell what is in the page cache: 6.5 and later).
+    if superdisk::device::page_cache_visible() {
+        assert!(sample(&m, "superdisk_zero_copy_reads_total") >= 2.0);
+        assert!(sample(&m, "superdisk_zero_copy_read_bytes_total") >= (4 * MIB + 64 * 1024) as f64);
+    }
+    assert_eq!(sample(&m, "superdisk_zero_copy_fallbacks_total"), 0.0);
 
     // The cache fails: clients see nothing, status and metrics say degraded.
     assert!(ctl_ok(&sock, &["cache", "fail"]).contains("degraded"));

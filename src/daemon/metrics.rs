@@ -147,6 +147,20 @@ pub fn render(node: &Node) -> String {
     o.sample("superdisk_connections_accepted_total", &[], node.server.connections_accepted.load(Relaxed));
     o.family("superdisk_connections_refused_total", "counter", "NBD connections refused at max_connections.");
     o.sample("superdisk_connections_refused_total", &[], node.server.connections_refused.load(Relaxed));
+    o.family(
+        "superdisk_zero_copy_reads_total",
+        "counter",
+        "Read replies sent from the page cache to the socket without a copy (sendfile).",
+    );
+    o.sample("superdisk_zero_copy_reads_total", &[], node.server.zero_copy_reads.load(Relaxed));
+    o.family("superdisk_zero_copy_read_bytes_total", "counter", "Bytes of those replies.");
+    o.sample("superdisk_zero_copy_read_bytes_total", &[], node.server.zero_copy_read_bytes.load(Relaxed));
+    o.family(
+        "superdisk_zero_copy_fallbacks_total",
+        "counter",
+        "Zero-copy sends the file could not finish; the rest was read and copied.",
+    );
+    o.sample("superdisk_zero_copy_fallbacks_total", &[], node.server.zero_copy_fallbacks.load(Relaxed));
 
     let io = &node.backing_io;
     o.family("superdisk_backing_timeouts_total", "counter", "Backing operations that ran past backing_timeout_ms.");

@@ -256,6 +256,16 @@ struct Cachestat {
     nr_recently_evicted: u64,
 }
 
+/// Whether this kernel can say which pages are in the page cache (zero-copy reads need it).
+pub fn page_cache_visible() -> bool {
+    // SAFETY: cachestat with a null range pointer fails with EFAULT where it exists, ENOSYS where
+    // it does not; nothing is written.
+    let r = unsafe {
+        libc::syscall(SYS_CACHESTAT, -1, std::ptr::null::<CachestatRange>(), std::ptr::null_mut::<Cachestat>(), 0)
+    };
+    !(r < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS))
+}
+
 /// Whether every page of `[offset, offset+len)` of `fd` is in the page cache.
 fn page_cache_holds(fd: std::os::fd::RawFd, offset: u64, len: u64) -> bool {
     if CACHESTAT_MISSING.load(Ordering::Relaxed) {

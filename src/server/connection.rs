@@ -315,7 +315,7 @@ where
 {
     let zero_copy = writer.get_ref().can_sendfile();
     let (tx, rx) = mpsc::unbounded_channel::<Reply>();
-    let writer_task = tokio::spawn(write_replies(writer, rx, volume.clone()));
+    let writer_task = tokio::spawn(write_replies(writer, rx, volume.clone(), limits.stats.clone()));
     let budget_units = (limits.max_inflight_bytes / BUDGET_UNIT_BYTES).max(1);
     // The budget must admit the largest single request, or such a request would wait forever.
     let budget_units = budget_units.max((limits.export.max_payload_bytes as usize).div_ceil(BUDGET_UNIT_BYTES) + 1);
@@ -625,6 +625,7 @@ async fn write_replies<W: ReplySink, V: Volume>(
     mut writer: BufWriter<W>,
     mut rx: mpsc::UnboundedReceiver<Reply>,
     volume: Arc<V>,
+    stats: Arc<ServerStats>,
 ) -> io::Result<()> {
     // The handshake's buffered bytes are all flushed; replies are written with writev from their
     // own buffers (header and data in one syscall, no copy into a staging buffer).
@@ -639,7 +640,7 @@ async fn write_replies<W: ReplySink, V: Volume>(
                 Err(_) => break,
             }
         }
-        write_batch(&mut sock, &batch, &*volume).await?;
+        write_batch(&mut sock, &batch, &*volume, &stats).await?;
         // A no-op on a plain socket; TLS may hold the last record until flushed.
         within_reply_stall(sock.flush()).await?;
         // Dropping the replies releases their in-flight budget only now that the bytes are out.
@@ -660,7 +661,12 @@ async fn within_reply_stall<T>(io: impl Future<Output = io::Result<T>>) -> io::R
 
 /// Writes every reply of the batch whole and in order: runs of in-memory parts with `writev`,
 /// resuming after partial writes; file parts with `sendfile` in between.
-async fn write_batch<W: ReplySink, V: Volume>(sock: &mut W, batch: &[Reply], volume: &V) -> io::Result<()> {
+async fn write_batch<W: ReplySink, V: Volume>(
+    sock: &mut W,
+    batch: &[Reply],
+    volume: &V,
+    stats: &ServerStats,
+) -> io::Result<()> {
     let mut parts: Vec<&[u8]> = Vec::with_capacity(batch.len() * 2);
     for r in batch {
         parts.push(&r.head);
@@ -669,7 +675,7 @@ async fn write_batch<W: ReplySink, V: Volume>(sock: &mut W, batch: &[Reply], vol
             Some(Payload::File { slice, volume_offset }) => {
                 write_parts(sock, &parts).await?;
                 parts.clear();
-                send_file(sock, slice, *volume_offset, volume).await?;
+                send_file(sock, slice, *volume_offset, volume, stats).await?;
             }
             None => {}
         }
@@ -687,8 +693,12 @@ async fn send_file<W: ReplySink, V: Volume>(
     slice: &FileSlice,
     volume_offset: u64,
     volume: &V,
+    stats: &ServerStats,
 ) -> io::Result<()> {
     use std::os::fd::AsRawFd;
+    use std::sync::atomic::Ordering::Relaxed;
+    stats.zero_copy_reads.fetch_add(1, Relaxed);
+    stats.zero_copy_read_bytes.fetch_add(slice.len as u64, Relaxed);
     let mut offset = slice.offset;
     let end = slice.offset + slice.len as u64;
     while offset < end {
@@ -704,6 +714,7 @@ async fn send_file<W: ReplySink, V: Volume>(
             Err(e) => e.to_string(),
         };
         let done = offset - slice.offset;
+        stats.zero_copy_fallbacks.fetch_add(1, Relaxed);
         tracing::warn!(error = %why, sent_bytes = done, left_bytes = left, "sending a read from the page cache failed; reading the rest");
         let (rest, r) = volume.read(volume_offset + done, AlignedBuf::uninit_for_fill(left)).await;
         r.map_err(|e| {

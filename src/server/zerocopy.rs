@@ -139,6 +139,7 @@ mod tests {
     use crate::device::{AlignedBuf, Extent, FileSlice};
     use crate::nbd::consts::*;
     use crate::nbd::ExportParams;
+    use crate::stats::ServerStats;
     use crate::volume::Volume;
     use std::io;
     use std::os::fd::OwnedFd;
@@ -309,14 +310,17 @@ mod tests {
         (0, 65536),
     ];
 
-    /// Serves one connection of `transport` and checks every reply's bytes against `content`.
-    async fn check_reads<T, C>(server_side: T, mut client: C, vol: Arc<FileVolume>, content: &[u8])
+    /// Serves one connection of `transport` and checks every reply's bytes against `content`;
+    /// returns the server's counters.
+    async fn check_reads<T, C>(server_side: T, mut client: C, vol: Arc<FileVolume>, content: &[u8]) -> Arc<ServerStats>
     where
         T: Transport,
         C: AsyncRead + AsyncWrite + Unpin,
     {
         let (_stop_tx, stop_rx) = watch::channel(false);
-        let server = tokio::spawn(serve_connection(server_side, vol, limits(), stop_rx));
+        let limits = limits();
+        let stats = limits.stats.clone();
+        let server = tokio::spawn(serve_connection(server_side, vol, limits, stop_rx));
         negotiate(&mut client).await;
         let mut batch = Vec::new();
         for (i, &(offset, length)) in READS.iter().enumerate() {
@@ -337,6 +341,7 @@ mod tests {
         }
         client.write_all(&request_disc()).await.unwrap();
         tokio::time::timeout(Duration::from_secs(30), server).await.unwrap().unwrap();
+        stats
     }
 
     fn request_disc() -> Vec<u8> {
@@ -361,9 +366,15 @@ mod tests {
         let (vol, content) = FileVolume::new(Source::Whole, false);
         let vol = Arc::new(vol);
         let (server, client) = tcp_pair().await;
-        check_reads(server, client, vol.clone(), &content).await;
+        let over_tcp = check_reads(server, client, vol.clone(), &content).await;
         let (server, client) = tokio::net::UnixStream::pair().unwrap();
-        check_reads(server, client, vol.clone(), &content).await;
+        let over_unix = check_reads(server, client, vol.clone(), &content).await;
+        for stats in [over_tcp, over_unix] {
+            assert_eq!(stats.zero_copy_reads.load(Ordering::Relaxed), large_reads());
+            let large: u64 = READS.iter().filter(|r| r.1 >= ZERO_COPY_MIN_BYTES).map(|r| u64::from(r.1)).sum();
+            assert_eq!(stats.zero_copy_read_bytes.load(Ordering::Relaxed), large);
+            assert_eq!(stats.zero_copy_fallbacks.load(Ordering::Relaxed), 0);
+        }
         // Only large reads asked for a file; only the small ones were read into memory.
         assert_eq!(vol.zero_copied.load(Ordering::Relaxed), 2 * large_reads());
         let small: u64 = READS.iter().filter(|r| r.1 < ZERO_COPY_MIN_BYTES).map(|r| u64::from(r.1)).sum();
@@ -376,12 +387,19 @@ mod tests {
             let (vol, content) = FileVolume::new(source, false);
             let vol = Arc::new(vol);
             let (server, client) = tcp_pair().await;
-            check_reads(server, client, vol.clone(), &content).await;
+            let stats = check_reads(server, client, vol.clone(), &content).await;
             assert_eq!(vol.zero_copied.load(Ordering::Relaxed), large_reads());
+            let half = DATA_BYTES / 2;
+            let unfinished = READS
+                .iter()
+                .filter(|&&(o, l)| {
+                    l >= ZERO_COPY_MIN_BYTES && (source == Source::Unsendable || o + u64::from(l) > half)
+                })
+                .count() as u64;
+            assert_eq!(stats.zero_copy_fallbacks.load(Ordering::Relaxed), unfinished);
             // The fallback read only what the file did not send.
             let fell_back = vol.read_bytes.load(Ordering::Relaxed);
             let small: u64 = READS.iter().filter(|r| r.1 < ZERO_COPY_MIN_BYTES).map(|r| u64::from(r.1)).sum();
-            let half = DATA_BYTES / 2;
             let past_half: u64 = READS
                 .iter()
                 .filter(|r| r.1 >= ZERO_COPY_MIN_BYTES)
