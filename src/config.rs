@@ -24,6 +24,24 @@ fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { key, reason: reason.into() }
 }
 
+/// A switch written as a TOML boolean or a word (`"auto"`, or a boolean spelled as a string).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum BoolOrWord {
+    Bool(bool),
+    Word(String),
+}
+
+/// `zero_copy_reads = "auto"` turns it on with at least this many CPUs. Why: with the client on
+/// the same machine, `sendfile` costs the client more than it saves the server; on 2 CPUs, where
+/// the two share the CPUs, 1 MiB reads ran at half the throughput, while on 16 CPUs they ran at
+/// 1.08× (one connection) to 2.0× (eight) with a third of the server's CPU (docs/PERFORMANCE.md).
+pub const ZERO_COPY_AUTO_MIN_CPUS: usize = 4;
+
+fn zero_copy_auto() -> bool {
+    std::thread::available_parallelism().is_ok_and(|n| n.get() >= ZERO_COPY_AUTO_MIN_CPUS)
+}
+
 /// A byte size written as an integer or a string with a binary suffix ("64M", "1GiB", "4096").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ByteSize(pub u64);
@@ -77,6 +95,9 @@ pub struct FileConfig {
     pub max_inflight_bytes_per_connection: Option<ByteSize>,
     pub handshake_timeout_secs: Option<u64>,
     pub idle_timeout_secs: Option<u64>,
+    /// Large reads sent from the page cache with `sendfile` (buffered devices, plain sockets):
+    /// true, false or "auto" (the default: on with at least `ZERO_COPY_AUTO_MIN_CPUS` CPUs).
+    pub zero_copy_reads: Option<BoolOrWord>,
     pub log_level: Option<String>,
     /// Local SSDs holding the mirror; several are striped. Empty: no mirror.
     pub cache: Option<Vec<PathBuf>>,
@@ -148,6 +169,7 @@ pub struct ServeConfig {
     pub max_inflight_bytes_per_connection: usize,
     pub handshake_timeout_secs: u64,
     pub idle_timeout_secs: u64,
+    pub zero_copy_reads: bool,
     pub log_level: String,
     pub cache: Vec<PathBuf>,
     pub cache_direct: Option<bool>,
@@ -287,6 +309,7 @@ impl ServeConfig {
             max_inflight_bytes_per_connection,
             handshake_timeout_secs,
             idle_timeout_secs,
+            zero_copy_reads,
             log_level,
             cache,
             cache_direct,
@@ -387,6 +410,16 @@ impl ServeConfig {
         if handshake_timeout_secs == 0 || handshake_timeout_secs > 3600 {
             return Err(invalid("handshake_timeout_secs", "must be between 1 and 3600"));
         }
+        let zero_copy_reads = match &f.zero_copy_reads {
+            None => zero_copy_auto(),
+            Some(BoolOrWord::Bool(b)) => *b,
+            Some(BoolOrWord::Word(w)) => match w.as_str() {
+                "auto" => zero_copy_auto(),
+                "true" | "on" => true,
+                "false" | "off" => false,
+                _ => return Err(invalid("zero_copy_reads", format!("{w:?} is not true, false or \"auto\""))),
+            },
+        };
         let log_level = f.log_level.unwrap_or_else(|| "info".to_owned());
         if !["error", "warn", "info", "debug", "trace"].contains(&log_level.as_str()) {
             return Err(invalid("log_level", format!("{log_level:?} is not one of error, warn, info, debug, trace")));
@@ -549,6 +582,7 @@ impl ServeConfig {
             max_inflight_bytes_per_connection: inflight as usize,
             handshake_timeout_secs,
             idle_timeout_secs: f.idle_timeout_secs.unwrap_or(0),
+            zero_copy_reads,
             log_level,
             cache,
             cache_direct: f.cache_direct,
@@ -672,6 +706,17 @@ mod tests {
         assert_eq!(c.export, "superdisk");
         assert_eq!(c.io_engine, EngineKind::Uring);
         assert_eq!(c.max_inflight_bytes_per_connection, 64 << 20);
+        // "auto": on only where the client and the server need not share two CPUs.
+        let cpus = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(c.zero_copy_reads, cpus >= ZERO_COPY_AUTO_MIN_CPUS);
+        let with = |v: &str| parse(&format!("backing = \"/tmp/x\"\nzero_copy_reads = {v}")).map(|c| c.zero_copy_reads);
+        assert!(with("true").unwrap() && with("\"on\"").unwrap());
+        assert!(!with("false").unwrap() && !with("\"off\"").unwrap());
+        assert_eq!(with("\"auto\"").unwrap(), c.zero_copy_reads);
+        for bad in ["\"yes\"", "3"] {
+            let e = with(bad).unwrap_err().to_string();
+            assert!(e.contains("zero_copy_reads"), "{bad}: {e}");
+        }
     }
 
     #[test]

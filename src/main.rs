@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use superdisk::config::{parse_size, FileConfig, ServeConfig};
+use superdisk::config::{parse_size, BoolOrWord, FileConfig, ServeConfig};
 use superdisk::daemon::{self, AnyError};
 use superdisk::device::{BlockDevice, EngineKind, FileDevice, OpenOptions};
 use superdisk::meta::store::{self, TailState};
@@ -97,8 +97,8 @@ enum Command {
         #[command(subcommand)]
         action: CacheAction,
     },
-    /// Serve the disk over NBD.
-    Serve(ServeArgs),
+    /// Serve the disk over NBD (boxed: its flags outweigh every other command).
+    Serve(Box<ServeArgs>),
     /// Create demo images in DIR (default ./superdisk-demo) and serve them.
     Demo {
         dir: Option<PathBuf>,
@@ -176,6 +176,10 @@ struct ServeArgs {
     /// O_DIRECT on the cache devices (config key cache_direct; default: on for block devices).
     #[arg(long)]
     cache_direct: Option<bool>,
+    /// Send large reads from the page cache with sendfile: true, false or auto (config key
+    /// zero_copy_reads; default auto: on with 4 or more CPUs, see docs/CONFIG.md).
+    #[arg(long)]
+    zero_copy_reads: Option<String>,
     #[arg(long)]
     log_level: Option<String>,
     /// A local SSD holding the mirror; repeat to stripe several.
@@ -271,7 +275,7 @@ fn main() -> ExitCode {
             words.extend(devices.iter().map(String::as_str));
             runtime().and_then(|rt| rt.block_on(ctl::simple(&target, &words)))
         }
-        Command::Serve(args) => serve_cmd(args),
+        Command::Serve(args) => serve_cmd(*args),
         Command::Demo { dir, listen, size, no_cache } => demo(dir, listen, size, no_cache),
     };
     match result {
@@ -513,6 +517,9 @@ fn merge_flags(mut f: FileConfig, args: &ServeArgs) -> FileConfig {
     }
     if args.cache_direct.is_some() {
         f.cache_direct = args.cache_direct;
+    }
+    if let Some(v) = args.zero_copy_reads {
+        f.zero_copy_reads = Some(BoolOrWord::Word(v));
     }
     if args.log_level.is_some() {
         f.log_level = args.log_level;

@@ -98,7 +98,7 @@ fn mirrored(size: u64, caches: &[&str], extra: &[&str]) -> (Daemon, PathBuf, Vec
 fn status_and_metrics_report_devices_latencies_and_mode() {
     let metrics_port = free_port();
     let metrics = format!("127.0.0.1:{metrics_port}");
-    let (mut d, sock, _) = mirrored(64 * MIB, &["cache.img"], &["--metrics", &metrics]);
+    let (mut d, sock, _) = mirrored(64 * MIB, &["cache.img"], &["--metrics", &metrics, "--zero-copy-reads", "true"]);
     wait_status(&sock, "healthy", Duration::from_secs(60), |s| s["mode"] == "healthy");
     qemu_io(&d.uri(), &["write -P 0xab 0 4M", "flush", "read -P 0xab 0 4M", "read -P 0xab 1M 64k"]);
 

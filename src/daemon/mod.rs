@@ -496,6 +496,7 @@ async fn run<V: Volume>(
         max_inflight_bytes_per_connection: cfg.max_inflight_bytes_per_connection,
         handshake_timeout: Duration::from_secs(cfg.handshake_timeout_secs),
         idle_timeout: Duration::from_secs(cfg.idle_timeout_secs),
+        zero_copy_reads: cfg.zero_copy_reads,
         stats: node.server.clone(),
         policy: server::Policy::from_config(cfg)?,
     };

@@ -20,6 +20,8 @@ use tracing::Instrument;
 
 pub(crate) struct ConnLimits {
     pub export: ExportParams,
+    /// `zero_copy_reads`: only plain sockets can honour it (see `zerocopy`).
+    pub zero_copy_reads: bool,
     pub max_inflight_bytes: usize,
     pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
@@ -313,7 +315,7 @@ where
     W: ReplySink,
     V: Volume,
 {
-    let zero_copy = writer.get_ref().can_sendfile();
+    let zero_copy = limits.zero_copy_reads && writer.get_ref().can_sendfile();
     let (tx, rx) = mpsc::unbounded_channel::<Reply>();
     let writer_task = tokio::spawn(write_replies(writer, rx, volume.clone(), limits.stats.clone()));
     let budget_units = (limits.max_inflight_bytes / BUDGET_UNIT_BYTES).max(1);

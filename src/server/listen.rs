@@ -30,6 +30,8 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// Zero disables it: see `tune_tcp` for why half-open detection uses keepalive instead.
     pub idle_timeout: Duration,
+    /// Large reads go from the page cache to the socket with `sendfile` where they can.
+    pub zero_copy_reads: bool,
     /// Counters shared with the status command and the metrics endpoint.
     pub stats: Arc<ServerStats>,
     /// TLS, allowed client networks, Unix socket ownership, the server-wide in-flight budget.
@@ -112,6 +114,9 @@ pub async fn run<V: Volume>(
         let nets: Vec<String> = cfg.policy.allow.iter().map(|n| n.to_string()).collect();
         tracing::info!(allow = %nets.join(","), "TCP clients limited to these networks");
     }
+    if cfg.zero_copy_reads {
+        tracing::info!("large reads are sent from the page cache without a copy where they can be (zero_copy_reads)");
+    }
     ready(&endpoints);
 
     // The largest single request must fit in the total too, or it would wait forever.
@@ -122,6 +127,7 @@ pub async fn run<V: Volume>(
         max_inflight_bytes: cfg.max_inflight_bytes_per_connection,
         handshake_timeout: cfg.handshake_timeout,
         idle_timeout: cfg.idle_timeout,
+        zero_copy_reads: cfg.zero_copy_reads,
         stats: cfg.stats.clone(),
         tls_mode: cfg.policy.tls_mode,
         tls: cfg.policy.tls.clone(),

@@ -76,6 +76,8 @@ pub async fn serve_stream<R, W, V>(
     let total_units = cfg.max_inflight_bytes.div_ceil(BUDGET_UNIT_BYTES).max(max_request_units);
     let limits = Arc::new(ConnLimits {
         export: cfg.export,
+        // Never a plain socket we could send a file into (see `CopyOnly`).
+        zero_copy_reads: false,
         max_inflight_bytes: cfg.max_inflight_bytes,
         handshake_timeout: cfg.handshake_timeout,
         idle_timeout: cfg.idle_timeout,

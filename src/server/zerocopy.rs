@@ -251,6 +251,7 @@ mod tests {
 
     fn limits() -> Arc<ConnLimits> {
         Arc::new(ConnLimits {
+            zero_copy_reads: true,
             export: ExportParams {
                 name: "superdisk".into(),
                 description: String::new(),
