@@ -113,3 +113,31 @@ pub(crate) fn tune_tcp(stream: &tokio::net::TcpStream) -> io::Result<()> {
     set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 6)?;
     Ok(())
 }
+
+/// A bare client for the in-crate tests of whole connections.
+#[cfg(test)]
+pub(crate) mod testing {
+    use crate::nbd::consts::*;
+    use crate::nbd::request::{encode_header, RequestHeader};
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+    /// Old-style negotiation (EXPORT_NAME of the default export), so every reply is simple.
+    /// Returns the export size.
+    pub async fn negotiate_export_name<S: AsyncRead + AsyncWrite + Unpin>(c: &mut S) -> u64 {
+        let mut greeting = [0u8; 18];
+        c.read_exact(&mut greeting).await.unwrap();
+        assert_eq!(u64::from_be_bytes(greeting[..8].try_into().unwrap()), NBDMAGIC);
+        let mut msg = (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes().to_vec();
+        msg.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        msg.extend_from_slice(&OPT_EXPORT_NAME.to_be_bytes());
+        msg.extend_from_slice(&0u32.to_be_bytes());
+        c.write_all(&msg).await.unwrap();
+        let mut info = [0u8; 10];
+        c.read_exact(&mut info).await.unwrap();
+        u64::from_be_bytes(info[..8].try_into().unwrap())
+    }
+
+    pub fn request(command: u16, cookie: u64, offset: u64, length: u32) -> Vec<u8> {
+        encode_header(&RequestHeader { flags: 0, command, cookie, offset, length }).to_vec()
+    }
+}

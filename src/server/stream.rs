@@ -227,6 +227,7 @@ mod tests {
     use crate::device::BlockDevice;
     use crate::meta::store;
     use crate::nbd::consts::*;
+    use crate::server::testing::{negotiate_export_name, request};
     use crate::volume::PlainVolume;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -253,17 +254,6 @@ mod tests {
         }
     }
 
-    fn request(command: u16, cookie: u64, offset: u64, length: u32) -> Vec<u8> {
-        let mut v = Vec::with_capacity(REQUEST_HEADER_BYTES);
-        v.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        v.extend_from_slice(&0u16.to_be_bytes());
-        v.extend_from_slice(&command.to_be_bytes());
-        v.extend_from_slice(&cookie.to_be_bytes());
-        v.extend_from_slice(&offset.to_be_bytes());
-        v.extend_from_slice(&length.to_be_bytes());
-        v
-    }
-
     /// A whole old-fashioned client session (EXPORT_NAME, simple replies) through a socketpair
     /// wrapped by `fd_streams`, as `--stdio` would get it: write, read back, disconnect.
     #[tokio::test]
@@ -277,18 +267,7 @@ mod tests {
 
         ours.set_nonblocking(true).unwrap();
         let mut c = tokio::net::UnixStream::from_std(ours).unwrap();
-        let mut greeting = [0u8; 18];
-        c.read_exact(&mut greeting).await.unwrap();
-        assert_eq!(u64::from_be_bytes(greeting[..8].try_into().unwrap()), NBDMAGIC);
-        c.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes()).await.unwrap();
-        let mut opt = Vec::new();
-        opt.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        opt.extend_from_slice(&OPT_EXPORT_NAME.to_be_bytes());
-        opt.extend_from_slice(&0u32.to_be_bytes());
-        c.write_all(&opt).await.unwrap();
-        let mut info = [0u8; 10];
-        c.read_exact(&mut info).await.unwrap();
-        assert_eq!(u64::from_be_bytes(info[..8].try_into().unwrap()), DATA_BYTES);
+        assert_eq!(negotiate_export_name(&mut c).await, DATA_BYTES);
 
         let data: Vec<u8> = (0..8192u32).map(|i| (i * 7 + 3) as u8).collect();
         let mut msg = request(CMD_WRITE, 1, 4096, data.len() as u32);

@@ -135,6 +135,7 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for CopyOnly<W> {
 #[cfg(test)]
 mod tests {
     use super::super::connection::{serve_connection, ConnLimits, Transport};
+    use super::super::testing::{negotiate_export_name, request};
     use super::ZERO_COPY_MIN_BYTES;
     use crate::device::{AlignedBuf, Extent, FileSlice};
     use crate::nbd::consts::*;
@@ -273,29 +274,12 @@ mod tests {
         })
     }
 
-    /// Old-style negotiation (EXPORT_NAME), so replies are simple: header, then the data.
     async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(c: &mut S) {
-        let mut greeting = [0u8; 18];
-        c.read_exact(&mut greeting).await.unwrap();
-        let mut msg = (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes().to_vec();
-        msg.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        msg.extend_from_slice(&OPT_EXPORT_NAME.to_be_bytes());
-        msg.extend_from_slice(&0u32.to_be_bytes());
-        c.write_all(&msg).await.unwrap();
-        let mut info = [0u8; 10];
-        c.read_exact(&mut info).await.unwrap();
-        assert_eq!(u64::from_be_bytes(info[..8].try_into().unwrap()), DATA_BYTES);
+        assert_eq!(negotiate_export_name(c).await, DATA_BYTES);
     }
 
     fn read_request(cookie: u64, offset: u64, length: u32) -> Vec<u8> {
-        let mut v = Vec::with_capacity(REQUEST_HEADER_BYTES);
-        v.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        v.extend_from_slice(&0u16.to_be_bytes());
-        v.extend_from_slice(&CMD_READ.to_be_bytes());
-        v.extend_from_slice(&cookie.to_be_bytes());
-        v.extend_from_slice(&offset.to_be_bytes());
-        v.extend_from_slice(&length.to_be_bytes());
-        v
+        request(CMD_READ, cookie, offset, length)
     }
 
     /// Small and large reads at odd offsets, pipelined, so sends from the file sit between
@@ -340,15 +324,9 @@ mod tests {
             let want = &content[offset as usize..offset as usize + length as usize];
             assert!(data == want, "read {cookie} [{offset}, +{length}) came back wrong");
         }
-        client.write_all(&request_disc()).await.unwrap();
+        client.write_all(&request(CMD_DISC, 99, 0, 0)).await.unwrap();
         tokio::time::timeout(Duration::from_secs(30), server).await.unwrap().unwrap();
         stats
-    }
-
-    fn request_disc() -> Vec<u8> {
-        let mut v = read_request(99, 0, 0);
-        v[6..8].copy_from_slice(&CMD_DISC.to_be_bytes());
-        v
     }
 
     async fn tcp_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
