@@ -5,7 +5,10 @@
 # throughput and the server's CPU time per MiB for each run, then the medians. A script, not a
 # test: it asserts nothing about speed.
 #
-#   scripts/bench-zero-copy.sh [--jobs "1 4"] [--rounds 3] [--unix]
+#   scripts/bench-zero-copy.sh [--jobs "1 4"] [--rounds 3] [--unix] [--cache]
+#
+# --cache serves the image with a cache file (rebuilt once, then valid across restarts), so the
+# reads come from the cache, as superdisk-mirror's do in bench.sh.
 #
 # Environment: SUPERDISK (binary; default target/release/superdisk, built if missing), BENCH_DIR
 # (image directory; default /tmp/superdisk-bench/zero-copy), BENCH_SIZE (default 1G),
@@ -16,12 +19,14 @@ cd "$(dirname "$0")/.."
 jobs_list="1"
 rounds=3
 unix=0
+cache=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --jobs) jobs_list="$2"; shift 2 ;;
         --rounds) rounds="$2"; shift 2 ;;
         --unix) unix=1; shift ;;
-        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        --cache) cache=1; shift ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
 done
@@ -36,9 +41,15 @@ runtime="${BENCH_RUNTIME:-5}"
 command -v fio >/dev/null || { echo "fio is needed (apt-get install fio)" >&2; exit 1; }
 mkdir -p "$dir"
 img="$dir/backing.img"
-rm -f "$img"
-"$bin" create --backing "$img" --size "$size" >/dev/null
+cache_img="$dir/cache.img"
+rm -f "$img" "$cache_img"
 size_bytes=$(numfmt --from=iec "$size")
+cache_args=()
+if [ "$cache" = 1 ]; then
+    truncate -s $(( size_bytes + 64 * 1048576 )) "$cache_img"
+    cache_args=(--cache "$cache_img")
+fi
+"$bin" create --backing "$img" --size "$size" "${cache_args[@]}" >/dev/null
 # Random data over the export (not the metadata at the tail), then warm the page cache.
 head -c "$size_bytes" /dev/urandom | dd of="$img" conv=notrunc bs=1M status=none
 cat "$img" >/dev/null
@@ -50,15 +61,30 @@ run() {
     if [ "$unix" = 1 ]; then
         sock="$dir/nbd.sock"
         rm -f "$sock"
-        "$bin" serve --backing "$img" --listen "" --unix "$sock" --zero-copy-reads "$zc" >"$dir/serve.log" 2>&1 &
+        "$bin" serve --backing "$img" "${cache_args[@]}" --listen "" --unix "$sock" --zero-copy-reads "$zc" \
+            >"$dir/serve.log" 2>&1 &
         uri="nbd+unix:///?socket=$sock"
     else
         port=$(( 20000 + RANDOM % 20000 ))
-        "$bin" serve --backing "$img" --listen "127.0.0.1:$port" --zero-copy-reads "$zc" >"$dir/serve.log" 2>&1 &
+        "$bin" serve --backing "$img" "${cache_args[@]}" --listen "127.0.0.1:$port" --zero-copy-reads "$zc" \
+            >"$dir/serve.log" 2>&1 &
         uri="nbd://127.0.0.1:$port"
     fi
     pid=$!
-    for _ in $(seq 200); do grep -q "listening" "$dir/serve.log" && break; sleep 0.05; done
+    # With a cache, measure only once it holds the whole disk (the first start rebuilds it).
+    local ready=listening
+    [ "$cache" = 1 ] && ready="mode=healthy"
+    for _ in $(seq 6000); do grep -q "$ready" "$dir/serve.log" && break; sleep 0.1; done
+    grep -q "$ready" "$dir/serve.log" || { echo "superdisk did not become ready: $(tail -n 3 "$dir/serve.log")" >&2; exit 1; }
+    if [ "$cache" = 1 ] && [ ! -e "$dir/cache.warm" ]; then
+        # Into the page cache without readahead's large folios (see bench-superdisk.sh).
+        python3 -c 'import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+while os.read(fd, 1 << 20):
+    pass' "$cache_img"
+        touch "$dir/cache.warm"
+    fi
     local slice=$(( size_bytes / jobs / 1048576 ))M
     t0=$(awk '{print $14 + $15}' "/proc/$pid/stat")
     fio --name=zc --ioengine=nbd --uri="$uri" --rw=read --bs=1M --iodepth=8 --numjobs="$jobs" \
@@ -78,7 +104,8 @@ EOF
 }
 
 echo "$("$bin" --version 2>/dev/null || echo "$bin"), $(nproc) CPUs, $(uname -r)"
-echo "fio 1 MiB sequential reads QD8 over $([ "$unix" = 1 ] && echo "a Unix socket" || echo "TCP loopback"), ${runtime} s per run, image $size"
+rm -f "$dir/cache.warm"
+echo "fio 1 MiB sequential reads QD8$([ "$cache" = 1 ] && echo " from the cache") over $([ "$unix" = 1 ] && echo "a Unix socket" || echo "TCP loopback"), ${runtime} s per run, image $size"
 printf '%-6s %-5s %-10s %10s %16s\n' jobs round path "MB/s" "server µs/MiB"
 for jobs in $jobs_list; do
     declare -a copy_mb=() zc_mb=() copy_cpu=() zc_cpu=()

@@ -34,8 +34,9 @@ pub enum BoolOrWord {
 
 /// `zero_copy_reads = "auto"` turns it on with at least this many CPUs. Why: with the client on
 /// the same machine, `sendfile` costs the client more than it saves the server; on 2 CPUs, where
-/// the two share the CPUs, 1 MiB reads ran at half the throughput, while on 16 CPUs they ran at
-/// 1.08× (one connection) to 2.0× (eight) with a third of the server's CPU (docs/PERFORMANCE.md).
+/// the two share the CPUs, 1 MiB reads ran at half the throughput, while on 16 CPUs four
+/// connections (the kernel client's set-up) kept theirs and eight doubled it, with a third of the
+/// server's CPU (docs/PERFORMANCE.md).
 pub const ZERO_COPY_AUTO_MIN_CPUS: usize = 4;
 
 fn zero_copy_auto() -> bool {
