@@ -28,14 +28,18 @@ bench_wait_mirror_rebuilt() {
         sleep 0.1
     done
     grep -q "rebuild complete" "$run_dir/superdisk-mirror.log" || die "superdisk-mirror did not finish its rebuild in 10 min"
-    # Warm its page cache as the other images are, but without readahead: readahead fills the
-    # page cache with large folios, and on ext4 (Linux 6.18) every 4 KiB buffered write into a
-    # large folio walks all its blocks, which would measure that instead of the server (the
-    # daemon drops the rebuild's pages for the same reason; docs/PERFORMANCE.md).
+    bench_warm_without_readahead "$run_dir/superdisk-mirror.cache.img"
+    log "superdisk-mirror: cache rebuilt"
+}
+
+# Reads file $1 into the page cache as the other images are warmed, but without readahead:
+# readahead fills the page cache with large folios, and on ext4 (Linux 6.18) every 4 KiB buffered
+# write into a large folio walks all its blocks, which would measure that instead of the server
+# (the daemon drops the rebuild's pages for the same reason; docs/PERFORMANCE.md).
+bench_warm_without_readahead() {
     python3 -c 'import os, sys
 fd = os.open(sys.argv[1], os.O_RDONLY)
 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
 while os.read(fd, 1 << 20):
-    pass' "$run_dir/superdisk-mirror.cache.img"
-    log "superdisk-mirror: cache rebuilt"
+    pass' "$1"
 }

@@ -15,6 +15,8 @@
 # BENCH_RUNTIME (seconds per run; default 5). Each job reads its own BENCH_SIZE/jobs slice.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/bench-superdisk.sh
+. scripts/bench-superdisk.sh
 
 jobs_list="1"
 rounds=3
@@ -77,12 +79,7 @@ run() {
     for _ in $(seq 6000); do grep -q "$ready" "$dir/serve.log" && break; sleep 0.1; done
     grep -q "$ready" "$dir/serve.log" || { echo "superdisk did not become ready: $(tail -n 3 "$dir/serve.log")" >&2; exit 1; }
     if [ "$cache" = 1 ] && [ ! -e "$dir/cache.warm" ]; then
-        # Into the page cache without readahead's large folios (see bench-superdisk.sh).
-        python3 -c 'import os, sys
-fd = os.open(sys.argv[1], os.O_RDONLY)
-os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-while os.read(fd, 1 << 20):
-    pass' "$cache_img"
+        bench_warm_without_readahead "$cache_img"
         touch "$dir/cache.warm"
     fi
     local slice=$(( size_bytes / jobs / 1048576 ))M
