@@ -1200,3 +1200,43 @@ async fn zero_copy_reads_come_only_from_a_current_copy() {
     assert_eq!(slice_bytes(&slice), model[(7 * rb) as usize..(7 * rb + 4096) as usize]);
     assert_eq!(stats.reads_backing.load(Ordering::Relaxed), from_backing + 1);
 }
+
+/// An SSD whose cache flush hangs (its reads and writes still answer) holds up only the metadata
+/// cleaner, which gives the set up at the flush's longer limit: client writes, FLUSHes and reads go
+/// on at full speed meanwhile, since a client FLUSH is the backing's alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_cache_flush_holds_up_only_the_cleaner() {
+    let limit = Duration::from_millis(300);
+    let backing = new_backing().await;
+    let cache = FaultDevice::new(new_cache(), 61);
+    let mut model = vec![0u8; DATA as usize];
+    let v = Arc::new(FVol::open(backing, vec![cache.clone()], time_limited(300)).await.unwrap());
+    write(&*v, &mut model, 0, 62, DATA as usize).await;
+    v.wait_rebuilt().await;
+    v.clean_metadata().await.unwrap();
+    cache.handle().hang(&[FaultOp::Flush]);
+    // An intent bit for the cleaner to clear, so its pass flushes the cache.
+    write(&*v, &mut model, 2 * REGION as u64, 63, 4096).await;
+    let started = Instant::now();
+    let cleaner = {
+        let v = v.clone();
+        tokio::spawn(async move { v.clean_metadata().await })
+    };
+    eventually("the cleaner is stuck in the cache flush", || cache.handle().held() == 1).await;
+    for i in 0..4u64 {
+        let t = Instant::now();
+        write(&*v, &mut model, (7 + i) * REGION as u64, 64 + i, 4096).await;
+        v.flush().await.unwrap();
+        let (b, r) = v.read((7 + i) * REGION as u64, AlignedBuf::zeroed(4096)).await;
+        r.unwrap();
+        let off = ((7 + i) * REGION as u64) as usize;
+        assert_eq!(&b[..], &model[off..off + 4096]);
+        assert!(t.elapsed() < limit, "a client request waited {:?} on the cleaner's flush", t.elapsed());
+    }
+    assert_eq!(v.mode(), Mode::Healthy, "reads and writes still answer: the set stays in service");
+    cleaner.await.unwrap().unwrap();
+    assert!(started.elapsed() >= limit * crate::device::timeout::FLUSH_TIMEOUT_FACTOR, "{:?}", started.elapsed());
+    assert_eq!(v.mode(), Mode::Degraded);
+    cache.handle().resume();
+    assert_reads(&*v, &model).await;
+}
