@@ -91,6 +91,8 @@ pub struct FileConfig {
     pub description: Option<String>,
     pub read_only: Option<bool>,
     pub io_engine: Option<String>,
+    /// Memory registered with every io_uring ring as fixed buffers (0: none).
+    pub registered_buffer_bytes: Option<ByteSize>,
     pub direct: Option<bool>,
     pub max_connections: Option<u64>,
     pub max_inflight_bytes_per_connection: Option<ByteSize>,
@@ -165,6 +167,7 @@ pub struct ServeConfig {
     pub description: String,
     pub read_only: bool,
     pub io_engine: EngineKind,
+    pub registered_buffer_bytes: usize,
     pub direct: Option<bool>,
     pub max_connections: usize,
     pub max_inflight_bytes_per_connection: usize,
@@ -305,6 +308,7 @@ impl ServeConfig {
             description,
             read_only,
             io_engine,
+            registered_buffer_bytes,
             direct,
             max_connections,
             max_inflight_bytes_per_connection,
@@ -396,6 +400,14 @@ impl ServeConfig {
             None => EngineKind::Uring,
             Some(s) => s.parse().map_err(|r: String| invalid("io_engine", r))?,
         };
+        let registered_buffer_bytes =
+            f.registered_buffer_bytes.map_or(crate::device::buf::DEFAULT_REGISTERED_BUFFER_BYTES as u64, |b| b.0);
+        if registered_buffer_bytes != 0 && !(1 << 20..=1 << 30).contains(&registered_buffer_bytes) {
+            return Err(invalid(
+                "registered_buffer_bytes",
+                format!("{registered_buffer_bytes} is neither 0 (off) nor within 1 MiB ..= 1 GiB"),
+            ));
+        }
         let max_connections = f.max_connections.unwrap_or(256);
         if max_connections == 0 || max_connections > 65536 {
             return Err(invalid("max_connections", format!("{max_connections} is outside 1..=65536")));
@@ -578,6 +590,7 @@ impl ServeConfig {
             description,
             read_only: f.read_only.unwrap_or(false),
             io_engine,
+            registered_buffer_bytes: registered_buffer_bytes as usize,
             direct: f.direct,
             max_connections: max_connections as usize,
             max_inflight_bytes_per_connection: inflight as usize,
@@ -717,6 +730,14 @@ mod tests {
         for bad in ["\"yes\"", "3"] {
             let e = with(bad).unwrap_err().to_string();
             assert!(e.contains("zero_copy_reads"), "{bad}: {e}");
+        }
+        assert_eq!(c.registered_buffer_bytes, 36 << 20);
+        let reg = |v: &str| parse(&format!("backing = \"/tmp/x\"\nregistered_buffer_bytes = {v}"));
+        assert_eq!(reg("0").unwrap().registered_buffer_bytes, 0);
+        assert_eq!(reg("\"64M\"").unwrap().registered_buffer_bytes, 64 << 20);
+        for bad in ["\"512K\"", "\"2G\"", "\"lots\""] {
+            let e = reg(bad).unwrap_err().to_string();
+            assert!(e.contains("registered_buffer_bytes"), "{bad}: {e}");
         }
     }
 

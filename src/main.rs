@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use superdisk::config::{parse_size, BoolOrWord, FileConfig, ServeConfig};
+use superdisk::config::{parse_size, BoolOrWord, ByteSize, FileConfig, ServeConfig};
 use superdisk::daemon::{self, AnyError};
 use superdisk::device::{BlockDevice, EngineKind, FileDevice, OpenOptions};
 use superdisk::meta::store::{self, TailState};
@@ -170,6 +170,10 @@ struct ServeArgs {
     /// I/O engine: uring (default, falls back to psync) or psync.
     #[arg(long)]
     io_engine: Option<String>,
+    /// Memory registered with io_uring as fixed buffers, e.g. 36M; 0 turns them off (config key
+    /// registered_buffer_bytes).
+    #[arg(long, value_parser = parse_size)]
+    registered_buffer_bytes: Option<u64>,
     /// O_DIRECT on the backing (default: on for block devices, off for files).
     #[arg(long)]
     direct: Option<bool>,
@@ -511,6 +515,9 @@ fn merge_flags(mut f: FileConfig, args: &ServeArgs) -> FileConfig {
     }
     if args.io_engine.is_some() {
         f.io_engine = args.io_engine;
+    }
+    if let Some(v) = args.registered_buffer_bytes {
+        f.registered_buffer_bytes = Some(ByteSize(v));
     }
     if args.direct.is_some() {
         f.direct = args.direct;

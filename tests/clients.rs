@@ -218,14 +218,20 @@ fn libnbd_random_round_trips_simple_replies_over_unix_socket() {
 }
 
 /// The same random workload through each engine with O_DIRECT on, where every unaligned or
-/// byte-granular client request must be widened to aligned I/O by the server.
+/// byte-granular client request must be widened to aligned I/O by the server; io_uring with its
+/// registered buffers (the default, root here) and without them.
 #[test]
 fn libnbd_random_round_trips_direct_io_both_engines() {
-    for (engine, seed) in [("uring", "6"), ("psync", "7")] {
-        let mut d = Daemon::start(ODD_SIZE, &["--io-engine", engine, "--direct", "true"]);
+    for (engine, registered, seed) in [("uring", "36M", "6"), ("uring", "0", "8"), ("psync", "36M", "7")] {
+        let mut d = Daemon::start(
+            ODD_SIZE,
+            &["--io-engine", engine, "--direct", "true", "--registered-buffer-bytes", registered],
+        );
         let uri = d.uri();
         let size = ODD_SIZE.to_string();
         python(&mut d, "roundtrip.py", &[&uri, &size, "--seed", seed, "--ops", "800"]);
+        let expect = format!("registered_buffers={}", engine == "uring" && registered != "0");
+        assert!(d.log().contains(&expect), "{engine}, {registered}: expected {expect} in\n{}", d.log());
     }
 }
 

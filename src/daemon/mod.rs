@@ -378,6 +378,10 @@ pub async fn serve_with(
     stdio: bool,
     on_ready: impl FnOnce(&[String]),
 ) -> Result<(), AnyError> {
+    // Before any device opens: the first io_uring engine creates the arena with this size.
+    if !crate::device::buf::set_registered_buffer_bytes(cfg.registered_buffer_bytes) {
+        tracing::debug!("registered-buffer arena already exists (an earlier serve in this process); keeping its size");
+    }
     // With a mirror the daemon writes metadata to the backing even for a read-only export.
     let backing_read_only = cfg.read_only && cfg.cache.is_empty();
     let dev = FileDevice::open(
@@ -387,6 +391,7 @@ pub async fn serve_with(
     tracing::info!(
         backing = %cfg.backing.display(),
         engine = dev.engine_name(),
+        registered_buffers = dev.registered_buffers(),
         direct = dev.is_direct(),
         block_device = dev.is_block_device(),
         "opened backing device"
@@ -460,6 +465,13 @@ pub fn open_caches(
         let d =
             FileDevice::open(path, &OpenOptions { read_only: false, direct: cfg.cache_direct, engine: cfg.io_engine })
                 .map_err(|e| format!("cache {}: {e}", path.display()))?;
+        tracing::info!(
+            cache = %path.display(),
+            engine = d.engine_name(),
+            registered_buffers = d.registered_buffers(),
+            direct = d.is_direct(),
+            "opened cache device"
+        );
         let (d, s) = instrument(&format!("cache{i}"), d)?;
         members.push(s);
         devs.push(d);

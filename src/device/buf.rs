@@ -4,7 +4,8 @@
 
 use std::alloc::{alloc, dealloc, Layout};
 use std::ptr::NonNull;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 /// Alignment of every buffer: enough for O_DIRECT on 512- and 4096-byte devices.
 pub const BUF_ALIGN_BYTES: usize = 4096;
@@ -43,6 +44,9 @@ impl AlignedBuf {
     /// short read is an error and the buffer is dropped).
     pub fn uninit_for_fill(len: usize) -> Self {
         let capacity = size_class(len);
+        if let Some(ptr) = Arena::get().and_then(|a| a.take(capacity)) {
+            return AlignedBuf { ptr, len, capacity };
+        }
         if let Some(ptr) = POOL.take(capacity) {
             return AlignedBuf { ptr, len, capacity };
         }
@@ -86,6 +90,10 @@ impl std::ops::DerefMut for AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
+        if let Some(a) = Arena::get().filter(|a| a.contains(self.ptr.as_ptr())) {
+            a.give(self.ptr, self.capacity);
+            return;
+        }
         if !POOL.give(self.ptr, self.capacity) {
             // SAFETY: allocated with the same layout in uninit_for_fill.
             unsafe { dealloc(self.ptr.as_ptr(), Self::layout(self.capacity)) }
@@ -135,6 +143,126 @@ impl Pool {
     }
 }
 
+/// Default size of the registered-buffer arena (`registered_buffer_bytes`): 4 MiB for each size
+/// class from 4 KiB to 1 MiB, so a thousand 4 KiB requests or four 1 MiB ones in flight use it.
+pub const DEFAULT_REGISTERED_BUFFER_BYTES: usize = ARENA_CLASSES * (4 << 20);
+const ARENA_CLASSES: usize = 9; // 4 KiB ..= 1 MiB
+const HUGE_PAGE_BYTES: usize = 2 << 20;
+
+static ARENA_BYTES: AtomicUsize = AtomicUsize::new(DEFAULT_REGISTERED_BUFFER_BYTES);
+static ARENA: OnceLock<Option<Arena>> = OnceLock::new();
+
+/// Sets the size of the arena before anything creates it (the daemon, from its config; 0: none).
+/// False when the arena already exists, with whatever size it was created.
+pub fn set_registered_buffer_bytes(bytes: usize) -> bool {
+    ARENA_BYTES.store(bytes, Ordering::Relaxed);
+    ARENA.get().is_none()
+}
+
+/// One block of memory that every io_uring engine registers with its ring (fixed buffers), carved
+/// into free lists of the pool's size classes. Why: an O_DIRECT read or write from an ordinary
+/// buffer makes the kernel look up and pin its pages for every request and unpin them after;
+/// from a registered buffer the pages were pinned once, at registration. Buffers are handed out
+/// from here first; when a class is used up the ordinary pool serves (same behaviour, unregistered).
+/// Created by the first io_uring engine and never freed (the rings refer to it until the process
+/// ends), so a psync-only daemon never has one.
+pub(crate) struct Arena {
+    base: NonNull<u8>,
+    len: usize,
+    /// Per size class (index as in [`Pool::index`]): free slots, as pointers.
+    free: [Mutex<Vec<NonNull<u8>>>; ARENA_CLASSES],
+}
+
+// SAFETY: the memory is owned by the arena for the life of the process; each slot pointer is
+// handed to one owner at a time, like the pool's.
+unsafe impl Sync for Arena {}
+unsafe impl Send for Arena {}
+
+impl Arena {
+    /// The arena if one was created.
+    pub(crate) fn get() -> Option<&'static Arena> {
+        ARENA.get().and_then(Option::as_ref)
+    }
+
+    /// The arena, created on first use with the configured size; None when that is 0 or the memory
+    /// cannot be mapped.
+    pub(crate) fn get_or_create() -> Option<&'static Arena> {
+        ARENA.get_or_init(|| Arena::new(ARENA_BYTES.load(Ordering::Relaxed))).as_ref()
+    }
+
+    fn new(bytes: usize) -> Option<Arena> {
+        let per_class = bytes / ARENA_CLASSES;
+        // Largest classes first: every class starts at a multiple of its slot size from the base.
+        let classes: Vec<(usize, usize)> = (0..ARENA_CLASSES)
+            .rev()
+            .map(|i| {
+                let slot = BUF_ALIGN_BYTES << i;
+                (i, per_class / slot)
+            })
+            .collect();
+        let used: usize = classes.iter().map(|&(i, n)| (BUF_ALIGN_BYTES << i) * n).sum();
+        if used == 0 {
+            return None;
+        }
+        let len = used.next_multiple_of(HUGE_PAGE_BYTES);
+        // SAFETY: a fresh anonymous private mapping; checked below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            tracing::warn!(bytes = len, error = %std::io::Error::last_os_error(), "cannot map the registered-buffer arena; using ordinary buffers");
+            return None;
+        }
+        // Huge pages make the ring's pinned page list short; only a hint, so failure is fine.
+        // SAFETY: advice on our own mapping.
+        unsafe { libc::madvise(p, len, libc::MADV_HUGEPAGE) };
+        let base = NonNull::new(p.cast::<u8>())?;
+        let free = std::array::from_fn(|_| Mutex::new(Vec::new()));
+        let arena = Arena { base, len, free };
+        let mut at = 0usize;
+        for (i, n) in classes {
+            let slot = BUF_ALIGN_BYTES << i;
+            let mut list = arena.free[i].lock().expect("fresh lock");
+            // Handed out from the end of the list: the lowest addresses first.
+            list.extend((0..n).rev().map(|k| {
+                // SAFETY: at + k * slot + slot ≤ used ≤ len, inside the mapping.
+                unsafe { NonNull::new_unchecked(p.cast::<u8>().add(at + k * slot)) }
+            }));
+            at += n * slot;
+        }
+        Some(arena)
+    }
+
+    /// The whole arena, as the one iovec a ring registers (buffer index 0).
+    pub(crate) fn iovec(&self) -> libc::iovec {
+        libc::iovec { iov_base: self.base.as_ptr().cast(), iov_len: self.len }
+    }
+
+    pub(crate) fn contains(&self, p: *const u8) -> bool {
+        let base = self.base.as_ptr() as usize;
+        (base..base + self.len).contains(&(p as usize))
+    }
+
+    fn take(&self, capacity: usize) -> Option<NonNull<u8>> {
+        let i = Pool::index(capacity).filter(|&i| i < ARENA_CLASSES)?;
+        self.free[i].lock().ok()?.pop()
+    }
+
+    fn give(&self, ptr: NonNull<u8>, capacity: usize) {
+        let i = Pool::index(capacity).filter(|&i| i < ARENA_CLASSES).expect("arena buffers have an arena class");
+        if let Ok(mut list) = self.free[i].lock() {
+            list.push(ptr);
+        }
+    }
+}
+
 impl std::fmt::Debug for AlignedBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "AlignedBuf({} bytes)", self.len)
@@ -156,6 +284,30 @@ mod tests {
         assert_eq!(size_class(4097), 8192);
         assert_eq!(Pool::index(4096), Some(0));
         assert_eq!(Pool::index(1 << 30), None);
+    }
+
+    #[test]
+    fn the_arena_serves_its_classes_first_and_takes_its_buffers_back() {
+        let Some(a) = Arena::get_or_create() else { panic!("the arena could not be mapped") };
+        assert_eq!(a.len % HUGE_PAGE_BYTES, 0);
+        // Every class from 4 KiB to 1 MiB comes from the arena while it has free slots.
+        for shift in 0..ARENA_CLASSES {
+            let b = AlignedBuf::uninit_for_fill(BUF_ALIGN_BYTES << shift);
+            assert!(a.contains(b.as_ptr()), "class {} KiB", 4 << shift);
+            assert_eq!(b.as_ptr() as usize % BUF_ALIGN_BYTES, 0);
+        }
+        let big = AlignedBuf::zeroed(2 << 20);
+        assert!(!a.contains(big.as_ptr()), "larger buffers are ordinary memory");
+        // A class used up falls back to ordinary buffers; freed slots come back to the arena.
+        let n = DEFAULT_REGISTERED_BUFFER_BYTES / ARENA_CLASSES / (1 << 20);
+        let held: Vec<_> = (0..n + 8).map(|_| AlignedBuf::uninit_for_fill(1 << 20)).collect();
+        let in_arena = held.iter().filter(|b| a.contains(b.as_ptr())).count();
+        assert!(in_arena <= n, "{in_arena} of {n} slots");
+        assert!(held.iter().any(|b| !a.contains(b.as_ptr())), "the class ran out");
+        let first = held.iter().find(|b| a.contains(b.as_ptr())).map(|b| b.as_ptr() as usize);
+        drop(held);
+        let again: Vec<_> = (0..n).map(|_| AlignedBuf::uninit_for_fill(1 << 20)).collect();
+        assert!(again.iter().any(|b| Some(b.as_ptr() as usize) == first), "a freed slot is reused");
     }
 
     #[test]

@@ -5,11 +5,14 @@
 //! Two costs per operation are avoided:
 //! - the device's descriptor is registered with the ring (`IOSQE_FIXED_FILE`), so the kernel does
 //!   not look it up and take a reference for every SQE;
+//! - buffers from the registered arena ([`Arena`]) are registered with the ring once
+//!   (`READ_FIXED`/`WRITE_FIXED`), so an O_DIRECT request does not pin and unpin its pages each
+//!   time; buffers from elsewhere use plain `READ`/`WRITE`;
 //! - a caller wakes the ring thread (an eventfd write, one syscall) only when that thread is
 //!   parked in `io_uring_enter` with nothing queued: under load the thread is already awake,
 //!   reaping completions, and finds the new operation on its next pass.
 
-use super::buf::AlignedBuf;
+use super::buf::{AlignedBuf, Arena};
 use io_uring::{opcode, types, IoUring};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -79,6 +82,10 @@ struct Shared {
     pokes: AtomicU64,
     /// The descriptor registered with the ring as fixed file 0, if registration succeeded.
     fixed: Option<RawFd>,
+    /// The arena registered with the ring as buffer 0, if registration succeeded.
+    fixed_buffers: Option<&'static Arena>,
+    /// Reads and writes submitted from a registered buffer (each resubmission counts).
+    fixed_buffer_ops: AtomicU64,
 }
 
 impl UringEngine {
@@ -89,6 +96,17 @@ impl UringEngine {
         let ring = IoUring::builder().build(RING_ENTRIES)?;
         // Not fatal: a kernel or seccomp profile that refuses registration still runs the ring.
         let fixed = ring.submitter().register_files(&[fd]).ok().map(|()| fd);
+        let fixed_buffers = Arena::get_or_create().filter(|arena| {
+            // SAFETY: the arena is never unmapped, so the memory outlives the ring.
+            match unsafe { ring.submitter().register_buffers(&[arena.iovec()]) } {
+                Ok(()) => true,
+                Err(e) => {
+                    // Pinning is charged to RLIMIT_MEMLOCK without CAP_IPC_LOCK; the unit sets it.
+                    tracing::info!(error = %e, device = name, "cannot register I/O buffers with io_uring (RLIMIT_MEMLOCK?); using unregistered buffers");
+                    false
+                }
+            }
+        });
         // SAFETY: eventfd returns a new fd or -1.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
         if efd < 0 {
@@ -102,6 +120,8 @@ impl UringEngine {
             parked: AtomicBool::new(false),
             pokes: AtomicU64::new(0),
             fixed,
+            fixed_buffers,
+            fixed_buffer_ops: AtomicU64::new(0),
         });
         let (w, s) = (wake.clone(), shared.clone());
         let thread =
@@ -112,6 +132,16 @@ impl UringEngine {
     /// Whether the device's descriptor is registered with the ring.
     pub fn fixed_file(&self) -> bool {
         self.shared.fixed.is_some()
+    }
+
+    /// Whether the registered-buffer arena is registered with the ring.
+    pub fn fixed_buffers(&self) -> bool {
+        self.shared.fixed_buffers.is_some()
+    }
+
+    /// Reads and writes submitted from registered buffers so far.
+    pub fn fixed_buffer_ops(&self) -> u64 {
+        self.shared.fixed_buffer_ops.load(Ordering::Relaxed)
     }
 
     /// Wake-ups written so far (each is one syscall on a caller's thread).
@@ -165,6 +195,11 @@ macro_rules! with_target {
     };
 }
 
+/// Whether `buf` lies in the arena registered with this ring (then it is registered buffer 0).
+fn registered(shared: &Shared, buf: &AlignedBuf) -> bool {
+    shared.fixed_buffers.is_some_and(|a| a.contains(buf.as_ptr()))
+}
+
 /// A write of `buf[done..]` at `offset + done`.
 fn write_sqe(
     fd: &OwnedFd,
@@ -172,29 +207,41 @@ fn write_sqe(
     done: usize,
     offset: u64,
     dsync: bool,
-    fixed: Option<RawFd>,
+    shared: &Shared,
 ) -> io_uring::squeue::Entry {
     let len = u32::try_from(buf.len() - done).expect("I/O sizes fit in u32");
     let flags = if dsync { libc::RWF_DSYNC } else { 0 };
     // SAFETY (for the kernel's use of the pointer): the buffer is held by the pending operation,
     // which stays in the slab until its completion arrives.
     let ptr = unsafe { buf.as_ptr().add(done) };
-    with_target!(fd, fixed, |t| opcode::Write::new(t, ptr, len).offset(offset + done as u64).rw_flags(flags).build())
+    let at = offset + done as u64;
+    if registered(shared, buf) {
+        with_target!(fd, shared.fixed, |t| opcode::WriteFixed::new(t, ptr, len, 0).offset(at).rw_flags(flags).build())
+    } else {
+        with_target!(fd, shared.fixed, |t| opcode::Write::new(t, ptr, len).offset(at).rw_flags(flags).build())
+    }
 }
 
-fn sqe_for(p: &mut Pending, key: u64, fixed: Option<RawFd>) -> io_uring::squeue::Entry {
+fn sqe_for(p: &mut Pending, key: u64, shared: &Shared) -> io_uring::squeue::Entry {
     let d = p.done_bytes;
+    let fixed = shared.fixed;
     let sqe = match &mut p.op {
         UringOp::Read { fd, buf, offset } => {
             let len = u32::try_from(buf.len() - d).expect("I/O sizes fit in u32");
+            let at = *offset + d as u64;
+            let reg = registered(shared, buf);
             // SAFETY (for the kernel's use of the pointer): the buffer lives in `p`, which stays in
             // the slab until its completion arrives.
             let ptr = unsafe { buf.as_mut_ptr().add(d) };
-            with_target!(fd, fixed, |t| opcode::Read::new(t, ptr, len).offset(*offset + d as u64).build())
+            if reg {
+                with_target!(fd, fixed, |t| opcode::ReadFixed::new(t, ptr, len, 0).offset(at).build())
+            } else {
+                with_target!(fd, fixed, |t| opcode::Read::new(t, ptr, len).offset(at).build())
+            }
         }
-        UringOp::Write { fd, buf, offset, dsync } => write_sqe(fd, buf, d, *offset, *dsync, fixed),
+        UringOp::Write { fd, buf, offset, dsync } => write_sqe(fd, buf, d, *offset, *dsync, shared),
         // The Arc in `p` keeps the shared memory alive as the owned buffer does for Write.
-        UringOp::WriteShared { fd, buf, offset, dsync } => write_sqe(fd, buf, d, *offset, *dsync, fixed),
+        UringOp::WriteShared { fd, buf, offset, dsync } => write_sqe(fd, buf, d, *offset, *dsync, shared),
         UringOp::Fsync { fd } => {
             with_target!(fd, fixed, |t| opcode::Fsync::new(t).flags(types::FsyncFlags::DATASYNC).build())
         }
@@ -233,13 +280,16 @@ fn ring_thread(ring: IoUring, rx: mpsc::Receiver<Pending>, wake: Arc<OwnedFd>, s
                 slab.push(None);
                 slab.len() - 1
             });
-            let sqe = sqe_for(&mut p, key as u64, shared.fixed);
+            let sqe = sqe_for(&mut p, key as u64, &shared);
             // SAFETY: the buffer the SQE points into is owned by `p`, moved into the slab below and
             // kept there until the completion for `key` is reaped.
             if unsafe { ring.submission().push(&sqe) }.is_err() {
                 free.push(key);
                 queued.push_front(p);
                 break;
+            }
+            if matches!(sqe.get_opcode() as u8, opcode::ReadFixed::CODE | opcode::WriteFixed::CODE) {
+                shared.fixed_buffer_ops.fetch_add(1, Ordering::Relaxed);
             }
             slab[key] = Some(p);
             in_flight += 1;

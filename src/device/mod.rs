@@ -383,6 +383,11 @@ impl FileDevice {
     pub fn is_direct(&self) -> bool {
         self.direct
     }
+    /// Whether reads and writes from the registered-buffer arena go to the ring as fixed buffers.
+    pub fn registered_buffers(&self) -> bool {
+        matches!(&self.engine, Engine::Uring(u) if u.fixed_buffers())
+    }
+
     pub fn engine_name(&self) -> &'static str {
         match self.engine {
             Engine::Uring(_) => "uring",

@@ -202,6 +202,42 @@ async fn uring_engine_loses_no_wake_up_and_uses_its_registered_file() {
     eprintln!("{} wake-ups for {} operations", engine.pokes(), TASKS * OPS);
 }
 
+/// O_DIRECT through the ring from registered buffers (the arena) and ordinary ones (larger than
+/// its classes), interleaved: the bytes are right either way, and exactly the arena's buffers go
+/// as fixed-buffer operations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uring_uses_registered_buffers_for_arena_memory() {
+    let (_dir, dev) = open(EngineKind::Uring, true);
+    let Engine::Uring(engine) = &dev.engine else { panic!("io_uring unavailable here") };
+    assert!(engine.fixed_buffers(), "the arena should be registered with the ring (root here)");
+    let arena = crate::device::buf::Arena::get().expect("the engine created the arena");
+    let mut model = vec![0u8; SIZE_BYTES as usize];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(77);
+    let mut expect_fixed = 0u64;
+    for i in 0..200 {
+        let len = 4096 << rng.gen_range(0..10usize); // 4 KiB ..= 2 MiB
+        let offset = rng.gen_range(0..(SIZE_BYTES - len as u64) / 4096) * 4096;
+        let mut buf = AlignedBuf::uninit_for_fill(len);
+        rng.fill(&mut buf[..]);
+        model[offset as usize..offset as usize + len].copy_from_slice(&buf);
+        expect_fixed += u64::from(arena.contains(buf.as_ptr()));
+        let r = if i % 3 == 0 {
+            dev.write_shared(offset, Arc::new(buf), i % 2 == 0).await
+        } else {
+            dev.write(offset, buf, i % 2 == 0).await.1
+        };
+        r.unwrap();
+        let len = 4096 << rng.gen_range(0..10usize);
+        let offset = rng.gen_range(0..(SIZE_BYTES - len as u64) / 4096) * 4096;
+        let (buf, r) = dev.read(offset, AlignedBuf::uninit_for_fill(len)).await;
+        r.unwrap();
+        expect_fixed += u64::from(arena.contains(buf.as_ptr()));
+        assert!(buf[..] == model[offset as usize..offset as usize + len], "read {offset}+{len}");
+    }
+    assert!(expect_fixed > 100, "{expect_fixed} of 400 operations had arena buffers");
+    assert_eq!(engine.fixed_buffer_ops(), expect_fixed);
+}
+
 /// The mirror's write: two devices (here every engine and mode) write one buffer at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_write_one_shared_buffer_at_once() {
