@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# A/B of two sets of `superdisk serve` flags: one binary serving one image, fio's nbd engine, the
-# two alternated round by round so background noise lands on both. Prints throughput and the
+# A/B of two sets of `superdisk serve` flags, or of two binaries: one image, fio's nbd engine, the
+# two sides alternated round by round so background noise lands on both. Prints throughput and the
 # server's CPU time per I/O and per MiB (from /proc/PID/stat before and after each run) for every
 # run, then medians and B/A ratios. A script, not a test: it asserts nothing about speed.
 #
@@ -13,7 +13,8 @@
 # --cache   serve the image with a cache file (rebuilt once, then valid across restarts), so reads
 #           come from the cache and writes go to both files, as superdisk-mirror's in bench.sh
 #
-# Environment: SUPERDISK (binary; default target/release/superdisk, built if missing), BENCH_DIR
+# Environment: SUPERDISK (binary; default target/release/superdisk, built if missing), SUPERDISK_A
+# and SUPERDISK_B (a different binary for one side, e.g. an older build), BENCH_DIR
 # (image directory, on a filesystem that takes O_DIRECT if --serve asks for it; default
 # /var/tmp/superdisk-bench/ab), BENCH_SIZE (default 1G), BENCH_RUNTIME (seconds per run; default 5).
 set -euo pipefail
@@ -37,7 +38,7 @@ while [ $# -gt 0 ]; do
         --rounds) rounds="$2"; shift 2 ;;
         --unix) unix=1; shift ;;
         --cache) cache=1; shift ;;
-        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
 done
@@ -47,6 +48,8 @@ bin="${SUPERDISK:-target/release/superdisk}"
 if [ ! -x "$bin" ]; then
     cargo build --release
 fi
+a_bin="${SUPERDISK_A:-$bin}"
+b_bin="${SUPERDISK_B:-$bin}"
 dir="${BENCH_DIR:-/var/tmp/superdisk-bench/ab}"
 size="${BENCH_SIZE:-1G}"
 runtime="${BENCH_RUNTIME:-5}"
@@ -67,9 +70,9 @@ head -c "$size_bytes" /dev/urandom | dd of="$img" conv=notrunc bs=1M status=none
 cat "$img" >/dev/null
 ticks_per_s=$(getconf CLK_TCK)
 
-# run "FLAGS" JOBS -> "MB/s IOPS cpu_us_per_io cpu_us_per_MiB"
+# run BINARY "FLAGS" JOBS -> "MB/s IOPS cpu_us_per_io cpu_us_per_MiB"
 run() {
-    local flags=$1 jobs=$2 uri pid t0 t1 port sock
+    local bin=$1 flags=$2 jobs=$3 uri pid t0 t1 port sock
     local -a extra
     read -r -a extra <<<"$serve_flags $flags"
     if [ "$unix" = 1 ]; then
@@ -121,18 +124,18 @@ median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR +
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.2f", a/b}'; }
 
 echo "$("$bin" --version 2>/dev/null || echo "$bin"), $(nproc) CPUs, $(uname -r)"
-echo "A ($a_name): serve ${serve_flags:+$serve_flags }$a_flags"
-echo "B ($b_name): serve ${serve_flags:+$serve_flags }$b_flags"
+echo "A ($a_name): $a_bin serve ${serve_flags:+$serve_flags }$a_flags"
+echo "B ($b_name): $b_bin serve ${serve_flags:+$serve_flags }$b_flags"
 rm -f "$dir/cache.warm"
 echo "fio $fio_args$([ "$cache" = 1 ] && echo ", with a cache file") over $([ "$unix" = 1 ] && echo "a Unix socket" || echo "TCP loopback"), ${runtime} s per run, image $size"
 printf '%-5s %-5s %-12s %9s %9s %12s %14s\n' jobs round side "MB/s" IOPS "server µs/IO" "server µs/MiB"
 for jobs in $jobs_list; do
     declare -a a_mb=() b_mb=() a_io=() b_io=() a_cpu=() b_cpu=()
     for r in $(seq "$rounds"); do
-        read -r mb iops cpu cpu_mib < <(run "$a_flags" "$jobs")
+        read -r mb iops cpu cpu_mib < <(run "$a_bin" "$a_flags" "$jobs")
         a_mb+=("$mb"); a_io+=("$iops"); a_cpu+=("$cpu")
         printf '%-5s %-5s %-12s %9s %9s %12s %14s\n' "$jobs" "$r" "$a_name" "$mb" "$iops" "$cpu" "$cpu_mib"
-        read -r mb iops cpu cpu_mib < <(run "$b_flags" "$jobs")
+        read -r mb iops cpu cpu_mib < <(run "$b_bin" "$b_flags" "$jobs")
         b_mb+=("$mb"); b_io+=("$iops"); b_cpu+=("$cpu")
         printf '%-5s %-5s %-12s %9s %9s %12s %14s\n' "$jobs" "$r" "$b_name" "$mb" "$iops" "$cpu" "$cpu_mib"
     done
