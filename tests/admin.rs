@@ -146,6 +146,8 @@ fn status_and_metrics_report_devices_latencies_and_mode() {
         ("superdisk_connections", "gauge"),
         ("superdisk_zero_copy_reads", "counter"),
         ("superdisk_zero_copy_fallbacks", "counter"),
+        ("superdisk_registered_buffer_bytes", "gauge"),
+        ("superdisk_registered_buffer_misses", "counter"),
     ] {
         assert_eq!(types[family], kind, "family {family} in {types}");
     }
@@ -162,6 +164,9 @@ fn status_and_metrics_report_devices_latencies_and_mode() {
         assert!(sample(&m, "superdisk_zero_copy_read_bytes_total") >= (4 * MIB + 64 * 1024) as f64);
     }
     assert_eq!(sample(&m, "superdisk_zero_copy_fallbacks_total"), 0.0);
+    // The default arena, registered by the rings (root here, so pinning is not limited).
+    assert_eq!(sample(&m, "superdisk_registered_buffer_bytes"), (36 * MIB) as f64);
+    assert!(sample(&m, "superdisk_registered_buffer_misses_total") >= 0.0);
 
     // The cache fails: clients see nothing, status and metrics say degraded.
     assert!(ctl_ok(&sock, &["cache", "fail"]).contains("degraded"));

@@ -161,6 +161,19 @@ pub fn render(node: &Node) -> String {
         "Zero-copy sends the file could not finish; the rest was read and copied.",
     );
     o.sample("superdisk_zero_copy_fallbacks_total", &[], node.server.zero_copy_fallbacks.load(Relaxed));
+    let (arena_bytes, arena_misses) = crate::device::buf::registered_buffer_stats();
+    o.family(
+        "superdisk_registered_buffer_bytes",
+        "gauge",
+        "Memory registered with io_uring as fixed buffers (registered_buffer_bytes; 0: none).",
+    );
+    o.sample("superdisk_registered_buffer_bytes", &[], arena_bytes);
+    o.family(
+        "superdisk_registered_buffer_misses_total",
+        "counter",
+        "I/O buffers taken from ordinary memory because their size class of registered buffers was in use.",
+    );
+    o.sample("superdisk_registered_buffer_misses_total", &[], arena_misses);
 
     let io = &node.backing_io;
     o.family("superdisk_backing_timeouts_total", "counter", "Backing operations that ran past backing_timeout_ms.");

@@ -4,7 +4,7 @@
 
 use std::alloc::{alloc, dealloc, Layout};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 /// Alignment of every buffer: enough for O_DIRECT on 512- and 4096-byte devices.
@@ -44,8 +44,10 @@ impl AlignedBuf {
     /// short read is an error and the buffer is dropped).
     pub fn uninit_for_fill(len: usize) -> Self {
         let capacity = size_class(len);
-        if let Some(ptr) = Arena::get().and_then(|a| a.take(capacity)) {
-            return AlignedBuf { ptr, len, capacity };
+        if let Some(a) = Arena::get() {
+            if let Some(ptr) = a.take(capacity) {
+                return AlignedBuf { ptr, len, capacity };
+            }
         }
         if let Some(ptr) = POOL.take(capacity) {
             return AlignedBuf { ptr, len, capacity };
@@ -150,6 +152,16 @@ const ARENA_CLASSES: usize = 9; // 4 KiB ..= 1 MiB
 const HUGE_PAGE_BYTES: usize = 2 << 20;
 
 static ARENA_BYTES: AtomicUsize = AtomicUsize::new(DEFAULT_REGISTERED_BUFFER_BYTES);
+/// Buffers of an arena class served from ordinary memory because the class was used up: the
+/// operator's sign that `registered_buffer_bytes` is too small for the load. Counted only on that
+/// path, so the common one touches no shared counter.
+static ARENA_MISSES: AtomicU64 = AtomicU64::new(0);
+
+/// The arena's size (0 when there is none) and its misses so far, for metrics.
+pub fn registered_buffer_stats() -> (usize, u64) {
+    let bytes = Arena::get().filter(|a| a.registered.load(Ordering::Relaxed)).map_or(0, |a| a.len);
+    (bytes, ARENA_MISSES.load(Ordering::Relaxed))
+}
 static ARENA: OnceLock<Option<Arena>> = OnceLock::new();
 
 /// Sets the size of the arena before anything creates it (the daemon, from its config; 0: none).
@@ -171,6 +183,8 @@ pub(crate) struct Arena {
     len: usize,
     /// Per size class (index as in [`Pool::index`]): free slots, as pointers.
     free: [Mutex<Vec<NonNull<u8>>>; ARENA_CLASSES],
+    /// Some ring registered it (else it is just a pool).
+    registered: std::sync::atomic::AtomicBool,
 }
 
 // SAFETY: the memory is owned by the arena for the life of the process; each slot pointer is
@@ -225,7 +239,7 @@ impl Arena {
         unsafe { libc::madvise(p, len, libc::MADV_HUGEPAGE) };
         let base = NonNull::new(p.cast::<u8>())?;
         let free = std::array::from_fn(|_| Mutex::new(Vec::new()));
-        let arena = Arena { base, len, free };
+        let arena = Arena { base, len, free, registered: Default::default() };
         let mut at = 0usize;
         for (i, n) in classes {
             let slot = BUF_ALIGN_BYTES << i;
@@ -245,6 +259,11 @@ impl Arena {
         libc::iovec { iov_base: self.base.as_ptr().cast(), iov_len: self.len }
     }
 
+    /// Called by a ring that registered the arena.
+    pub(crate) fn mark_registered(&self) {
+        self.registered.store(true, Ordering::Relaxed);
+    }
+
     pub(crate) fn contains(&self, p: *const u8) -> bool {
         let base = self.base.as_ptr() as usize;
         (base..base + self.len).contains(&(p as usize))
@@ -252,7 +271,11 @@ impl Arena {
 
     fn take(&self, capacity: usize) -> Option<NonNull<u8>> {
         let i = Pool::index(capacity).filter(|&i| i < ARENA_CLASSES)?;
-        self.free[i].lock().ok()?.pop()
+        let slot = self.free[i].lock().ok()?.pop();
+        if slot.is_none() {
+            ARENA_MISSES.fetch_add(1, Ordering::Relaxed);
+        }
+        slot
     }
 
     fn give(&self, ptr: NonNull<u8>, capacity: usize) {
@@ -304,6 +327,7 @@ mod tests {
         let in_arena = held.iter().filter(|b| a.contains(b.as_ptr())).count();
         assert!(in_arena <= n, "{in_arena} of {n} slots");
         assert!(held.iter().any(|b| !a.contains(b.as_ptr())), "the class ran out");
+        assert!(registered_buffer_stats().1 >= 8, "each buffer past the class's slots is a miss");
         let first = held.iter().find(|b| a.contains(b.as_ptr())).map(|b| b.as_ptr() as usize);
         drop(held);
         let again: Vec<_> = (0..n).map(|_| AlignedBuf::uninit_for_fill(1 << 20)).collect();

@@ -99,7 +99,10 @@ impl UringEngine {
         let fixed_buffers = Arena::get_or_create().filter(|arena| {
             // SAFETY: the arena is never unmapped, so the memory outlives the ring.
             match unsafe { ring.submitter().register_buffers(&[arena.iovec()]) } {
-                Ok(()) => true,
+                Ok(()) => {
+                    arena.mark_registered();
+                    true
+                }
                 Err(e) => {
                     // Pinning is charged to RLIMIT_MEMLOCK without CAP_IPC_LOCK; the unit sets it.
                     tracing::info!(error = %e, device = name, "cannot register I/O buffers with io_uring (RLIMIT_MEMLOCK?); using unregistered buffers");
