@@ -191,9 +191,23 @@ fn sigkill_at_random_moments_loses_no_flushed_write() {
     };
 
     let mut checked_cycles = 0;
+    let base_args = d.extra_args.clone();
     for cycle in 1..=CRASH_CYCLES {
+        // Odd cycles open both devices with O_DIRECT, as block-device SSDs and network disks are
+        // opened in production: every read and write then goes through the io_uring engines, from
+        // registered buffers, and the crash lands with those requests in flight.
+        let direct = cycle % 2 == 1;
+        d.extra_args = base_args.clone();
+        if direct {
+            d.extra_args.extend(["--direct", "true", "--cache-direct", "true"].map(String::from));
+        }
         let mark = d.log_mark();
         d.spawn();
+        if direct {
+            let log = d.log_since(mark);
+            assert!(log.contains("opened cache device") && log.contains("direct=true"), "{log}");
+            assert!(!log.contains("registered_buffers=false"), "{log}");
+        }
         // Every fifth cycle ends with a clean stop (SIGTERM) under load instead: that clears the
         // write-intent bits, so the crashes that follow have regions the offline verify compares.
         let graceful = cycle % 5 == 0;
@@ -262,7 +276,8 @@ fn sigkill_at_random_moments_loses_no_flushed_write() {
         );
         // Visible with --nocapture: what each cycle did, to see that kills land under load.
         println!(
-            "cycle {cycle}: {} after {delay:?}{}; verify checked {} regions; {}",
+            "cycle {cycle}{}: {} after {delay:?}{}; verify checked {} regions; {}",
+            if direct { " (O_DIRECT)" } else { "" },
             if graceful { "SIGTERM" } else { "SIGKILL" },
             if early { " from start-up" } else { " of writing" },
             r.regions_checked,
