@@ -32,15 +32,31 @@ pub enum BoolOrWord {
     Word(String),
 }
 
-/// `zero_copy_reads = "auto"` turns it on with at least this many CPUs. Why: with the client on
-/// the same machine, `sendfile` costs the client more than it saves the server; on 2 CPUs, where
-/// the two share the CPUs, 1 MiB reads ran at half the throughput, while on 16 CPUs four
-/// connections (the kernel client's set-up) kept theirs and eight doubled it, with a third of the
-/// server's CPU (docs/PERFORMANCE.md).
+/// How large reads are sent from a device file's page cache (`zero_copy_reads`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ZeroCopyReads {
+    /// Read into a buffer, then write the buffer: two copies.
+    Off,
+    /// `send` from a read-only mapping of the file: one copy (page cache → socket buffer).
+    Mapped,
+    /// `sendfile`: no copy on the server; the socket carries the page-cache pages themselves.
+    Sendfile,
+}
+
+/// `zero_copy_reads = "auto"` picks `sendfile` with at least this many CPUs and the mapped send
+/// below. Why: with the client on the same machine, `sendfile` costs the client more than it saves
+/// the server (the receiver's copy out of page-cache pages is slower); on 2 CPUs, where the two
+/// share the CPUs, 1 MiB reads ran at half the throughput, while the mapped send ran at 1.18× the
+/// copying path's; on 16 CPUs four `sendfile` connections (the kernel client's set-up) kept their
+/// throughput and eight doubled it, with a third of the server's CPU (docs/PERFORMANCE.md).
 pub const ZERO_COPY_AUTO_MIN_CPUS: usize = 4;
 
-fn zero_copy_auto() -> bool {
-    std::thread::available_parallelism().is_ok_and(|n| n.get() >= ZERO_COPY_AUTO_MIN_CPUS)
+fn zero_copy_auto() -> ZeroCopyReads {
+    if std::thread::available_parallelism().is_ok_and(|n| n.get() >= ZERO_COPY_AUTO_MIN_CPUS) {
+        ZeroCopyReads::Sendfile
+    } else {
+        ZeroCopyReads::Mapped
+    }
 }
 
 /// A byte size written as an integer or a string with a binary suffix ("64M", "1GiB", "4096").
@@ -173,7 +189,7 @@ pub struct ServeConfig {
     pub max_inflight_bytes_per_connection: usize,
     pub handshake_timeout_secs: u64,
     pub idle_timeout_secs: u64,
-    pub zero_copy_reads: bool,
+    pub zero_copy_reads: ZeroCopyReads,
     pub log_level: String,
     pub cache: Vec<PathBuf>,
     pub cache_direct: Option<bool>,
@@ -425,12 +441,20 @@ impl ServeConfig {
         }
         let zero_copy_reads = match &f.zero_copy_reads {
             None => zero_copy_auto(),
-            Some(BoolOrWord::Bool(b)) => *b,
+            // `true` predates the mapped send and always meant `sendfile`.
+            Some(BoolOrWord::Bool(true)) => ZeroCopyReads::Sendfile,
+            Some(BoolOrWord::Bool(false)) => ZeroCopyReads::Off,
             Some(BoolOrWord::Word(w)) => match w.as_str() {
                 "auto" => zero_copy_auto(),
-                "true" | "on" => true,
-                "false" | "off" => false,
-                _ => return Err(invalid("zero_copy_reads", format!("{w:?} is not true, false or \"auto\""))),
+                "sendfile" | "true" | "on" => ZeroCopyReads::Sendfile,
+                "mapped" => ZeroCopyReads::Mapped,
+                "false" | "off" => ZeroCopyReads::Off,
+                _ => {
+                    return Err(invalid(
+                        "zero_copy_reads",
+                        format!("{w:?} is not \"auto\", \"mapped\", \"sendfile\" (or true) or false"),
+                    ))
+                }
             },
         };
         let log_level = f.log_level.unwrap_or_else(|| "info".to_owned());
@@ -722,12 +746,21 @@ mod tests {
         assert_eq!(c.max_inflight_bytes_per_connection, 64 << 20);
         // "auto": on only where the client and the server need not share two CPUs.
         let cpus = std::thread::available_parallelism().unwrap().get();
-        assert_eq!(c.zero_copy_reads, cpus >= ZERO_COPY_AUTO_MIN_CPUS);
+        let auto = if cpus >= ZERO_COPY_AUTO_MIN_CPUS { ZeroCopyReads::Sendfile } else { ZeroCopyReads::Mapped };
+        assert_eq!(c.zero_copy_reads, auto);
         let with = |v: &str| parse(&format!("backing = \"/tmp/x\"\nzero_copy_reads = {v}")).map(|c| c.zero_copy_reads);
-        assert!(with("true").unwrap() && with("\"on\"").unwrap());
-        assert!(!with("false").unwrap() && !with("\"off\"").unwrap());
-        assert_eq!(with("\"auto\"").unwrap(), c.zero_copy_reads);
-        for bad in ["\"yes\"", "3"] {
+        for (v, want) in [
+            ("true", ZeroCopyReads::Sendfile),
+            ("\"on\"", ZeroCopyReads::Sendfile),
+            ("\"sendfile\"", ZeroCopyReads::Sendfile),
+            ("\"mapped\"", ZeroCopyReads::Mapped),
+            ("false", ZeroCopyReads::Off),
+            ("\"off\"", ZeroCopyReads::Off),
+            ("\"auto\"", auto),
+        ] {
+            assert_eq!(with(v).unwrap(), want, "{v}");
+        }
+        for bad in ["\"yes\"", "3", "\"mmap\""] {
             let e = with(bad).unwrap_err().to_string();
             assert!(e.contains("zero_copy_reads"), "{bad}: {e}");
         }

@@ -180,8 +180,8 @@ struct ServeArgs {
     /// O_DIRECT on the cache devices (config key cache_direct; default: on for block devices).
     #[arg(long)]
     cache_direct: Option<bool>,
-    /// Send large reads from the page cache with sendfile: true, false or auto (config key
-    /// zero_copy_reads; default auto: on with 4 or more CPUs, see docs/CONFIG.md).
+    /// Send large reads from the page cache: auto, mapped, sendfile (or true) or false (config
+    /// key zero_copy_reads; default auto: sendfile with 4 or more CPUs, else mapped; docs/CONFIG.md).
     #[arg(long)]
     zero_copy_reads: Option<String>,
     #[arg(long)]

@@ -235,6 +235,47 @@ fn libnbd_random_round_trips_direct_io_both_engines() {
     }
 }
 
+/// A counter from the daemon's metrics endpoint (plain HTTP on `addr`).
+fn metric(addr: &str, name: &str) -> f64 {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the metrics endpoint");
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    let line =
+        body.lines().find(|l| l.split(' ').next() == Some(name)).unwrap_or_else(|| panic!("no {name} in\n{body}"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+/// The random workload, whose reads up to 4 MiB go from the page cache to the socket: sent from
+/// mapped pages, with `sendfile`, and copied. Every byte is checked against the script's model,
+/// interleaved with writes to the same ranges (a mapped send reads the page cache as it is then).
+#[test]
+fn libnbd_random_round_trips_each_zero_copy_mode() {
+    for (mode, seed, said) in [
+        ("mapped", "9", Some("mapped page-cache pages")),
+        ("sendfile", "10", Some("with sendfile")),
+        ("false", "11", None),
+    ] {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut d = Daemon::start(ODD_SIZE, &["--zero-copy-reads", mode, "--metrics", &addr]);
+        let uri = d.uri();
+        python(&mut d, "roundtrip.py", &[&uri, &ODD_SIZE.to_string(), "--seed", seed, "--ops", "800"]);
+        let log = d.log();
+        match said {
+            Some(said) => assert!(log.contains(said), "{mode}: expected {said:?} in\n{log}"),
+            None => assert!(!log.contains("large reads are sent"), "{mode}:\n{log}"),
+        }
+        let sent = metric(&addr, "superdisk_zero_copy_reads_total");
+        if said.is_some() && superdisk::device::page_cache_visible() {
+            assert!(sent > 0.0, "{mode}: no read was sent from the page cache");
+        } else if said.is_none() {
+            assert_eq!(sent, 0.0, "{mode}");
+        }
+        assert_eq!(metric(&addr, "superdisk_zero_copy_fallbacks_total"), 0.0, "{mode}");
+    }
+}
+
 #[test]
 fn libnbd_128_requests_in_flight() {
     // Structured and simple replies take different reply paths; each run needs a fresh image

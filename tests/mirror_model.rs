@@ -114,7 +114,7 @@ impl Req {
 /// What a zero-copy read would send.
 fn file_bytes(slice: &superdisk::device::FileSlice) -> Vec<u8> {
     let mut out = vec![0u8; slice.len];
-    let file = std::fs::File::from(slice.fd.try_clone().expect("dup the slice's descriptor"));
+    let file = std::fs::File::from(slice.file.fd().try_clone_to_owned().expect("dup the slice's descriptor"));
     std::os::unix::fs::FileExt::read_exact_at(&file, &mut out, slice.offset).expect("read the zero-copy source");
     out
 }

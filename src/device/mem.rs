@@ -264,7 +264,8 @@ impl BlockDevice for MemDevice {
         let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(raw) });
         std::os::unix::fs::FileExt::write_all_at(&file, &bytes, offset).ok()?;
         let fd = OwnedFd::from(file);
-        Some(super::FileSlice { fd: Arc::new(fd), offset, len })
+        let file = super::PageCacheFile::new(Arc::new(fd), offset + len as u64);
+        Some(super::FileSlice { file: Arc::new(file), offset, len })
     }
 
     async fn read(&self, offset: u64, mut buf: AlignedBuf) -> (AlignedBuf, io::Result<()>) {

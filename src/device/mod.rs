@@ -14,6 +14,7 @@ mod engine_sync;
 mod engine_uring;
 pub mod fault;
 pub mod guard;
+pub mod mapped;
 pub mod mem;
 mod rangelock;
 pub mod timeout;
@@ -21,6 +22,7 @@ pub mod timeout;
 pub use buf::AlignedBuf;
 pub use engine_uring::UringEngine;
 pub use guard::{BackingIoStats, Guarded, IoPolicy};
+pub use mapped::PageCacheFile;
 pub use rangelock::RangeLocks;
 pub use timeout::{CacheTimeouts, Timed, Tripwire};
 
@@ -115,11 +117,12 @@ pub trait BlockDevice: Send + Sync + 'static {
     }
 }
 
-/// Bytes of an open file, for `sendfile`. Holding the descriptor keeps it valid while the reply
-/// waits for the socket, even if the device is detached meanwhile.
+/// Bytes of an open file, to be sent from its page cache (`sendfile`, or `send` from a mapped
+/// window). Holding the file keeps its descriptor and mappings valid while the reply waits for
+/// the socket, even if the device is detached meanwhile.
 #[derive(Clone, Debug)]
 pub struct FileSlice {
-    pub fd: Arc<OwnedFd>,
+    pub file: Arc<PageCacheFile>,
     pub offset: u64,
     pub len: usize,
 }
@@ -226,6 +229,8 @@ pub struct FileDevice {
     /// The file lives on a network or userspace filesystem (NFS, FUSE, SMB, …), where even a
     /// buffered write can wait for a server: never do I/O on the caller's thread (see `raw_write`).
     remote_fs: bool,
+    /// The same descriptor, for sending reads from the page cache (mapped lazily, if ever).
+    page_cache: Arc<PageCacheFile>,
 }
 
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
@@ -356,9 +361,11 @@ impl FileDevice {
                 }
             },
         };
+        let fd = Arc::new(fd);
         Ok(FileDevice {
             path: path.to_owned(),
-            fd: Arc::new(fd),
+            page_cache: Arc::new(PageCacheFile::new(fd.clone(), size_bytes)),
+            fd,
             size_bytes,
             logical_block_bytes,
             is_block_device,
@@ -545,7 +552,7 @@ impl BlockDevice for FileDevice {
             return None;
         }
         page_cache_holds(self.fd.as_raw_fd(), offset, len as u64).then(|| FileSlice {
-            fd: self.fd.clone(),
+            file: self.page_cache.clone(),
             offset,
             len,
         })

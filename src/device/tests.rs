@@ -292,7 +292,7 @@ fn zero_copy_source_only_for_resident_buffered_ranges() {
             let slice = offered.unwrap_or_else(|| panic!("{engine:?}: just-written pages not offered"));
             assert_eq!((slice.offset, slice.len), ((1 << 20) + 4097, 1 << 20));
             let mut got = vec![0u8; slice.len];
-            let file = std::fs::File::from(slice.fd.try_clone().unwrap());
+            let file = std::fs::File::from(slice.file.fd().try_clone_to_owned().unwrap());
             std::os::unix::fs::FileExt::read_exact_at(&file, &mut got, slice.offset).unwrap();
             assert!(got == data[4097..4097 + (1 << 20)], "{engine:?}: the offered bytes differ");
             // Past the end, or not in memory: read instead.

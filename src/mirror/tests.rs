@@ -1121,7 +1121,10 @@ async fn a_hung_cache_read_is_served_from_the_backing_at_the_limit() {
     }
     assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
     assert_eq!(v.mode(), Mode::Degraded);
-    assert_eq!(v.stats().cache_io.timed_out.load(Ordering::Relaxed), 1, "one timeout trips the set");
+    // One timeout trips the set and the readers still waiting give up with it; a reader whose
+    // timer fires on the other worker before the trip is seen timed out too (seen under load).
+    let timed_out = v.stats().cache_io.timed_out.load(Ordering::Relaxed);
+    assert!((1..=8).contains(&timed_out), "{timed_out} timeouts");
     cache.handle().resume();
     assert_reads(&*v, &model).await;
 }
@@ -1160,7 +1163,7 @@ async fn without_a_limit_failing_the_cache_releases_requests_waiting_on_it() {
 
 fn slice_bytes(slice: &FileSlice) -> Vec<u8> {
     let mut out = vec![0u8; slice.len];
-    let file = std::fs::File::from(slice.fd.try_clone().unwrap());
+    let file = std::fs::File::from(slice.file.fd().try_clone_to_owned().unwrap());
     std::os::unix::fs::FileExt::read_exact_at(&file, &mut out, slice.offset).unwrap();
     out
 }

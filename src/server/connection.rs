@@ -1,7 +1,8 @@
 //! One NBD connection: the handshake, then the transmission loop.
 
 use super::tls::Joined;
-use super::zerocopy::{ReplySink, ZERO_COPY_MIN_BYTES};
+use super::zerocopy::{zero_copy_min_bytes, ReplySink};
+use crate::config::ZeroCopyReads;
 use crate::device::{AlignedBuf, FileSlice};
 use crate::nbd::consts::*;
 use crate::nbd::handshake::{self, Handshake, Next, TlsMode, MAX_OPTION_DATA_BYTES};
@@ -21,7 +22,7 @@ use tracing::Instrument;
 pub(crate) struct ConnLimits {
     pub export: ExportParams,
     /// `zero_copy_reads`: only plain sockets can honour it (see `zerocopy`).
-    pub zero_copy_reads: bool,
+    pub zero_copy_reads: ZeroCopyReads,
     pub max_inflight_bytes: usize,
     pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
@@ -315,9 +316,10 @@ where
     W: ReplySink,
     V: Volume,
 {
-    let zero_copy = limits.zero_copy_reads && writer.get_ref().can_sendfile();
+    let send_mode = if writer.get_ref().can_sendfile() { limits.zero_copy_reads } else { ZeroCopyReads::Off };
+    let zero_copy_min = zero_copy_min_bytes(send_mode);
     let (tx, rx) = mpsc::unbounded_channel::<Reply>();
-    let writer_task = tokio::spawn(write_replies(writer, rx, volume.clone(), limits.stats.clone()));
+    let writer_task = tokio::spawn(write_replies(writer, rx, volume.clone(), limits.stats.clone(), send_mode));
     let budget_units = (limits.max_inflight_bytes / BUDGET_UNIT_BYTES).max(1);
     // The budget must admit the largest single request, or such a request would wait forever.
     let budget_units = budget_units.max((limits.export.max_payload_bytes as usize).div_ceil(BUDGET_UNIT_BYTES) + 1);
@@ -397,7 +399,7 @@ where
             };
             let (volume, tx, session, stats) = (volume.clone(), tx.clone(), session.clone(), limits.stats.clone());
             let mut request = Box::pin(async move {
-                let mut r = execute(&*volume, &session, &stats, h.cookie, op, payload, zero_copy).await;
+                let mut r = execute(&*volume, &session, &stats, h.cookie, op, payload, zero_copy_min).await;
                 r._budget = Some(permit);
                 let _ = tx.send(r);
             });
@@ -485,7 +487,7 @@ async fn execute<V: Volume>(
     cookie: u64,
     op: Op,
     payload: Option<AlignedBuf>,
-    zero_copy: bool,
+    zero_copy_min: Option<u32>,
 ) -> Reply {
     let started = std::time::Instant::now();
     let (kind, bytes) = match op {
@@ -496,7 +498,7 @@ async fn execute<V: Volume>(
         Op::WriteZeroes { length, .. } => (ReqOp::WriteZeroes, u64::from(length)),
         _ => (ReqOp::Other, 0),
     };
-    let reply = execute_op(volume, session, cookie, op, payload, zero_copy).await;
+    let reply = execute_op(volume, session, cookie, op, payload, zero_copy_min).await;
     stats.request(kind).record(bytes, !reply.failed, started);
     reply
 }
@@ -507,13 +509,13 @@ async fn execute_op<V: Volume>(
     cookie: u64,
     op: Op,
     payload: Option<AlignedBuf>,
-    zero_copy: bool,
+    zero_copy_min: Option<u32>,
 ) -> Reply {
     let structured = session.structured_replies;
     let mut head = Vec::with_capacity(64);
     let outcome: Result<Option<Payload>, (NbdError, String)> = match op {
         Op::Read { offset, length } => {
-            let from_file = if zero_copy && length >= ZERO_COPY_MIN_BYTES {
+            let from_file = if zero_copy_min.is_some_and(|min| length >= min) {
                 volume.read_zero_copy(offset, u64::from(length))
             } else {
                 None
@@ -628,6 +630,7 @@ async fn write_replies<W: ReplySink, V: Volume>(
     mut rx: mpsc::UnboundedReceiver<Reply>,
     volume: Arc<V>,
     stats: Arc<ServerStats>,
+    send_mode: ZeroCopyReads,
 ) -> io::Result<()> {
     // The handshake's buffered bytes are all flushed; replies are written with writev from their
     // own buffers (header and data in one syscall, no copy into a staging buffer).
@@ -642,7 +645,7 @@ async fn write_replies<W: ReplySink, V: Volume>(
                 Err(_) => break,
             }
         }
-        write_batch(&mut sock, &batch, &*volume, &stats).await?;
+        write_batch(&mut sock, &batch, &*volume, &stats, send_mode).await?;
         // A no-op on a plain socket; TLS may hold the last record until flushed.
         within_reply_stall(sock.flush()).await?;
         // Dropping the replies releases their in-flight budget only now that the bytes are out.
@@ -662,12 +665,14 @@ async fn within_reply_stall<T>(io: impl Future<Output = io::Result<T>>) -> io::R
 }
 
 /// Writes every reply of the batch whole and in order: runs of in-memory parts with `writev`,
-/// resuming after partial writes; file parts with `sendfile` in between.
+/// resuming after partial writes; file parts in between, sent from the page cache as `send_mode`
+/// says.
 async fn write_batch<W: ReplySink, V: Volume>(
     sock: &mut W,
     batch: &[Reply],
     volume: &V,
     stats: &ServerStats,
+    send_mode: ZeroCopyReads,
 ) -> io::Result<()> {
     let mut parts: Vec<&[u8]> = Vec::with_capacity(batch.len() * 2);
     for r in batch {
@@ -677,7 +682,7 @@ async fn write_batch<W: ReplySink, V: Volume>(
             Some(Payload::File { slice, volume_offset }) => {
                 write_parts(sock, &parts).await?;
                 parts.clear();
-                send_file(sock, slice, *volume_offset, volume, stats).await?;
+                send_file(sock, slice, *volume_offset, volume, stats, send_mode).await?;
             }
             None => {}
         }
@@ -696,6 +701,7 @@ async fn send_file<W: ReplySink, V: Volume>(
     volume_offset: u64,
     volume: &V,
     stats: &ServerStats,
+    send_mode: ZeroCopyReads,
 ) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     use std::sync::atomic::Ordering::Relaxed;
@@ -705,10 +711,24 @@ async fn send_file<W: ReplySink, V: Volume>(
     let end = slice.offset + slice.len as u64;
     while offset < end {
         let left = (end - offset) as usize;
-        let sent = within_reply_stall(std::future::poll_fn(|cx| {
-            sock.poll_sendfile(cx, slice.fd.as_raw_fd(), &mut offset, left)
-        }))
-        .await;
+        let sent = match send_mode {
+            ZeroCopyReads::Mapped => match slice.file.window(offset) {
+                Ok(window) => {
+                    let sent =
+                        within_reply_stall(std::future::poll_fn(|cx| sock.poll_send_mapped(cx, &window, offset, left)))
+                            .await;
+                    if let Ok(n) = sent {
+                        offset += n as u64;
+                    }
+                    sent
+                }
+                Err(e) => Err(io::Error::new(e.kind(), format!("mapping the file: {e}"))),
+            },
+            _ => {
+                let fd = slice.file.fd().as_raw_fd();
+                within_reply_stall(std::future::poll_fn(|cx| sock.poll_sendfile(cx, fd, &mut offset, left))).await
+            }
+        };
         let why = match sent {
             Ok(0) => "the file ended early".to_owned(),
             Ok(_) => continue,

@@ -3,7 +3,7 @@
 
 use super::connection::{serve_connection, ConnLimits, BUDGET_UNIT_BYTES};
 use super::Policy;
-use crate::config::TlsMode;
+use crate::config::{TlsMode, ZeroCopyReads};
 use crate::nbd::ExportParams;
 use crate::stats::ServerStats;
 use crate::volume::Volume;
@@ -30,8 +30,8 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// Zero disables it: see `tune_tcp` for why half-open detection uses keepalive instead.
     pub idle_timeout: Duration,
-    /// Large reads go from the page cache to the socket with `sendfile` where they can.
-    pub zero_copy_reads: bool,
+    /// How large reads go from the page cache to the socket where they can (see `zerocopy`).
+    pub zero_copy_reads: ZeroCopyReads,
     /// Counters shared with the status command and the metrics endpoint.
     pub stats: Arc<ServerStats>,
     /// TLS, allowed client networks, Unix socket ownership, the server-wide in-flight budget.
@@ -114,8 +114,14 @@ pub async fn run<V: Volume>(
         let nets: Vec<String> = cfg.policy.allow.iter().map(|n| n.to_string()).collect();
         tracing::info!(allow = %nets.join(","), "TCP clients limited to these networks");
     }
-    if cfg.zero_copy_reads {
-        tracing::info!("large reads are sent from the page cache without a copy where they can be (zero_copy_reads)");
+    match cfg.zero_copy_reads {
+        ZeroCopyReads::Sendfile => tracing::info!(
+            "large reads are sent from the page cache with sendfile where they can be (zero_copy_reads = \"sendfile\")"
+        ),
+        ZeroCopyReads::Mapped => tracing::info!(
+            "large reads are sent from mapped page-cache pages where they can be (zero_copy_reads = \"mapped\")"
+        ),
+        ZeroCopyReads::Off => {}
     }
     ready(&endpoints);
 
