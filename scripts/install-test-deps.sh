@@ -13,16 +13,28 @@ pkgs+=(qemu-system-x86 busybox-static nbd-client cpio gzip xz-utils zstd)
 pkgs+=(systemd systemd-container)
 # tests/tls.rs: certificates generated per test.
 pkgs+=(openssl)
-missing=()
-for p in "${pkgs[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
+missing_pkgs() {
+  local p
+  for p in "${pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || echo "$p"
+  done
+}
+# Twice: installing one package can make apt remove another that was already there (a machine
+# image with a newer qemu-utils from backports loses it to the distribution's qemu-system-x86),
+# and the second pass puts back what the first took away.
+for pass in 1 2; do
+  mapfile -t missing < <(missing_pkgs)
+  ((${#missing[@]})) || break
   if [ "$(id -u)" != 0 ]; then
     echo "install-test-deps: need root to install: ${missing[*]}" >&2
     exit 1
   fi
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
+  [ "$pass" = 2 ] || apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}"
+done
+mapfile -t missing < <(missing_pkgs)
+if ((${#missing[@]})); then
+  echo "install-test-deps: still not installed after two passes: ${missing[*]}" >&2
+  exit 1
 fi
