@@ -2,11 +2,14 @@
 # Benchmark superdisk against nbdkit (file plugin), qemu-nbd and `nbdkit null` with fio's nbd engine
 # over loopback. A script, not a test: it asserts nothing about speed, it measures and reports.
 #
-#   scripts/bench.sh [--quick] [--servers "superdisk superdisk-mirror nbdkit-file qemu-nbd nbdkit-null"]
-#                    [--workloads "read-1m-qd8 …"] [--out DIR]
+#   scripts/bench.sh [--quick] [--workloads "read-1m-qd8 …"] [--out DIR]
+#                    [--servers "superdisk superdisk-mirror nbdkit-file nbdkit-file-cache qemu-nbd nbdkit-null"]
 #
 # `superdisk` serves the image alone (no cache); `superdisk-mirror` serves it with a cache file that is
 # fully rebuilt before measuring, so its reads come from the cache and its writes go to both files.
+# `nbdkit-file-cache` is nbdkit's file plugin under its cache filter with cache=writethrough: every
+# write goes to a cache file and to the image, the same two page-cache writes superdisk-mirror makes,
+# so it is the like-for-like peer for superdisk-mirror's writes (nbdkit-file writes one file).
 # Every workload is run round-robin over every server, BENCH_REPS times, and the median is reported, so
 # that background noise on the machine lands on all servers alike rather than on whichever ran last.
 #
@@ -36,7 +39,7 @@ die() { echo "bench.sh: $*" >&2; exit 1; }
 log() { echo "bench.sh: $*" >&2; }
 
 quick=0
-default_servers="superdisk superdisk-mirror nbdkit-file qemu-nbd nbdkit-null"
+default_servers="superdisk superdisk-mirror nbdkit-file nbdkit-file-cache qemu-nbd nbdkit-null"
 servers="$default_servers"
 only_workloads=""
 out=""
@@ -46,7 +49,7 @@ while [ $# -gt 0 ]; do
         --servers) [ $# -ge 2 ] || die "--servers needs a list"; servers="$2"; shift ;;
         --workloads) [ $# -ge 2 ] || die "--workloads needs a list"; only_workloads="$2"; shift ;;
         --out) [ $# -ge 2 ] || die "--out needs a directory"; out="$2"; shift ;;
-        -h|--help) sed -n '2,26p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,30p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument '$1' (try --help)" ;;
     esac
     shift
@@ -94,10 +97,13 @@ fio --enghelp=nbd 2>/dev/null | grep -q uri || die "this fio has no nbd engine (
 for s in $servers; do
     case "$s" in
         superdisk|superdisk-mirror) ;;
-        nbdkit-file|nbdkit-null)
+        nbdkit-file|nbdkit-null|nbdkit-file-cache)
             need nbdkit "apt-get install nbdkit"
             plugin="${s#nbdkit-}"
+            plugin="${plugin%-cache}"
             nbdkit "$plugin" --version >/dev/null 2>&1 || die "nbdkit has no '$plugin' plugin"
+            [ "$s" != nbdkit-file-cache ] || nbdkit --filter=cache null --version >/dev/null 2>&1 \
+                || die "nbdkit has no cache filter"
             ;;
         qemu-nbd) need qemu-nbd "apt-get install qemu-utils" ;;
         *) die "unknown server '$s' (known: $default_servers)" ;;
@@ -164,7 +170,7 @@ log "writing $size of random data to $run_dir"
 head -c "$size_b" /dev/urandom >"$run_dir/data.raw"
 for s in $servers; do
     case "$s" in
-        nbdkit-file) cp "$run_dir/data.raw" "$run_dir/nbdkit-file.img" ;;
+        nbdkit-file|nbdkit-file-cache) cp "$run_dir/data.raw" "$run_dir/$s.img" ;;
         qemu-nbd) cp "$run_dir/data.raw" "$run_dir/qemu-nbd.img" ;;
         superdisk|superdisk-mirror) bench_create_superdisk "$s" ;;
     esac
@@ -200,6 +206,13 @@ start_server() {
         nbdkit-file)
             # -f keeps nbdkit in the foreground, so $! is the server itself and its CPU time is its own.
             nbdkit -f -i 127.0.0.1 -p "$port" file "$run_dir/nbdkit-file.img" 2>"$errlog" &
+            uri_of[$s]="nbd://127.0.0.1:$port"
+            ;;
+        nbdkit-file-cache)
+            # The filter's cache file is created (and unlinked) in TMPDIR: the same filesystem as
+            # the image and superdisk-mirror's cache file, and removed with the run.
+            TMPDIR="$run_dir" nbdkit -f -i 127.0.0.1 -p "$port" --filter=cache file \
+                "$run_dir/nbdkit-file-cache.img" cache=writethrough 2>"$errlog" &
             uri_of[$s]="nbd://127.0.0.1:$port"
             ;;
         qemu-nbd)

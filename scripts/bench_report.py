@@ -31,6 +31,7 @@ LABELS = {
     "superdisk": "superdisk",
     "superdisk-mirror": "superdisk + cache",
     "nbdkit-file": "nbdkit file",
+    "nbdkit-file-cache": "nbdkit file + cache filter",
     "qemu-nbd": "qemu-nbd",
     "nbdkit-null": "nbdkit null",
 }
@@ -38,6 +39,7 @@ COLOURS = {
     "superdisk": "#d1495b",
     "superdisk-mirror": "#6a4c93",
     "nbdkit-file": "#2e86ab",
+    "nbdkit-file-cache": "#00798c",
     "qemu-nbd": "#edae49",
     "nbdkit-null": "#8d8d8d",
 }
@@ -313,6 +315,16 @@ def main():
         "nbdkit null does no I/O at all: its row is the ceiling that fio, libnbd and loopback set "
         "with nbdkit's request handling on this machine (a server that spends less CPU per request "
         "can pass it). Client and servers share the same CPUs.",
+    ]
+    if "nbdkit-file-cache" in servers:
+        md += [
+            "",
+            "nbdkit file + cache filter is nbdkit's file plugin under `--filter=cache "
+            "cache=writethrough`: each write goes to the filter's cache file and to the image, the "
+            "same two page-cache writes superdisk + cache makes (nbdkit file writes one), so it is "
+            "the like-for-like peer for superdisk + cache's writes.",
+        ]
+    md += [
         "",
         "![ratio to nbdkit file](latest.svg)",
         "",
