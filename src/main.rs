@@ -184,6 +184,10 @@ struct ServeArgs {
     /// key zero_copy_reads; default auto: sendfile with 4 or more CPUs, else mapped; docs/CONFIG.md).
     #[arg(long)]
     zero_copy_reads: Option<String>,
+    /// Microseconds a connection polls for the next request after its last reply, 0 for never
+    /// (config key idle_poll_us; default 50).
+    #[arg(long)]
+    idle_poll_us: Option<u64>,
     #[arg(long)]
     log_level: Option<String>,
     /// A local SSD holding the mirror; repeat to stripe several.
@@ -527,6 +531,9 @@ fn merge_flags(mut f: FileConfig, args: &ServeArgs) -> FileConfig {
     }
     if let Some(v) = args.zero_copy_reads {
         f.zero_copy_reads = Some(BoolOrWord::Word(v));
+    }
+    if args.idle_poll_us.is_some() {
+        f.idle_poll_us = args.idle_poll_us;
     }
     if args.log_level.is_some() {
         f.log_level = args.log_level;

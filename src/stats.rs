@@ -328,6 +328,10 @@ pub struct ServerStats {
     pub zero_copy_read_bytes: AtomicU64,
     /// Of those, sends the file could not finish, completed by reading the rest.
     pub zero_copy_fallbacks: AtomicU64,
+    /// Idle polls (`idle_poll_us`) that saw the client's next request arrive, and those that
+    /// gave up at the limit.
+    pub idle_poll_hits: AtomicU64,
+    pub idle_poll_misses: AtomicU64,
     /// Per request kind; see [`ReqOp`].
     requests: [OpStats; 6],
 }

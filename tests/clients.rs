@@ -276,6 +276,28 @@ fn libnbd_random_round_trips_each_zero_copy_mode() {
     }
 }
 
+/// python3-libnbd's synchronous calls are a queue-depth-1 client in another process: with idle
+/// polling the writer sees its next requests arrive (counted as hits in the metrics), and every
+/// byte still matches the script's model; with `--idle-poll-us 0` nothing polls.
+#[test]
+fn libnbd_round_trips_with_and_without_idle_polling() {
+    // The largest limit, so that a busy machine still answers within it.
+    for (poll, seed) in [("1000", "12"), ("0", "13")] {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut d = Daemon::start(ODD_SIZE, &["--idle-poll-us", poll, "--metrics", &addr]);
+        let uri = d.uri();
+        python(&mut d, "roundtrip.py", &[&uri, &ODD_SIZE.to_string(), "--seed", seed, "--ops", "400"]);
+        let hits = metric(&addr, "superdisk_idle_polls_total{outcome=\"hit\"}");
+        let misses = metric(&addr, "superdisk_idle_polls_total{outcome=\"miss\"}");
+        // One CPU never polls: the client needs it to send the request the poll would wait for.
+        if poll == "0" || std::thread::available_parallelism().unwrap().get() < 2 {
+            assert_eq!((hits, misses), (0.0, 0.0), "--idle-poll-us {poll}");
+        } else {
+            assert!(hits > 0.0, "no poll saw a request arrive ({misses} misses)");
+        }
+    }
+}
+
 #[test]
 fn libnbd_128_requests_in_flight() {
     // Structured and simple replies take different reply paths; each run needs a fresh image

@@ -161,6 +161,13 @@ pub fn render(node: &Node) -> String {
         "Zero-copy sends the file could not finish; the rest was read and copied.",
     );
     o.sample("superdisk_zero_copy_fallbacks_total", &[], node.server.zero_copy_fallbacks.load(Relaxed));
+    o.family(
+        "superdisk_idle_polls_total",
+        "counter",
+        "Times a connection's writer polled its idle socket after a reply (idle_poll_us), by outcome: hit when the next request arrived within the limit.",
+    );
+    o.sample("superdisk_idle_polls_total", &[("outcome", "hit")], node.server.idle_poll_hits.load(Relaxed));
+    o.sample("superdisk_idle_polls_total", &[("outcome", "miss")], node.server.idle_poll_misses.load(Relaxed));
     let (arena_bytes, arena_misses) = crate::device::buf::registered_buffer_stats();
     o.family(
         "superdisk_registered_buffer_bytes",

@@ -509,6 +509,7 @@ async fn run<V: Volume>(
         handshake_timeout: Duration::from_secs(cfg.handshake_timeout_secs),
         idle_timeout: Duration::from_secs(cfg.idle_timeout_secs),
         zero_copy_reads: cfg.zero_copy_reads,
+        idle_poll: Duration::from_micros(cfg.idle_poll_us),
         stats: node.server.clone(),
         policy: server::Policy::from_config(cfg)?,
     };

@@ -12,8 +12,9 @@ use crate::stats::{ReqOp, ServerStats};
 use crate::volume::Volume;
 use std::future::Future;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
@@ -26,6 +27,9 @@ pub(crate) struct ConnLimits {
     pub max_inflight_bytes: usize,
     pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
+    /// `idle_poll_us`: how long a writer that has sent every reply polls for the client's next
+    /// request before its thread may sleep (zero: never).
+    pub idle_poll: Duration,
     pub stats: Arc<ServerStats>,
     pub tls_mode: TlsMode,
     /// Present whenever `tls_mode` is not `Off`.
@@ -319,7 +323,12 @@ where
     let send_mode = if writer.get_ref().can_sendfile() { limits.zero_copy_reads } else { ZeroCopyReads::Off };
     let zero_copy_min = zero_copy_min_bytes(send_mode);
     let (tx, rx) = mpsc::unbounded_channel::<Reply>();
-    let writer_task = tokio::spawn(write_replies(writer, rx, volume.clone(), limits.stats.clone(), send_mode));
+    // Set while the reader waits for a request with nothing buffered: only then can polling the
+    // socket find the client's next request sooner than the runtime would.
+    let reader_idle = Arc::new(AtomicBool::new(false));
+    let idle_poll = IdlePoll::new(limits.idle_poll, reader_idle.clone(), limits.stats.clone());
+    let writer_task =
+        tokio::spawn(write_replies(writer, rx, volume.clone(), limits.stats.clone(), send_mode, idle_poll));
     let budget_units = (limits.max_inflight_bytes / BUDGET_UNIT_BYTES).max(1);
     // The budget must admit the largest single request, or such a request would wait forever.
     let budget_units = budget_units.max((limits.export.max_payload_bytes as usize).div_ceil(BUDGET_UNIT_BYTES) + 1);
@@ -330,6 +339,7 @@ where
     let read_result: io::Result<()> = async {
         loop {
             let mut hdr = [0u8; REQUEST_HEADER_BYTES];
+            reader_idle.store(reader.buffer().is_empty(), Ordering::Relaxed);
             // Cancelling a half-read header is fine: we only cancel to close the connection.
             let got = tokio::select! {
                 biased;
@@ -342,6 +352,7 @@ where
                 // is the connection's; stop taking requests whose replies could not be sent.
                 _ = tx.closed() => return Ok(()),
             };
+            reader_idle.store(false, Ordering::Relaxed);
             if !got? {
                 return Ok(()); // EOF between requests: the client hung up
             }
@@ -631,6 +642,7 @@ async fn write_replies<W: ReplySink, V: Volume>(
     volume: Arc<V>,
     stats: Arc<ServerStats>,
     send_mode: ZeroCopyReads,
+    mut idle_poll: IdlePoll,
 ) -> io::Result<()> {
     // The handshake's buffered bytes are all flushed; replies are written with writev from their
     // own buffers (header and data in one syscall, no copy into a staging buffer).
@@ -650,9 +662,81 @@ async fn write_replies<W: ReplySink, V: Volume>(
         within_reply_stall(sock.flush()).await?;
         // Dropping the replies releases their in-flight budget only now that the bytes are out.
         batch.clear();
+        if rx.is_empty() {
+            idle_poll.wait(&sock, &rx);
+        }
     }
     sock.flush().await?;
     sock.shutdown().await
+}
+
+/// Polling for the client's next request after the last reply is out, before the writer's
+/// thread goes back to the runtime and may sleep.
+///
+/// Why: a client at queue depth 1 sends its next request a few tens of microseconds after it gets
+/// a reply. If the thread that will read it is asleep by then, it is woken through the kernel and,
+/// on a VM whose idle vCPUs halt, through the hypervisor too, which costs more than the request
+/// itself (docs/PERFORMANCE.md, "Idle polling"). Polling a bounded time keeps the thread awake
+/// across that gap, as Seastar's reactor (ScyllaDB's) does with `--idle-poll-time-us`. The poll is
+/// a non-blocking one-byte `MSG_PEEK`: once bytes are there the writer returns, the runtime finds
+/// the socket readable without sleeping and the reader takes the request as usual. A poll that
+/// reaches its limit sets polling aside for the next `IDLE_POLL_MISS_BACKOFF` idle moments, so a
+/// client that pauses between bursts costs a poll now and then, not one per reply.
+///
+/// Only while the open connections are at most half the CPUs: a polling thread holds a CPU, and
+/// with more clients than that the CPUs are wanted for their requests (four connections at queue
+/// depth 1 on 2 CPUs ran at 0.60× with polling), while the runtime's threads rarely sleep anyway.
+/// On one CPU it never polls: the client needs that CPU to send what we would wait for.
+struct IdlePoll {
+    limit: Duration,
+    reader_idle: Arc<AtomicBool>,
+    stats: Arc<ServerStats>,
+    skip: u32,
+    max_connections: u64,
+}
+
+const IDLE_POLL_MISS_BACKOFF: u32 = 16;
+
+impl IdlePoll {
+    fn new(limit: Duration, reader_idle: Arc<AtomicBool>, stats: Arc<ServerStats>) -> Self {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+        IdlePoll { limit, reader_idle, stats, skip: 0, max_connections: cpus / 2 }
+    }
+
+    /// Returns once the client has sent something, the limit is reached, or polling would not
+    /// help: the reader has requests buffered (it is not waiting), or a reply is queued.
+    fn wait<W: ReplySink>(&mut self, sock: &W, rx: &mpsc::UnboundedReceiver<Reply>) {
+        if self.limit.is_zero()
+            || !self.reader_idle.load(Ordering::Relaxed)
+            || self.stats.connections_active.load(Ordering::Relaxed) > self.max_connections
+        {
+            return;
+        }
+        if self.skip > 0 {
+            self.skip -= 1;
+            return;
+        }
+        let deadline = Instant::now() + self.limit;
+        loop {
+            match sock.peer_has_sent() {
+                None => return,
+                Some(true) => {
+                    self.stats.idle_poll_hits.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                Some(false) => {}
+            }
+            if !rx.is_empty() || !self.reader_idle.load(Ordering::Relaxed) {
+                return;
+            }
+            if Instant::now() >= deadline {
+                self.stats.idle_poll_misses.fetch_add(1, Ordering::Relaxed);
+                self.skip = IDLE_POLL_MISS_BACKOFF;
+                return;
+            }
+            std::hint::spin_loop();
+        }
+    }
 }
 
 async fn within_reply_stall<T>(io: impl Future<Output = io::Result<T>>) -> io::Result<T> {

@@ -32,6 +32,8 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// How large reads go from the page cache to the socket where they can (see `zerocopy`).
     pub zero_copy_reads: ZeroCopyReads,
+    /// How long a connection polls for the next request after its last reply (`idle_poll_us`).
+    pub idle_poll: Duration,
     /// Counters shared with the status command and the metrics endpoint.
     pub stats: Arc<ServerStats>,
     /// TLS, allowed client networks, Unix socket ownership, the server-wide in-flight budget.
@@ -134,6 +136,7 @@ pub async fn run<V: Volume>(
         handshake_timeout: cfg.handshake_timeout,
         idle_timeout: cfg.idle_timeout,
         zero_copy_reads: cfg.zero_copy_reads,
+        idle_poll: cfg.idle_poll,
         stats: cfg.stats.clone(),
         tls_mode: cfg.policy.tls_mode,
         tls: cfg.policy.tls.clone(),

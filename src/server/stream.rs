@@ -81,6 +81,8 @@ pub async fn serve_stream<R, W, V>(
         max_inflight_bytes: cfg.max_inflight_bytes,
         handshake_timeout: cfg.handshake_timeout,
         idle_timeout: cfg.idle_timeout,
+        // Stdio streams cannot be polled without reading them.
+        idle_poll: Duration::ZERO,
         stats: cfg.stats,
         tls_mode: crate::nbd::handshake::TlsMode::Off,
         tls: None,

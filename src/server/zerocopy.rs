@@ -61,6 +61,12 @@ pub(crate) trait ReplySink: AsyncWrite + Unpin + Send + 'static {
             "send from a mapping on a stream that is not a socket",
         )))
     }
+    /// Whether the peer has sent bytes we have not read yet (or closed its side), asked without
+    /// waiting and without touching tokio's readiness state; `None` where the stream cannot tell
+    /// (TLS, stdio), which turns idle polling off for it.
+    fn peer_has_sent(&self) -> Option<bool> {
+        None
+    }
     /// Sends up to `len` bytes of `fd` from `*offset` (advanced by what was sent); Ok(0) means the
     /// file ended. Only called when `can_sendfile` said yes.
     fn poll_sendfile(
@@ -106,6 +112,17 @@ macro_rules! sendfile_socket {
         impl ReplySink for $half {
             fn can_sendfile(&self) -> bool {
                 true
+            }
+            fn peer_has_sent(&self) -> Option<bool> {
+                let s: &$stream = self.as_ref();
+                let mut byte = 0u8;
+                // SAFETY: a one-byte peek into our own byte; MSG_DONTWAIT never blocks.
+                let n = unsafe {
+                    libc::recv(s.as_raw_fd(), (&raw mut byte).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+                };
+                // 0 is the peer's EOF and any error other than "nothing yet" is for the reader to
+                // find: either way there is something to wake up for.
+                Some(n != -1 || io::Error::last_os_error().raw_os_error() != Some(libc::EAGAIN))
             }
             fn poll_sendfile(
                 &mut self,
@@ -300,6 +317,11 @@ mod tests {
     }
 
     fn limits(mode: ZeroCopyReads) -> Arc<ConnLimits> {
+        // On, so that every test here also runs the writer's idle polling between replies.
+        limits_polling(mode, Duration::from_micros(50))
+    }
+
+    fn limits_polling(mode: ZeroCopyReads, idle_poll: Duration) -> Arc<ConnLimits> {
         Arc::new(ConnLimits {
             zero_copy_reads: mode,
             export: ExportParams {
@@ -316,6 +338,7 @@ mod tests {
             max_inflight_bytes: 64 << 20,
             handshake_timeout: Duration::from_secs(30),
             idle_timeout: Duration::ZERO,
+            idle_poll,
             stats: Arc::default(),
             tls_mode: crate::nbd::handshake::TlsMode::Off,
             tls: None,
@@ -426,6 +449,97 @@ mod tests {
         assert_eq!(vol.zero_copied.load(Ordering::Relaxed), 2 * large_reads(mode));
         let small: u64 = READS.iter().filter(|r| r.1 < min(mode)).map(|r| u64::from(r.1)).sum();
         assert_eq!(vol.read_bytes.load(Ordering::Relaxed), 2 * small);
+    }
+
+    /// A client at queue depth 1 (a request, its reply, the next request) over TCP and a Unix
+    /// socket: the writer's idle poll sees next requests arrive (hits), every reply is right, and
+    /// when the client pauses past the limit the poll gives up (a miss) without harm to the
+    /// request that comes after. The client is a thread of its own with blocking sockets, as a
+    /// real client is another process: a client task on the server's runtime could sit behind the
+    /// polling writer on its thread. The limit is the largest allowed, so that even a loaded
+    /// machine answers within it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_writer_polls_for_the_next_request_of_a_queue_depth_1_client() {
+        let (vol, content) = FileVolume::new(Source::Whole, false);
+        let vol = Arc::new(vol);
+        let (server, client) = tcp_pair().await;
+        let over_tcp = queue_depth_1(server, client, vol.clone(), &content).await;
+        let (server, client) = tokio::net::UnixStream::pair().unwrap();
+        let over_unix = queue_depth_1(server, client, vol, &content).await;
+        // A single CPU never polls: the client needs it to send what the poll would wait for.
+        let polls = std::thread::available_parallelism().unwrap().get() >= 2;
+        for stats in [over_tcp, over_unix] {
+            let (hits, misses) =
+                (stats.idle_poll_hits.load(Ordering::Relaxed), stats.idle_poll_misses.load(Ordering::Relaxed));
+            if polls {
+                assert!(hits >= 1, "no poll saw a request arrive ({misses} misses)");
+                assert!(misses >= 1, "the pause was not counted as a miss ({hits} hits)");
+            } else {
+                assert_eq!((hits, misses), (0, 0));
+            }
+        }
+    }
+
+    /// A connected client socket that can go on as a blocking std one.
+    trait IntoBlocking: AsyncRead + AsyncWrite + Unpin {
+        fn into_blocking(self) -> Box<dyn BlockingRw>;
+    }
+    trait BlockingRw: std::io::Read + std::io::Write + Send {}
+    impl<T: std::io::Read + std::io::Write + Send> BlockingRw for T {}
+    impl IntoBlocking for tokio::net::TcpStream {
+        fn into_blocking(self) -> Box<dyn BlockingRw> {
+            let s = self.into_std().unwrap();
+            s.set_nonblocking(false).unwrap();
+            Box::new(s)
+        }
+    }
+    impl IntoBlocking for tokio::net::UnixStream {
+        fn into_blocking(self) -> Box<dyn BlockingRw> {
+            let s = self.into_std().unwrap();
+            s.set_nonblocking(false).unwrap();
+            Box::new(s)
+        }
+    }
+
+    async fn queue_depth_1<T, C>(
+        server_side: T,
+        mut client: C,
+        vol: Arc<FileVolume>,
+        content: &[u8],
+    ) -> Arc<ServerStats>
+    where
+        T: Transport,
+        C: IntoBlocking,
+    {
+        let (_stop_tx, stop_rx) = watch::channel(false);
+        let limits = limits_polling(ZeroCopyReads::Off, Duration::from_micros(crate::config::MAX_IDLE_POLL_US));
+        let stats = limits.stats.clone();
+        let server = tokio::spawn(serve_connection(server_side, vol, limits, stop_rx));
+        negotiate(&mut client).await;
+        let mut client = client.into_blocking();
+        let content = content.to_vec();
+        let client_thread = std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            for i in 0..200u64 {
+                if i == 100 {
+                    // Longer than the limit: the poll after reply 99 gives up.
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let (offset, length) = ((i * 7919 * 4096) % (DATA_BYTES - 4096), 4096u32);
+                client.write_all(&read_request(i, offset, length)).unwrap();
+                let mut head = [0u8; 16];
+                client.read_exact(&mut head).unwrap();
+                assert_eq!(u32::from_be_bytes(head[4..8].try_into().unwrap()), 0, "read {i} failed");
+                assert_eq!(u64::from_be_bytes(head[8..].try_into().unwrap()), i);
+                let mut data = vec![0u8; length as usize];
+                client.read_exact(&mut data).unwrap();
+                assert!(data == content[offset as usize..][..length as usize], "read {i} came back wrong");
+            }
+            client.write_all(&request(CMD_DISC, 999, 0, 0)).unwrap();
+        });
+        tokio::time::timeout(Duration::from_secs(30), server).await.unwrap().unwrap();
+        client_thread.join().unwrap();
+        stats
     }
 
     /// For the mapped send, the short file's missing pages fail the kernel's copy (EFAULT): what a
