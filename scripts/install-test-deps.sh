@@ -9,8 +9,9 @@ pkgs+=(postgresql)
 pkgs+=(python3-prometheus-client)
 # scripts/kernel-e2e.sh: a Debian kernel under qemu with nbd-client, mkfs.xfs and fio in an initramfs.
 pkgs+=(qemu-system-x86 busybox-static nbd-client cpio gzip xz-utils zstd)
-# tests/ops.rs: systemd-analyze verify on the units, and the unit run under systemd-nspawn.
-pkgs+=(systemd systemd-container)
+# tests/ops.rs: systemd-analyze verify on the units, and the unit run under systemd-nspawn;
+# verify also checks that the commands the units run exist (superdisk-nbd@ runs /sbin/modprobe).
+pkgs+=(systemd systemd-container kmod)
 # tests/tls.rs: certificates generated per test.
 pkgs+=(openssl)
 missing_pkgs() {
