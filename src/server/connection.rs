@@ -699,7 +699,9 @@ const IDLE_POLL_MISS_BACKOFF: u32 = 16;
 
 impl IdlePoll {
     fn new(limit: Duration, reader_idle: Arc<AtomicBool>, stats: Arc<ServerStats>) -> Self {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+        // Asked once per process: on Linux the answer reads cgroup files, not worth per connection.
+        static CPUS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        let cpus = *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()) as u64);
         IdlePoll { limit, reader_idle, stats, skip: 0, max_connections: cpus / 2 }
     }
 
@@ -734,9 +736,8 @@ impl IdlePoll {
                 self.skip = IDLE_POLL_MISS_BACKOFF;
                 return;
             }
-            // Not a bare spin: the client may be waiting for this very CPU to send its request
-            // (seen as one slow repetition in three on 2 CPUs), and yielding lets it run now; with
-            // nothing else runnable it returns at once.
+            // Not a bare spin: the client may be waiting for this very CPU to send its request,
+            // and yielding lets it run now; with nothing else runnable it returns at once.
             std::thread::yield_now();
         }
     }
