@@ -516,6 +516,15 @@ impl FaultyCache {
         self.dir.path().join("fuse").join("cache")
     }
 
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("nbdkit.log")).unwrap_or_default()
+    }
+
+    /// Requests the error filter has failed so far (it logs each one it injects).
+    fn injected_errors(&self) -> usize {
+        self.log().matches("injecting").count()
+    }
+
     fn nbdkit_pid(&self) -> u32 {
         self.nbdkit.as_ref().expect("nbdkit running").id()
     }
@@ -656,17 +665,36 @@ fn sporadic_cache_errors_are_repaired_and_never_reach_clients() {
     let caches = vec![fc.path()];
     let expect = d.path("expect.img");
     create_mirror(&mut d, &caches, &[]);
+    // O_DIRECT, so that every cache request the daemon makes reaches nbdkit: buffered, the FUSE
+    // file's page cache absorbed them, and under load none of the reads and writes of a round
+    // reached the error filter while the trigger existed.
+    d.extra_args.extend(["--cache-direct", "true"].map(String::from));
     let mark = start_and_rebuild(&mut d);
+    let opened = d.log_since(mark);
+    assert!(
+        opened.lines().any(|l| l.contains("opened cache device") && l.contains("direct=true")),
+        "the cache was not opened with O_DIRECT; log:\n{opened}"
+    );
     rw(&mut d, &expect, 1, 100, &[]);
 
     std::fs::File::create(fc.trigger()).unwrap();
-    rw(&mut d, &expect, 2, 300, &[]);
+    // Rounds until the filter has failed a request, so the test does not rest on a probability.
+    let mut seed = 2;
+    while fc.injected_errors() == 0 {
+        assert!(
+            seed < 12,
+            "10 rounds of 300 requests and the error filter injected no error; nbdkit log:\n{}",
+            fc.log()
+        );
+        rw(&mut d, &expect, seed, 300, &[]);
+        seed += 1;
+    }
     std::fs::remove_file(fc.trigger()).unwrap();
     let log = d.log_since(mark);
-    // Hundreds of cache requests at these rates: the chance that none failed is below 1e-6.
     assert!(
         log.contains("cache read error") || log.contains("cache write failed"),
-        "no cache error was logged: the fault injection did not work; log:\n{log}"
+        "nbdkit failed {} cache requests and the daemon logged no cache error; log:\n{log}",
+        fc.injected_errors()
     );
     stop_ok(&mut d);
     verify_clean(&d, &caches, false);
