@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # A/B of two sets of `superdisk serve` flags, or of two binaries: one image, fio's nbd engine, the
 # two sides alternated round by round so background noise lands on both. Prints throughput and the
-# server's CPU time per I/O and per MiB (from /proc/PID/stat before and after each run) for every
-# run, then medians and B/A ratios. A script, not a test: it asserts nothing about speed.
+# server's CPU time per I/O and per MiB (from /proc/PID/stat before and after each run) and fio's
+# completion-latency p99 for every run, then medians and B/A ratios. A script, not a test: it asserts nothing about speed.
 #
 #   scripts/bench-ab.sh --a "FLAGS" --b "FLAGS" [--names "A B"] [--fio "FIO ARGS"]
 #                       [--serve "FLAGS"] [--jobs "1 4"] [--rounds 3] [--unix] [--cache]
@@ -70,7 +70,7 @@ head -c "$size_bytes" /dev/urandom | dd of="$img" conv=notrunc bs=1M status=none
 cat "$img" >/dev/null
 ticks_per_s=$(getconf CLK_TCK)
 
-# run BINARY "FLAGS" JOBS -> "MB/s IOPS cpu_us_per_io cpu_us_per_MiB"
+# run BINARY "FLAGS" JOBS -> "MB/s IOPS cpu_us_per_io cpu_us_per_MiB p99_us"
 run() {
     local bin=$1 flags=$2 jobs=$3 uri pid t0 t1 port sock
     local -a extra
@@ -116,7 +116,9 @@ io_bytes = job["read"]["io_bytes"] + job["write"]["io_bytes"]
 bw = job["read"]["bw_bytes"] + job["write"]["bw_bytes"]
 iops = job["read"]["iops"] + job["write"]["iops"]
 cpu_us = (float(sys.argv[3]) - float(sys.argv[2])) / float(sys.argv[4]) * 1e6
-print(f"{bw / 1e6:.0f} {iops:.0f} {cpu_us / max(ios, 1):.2f} {cpu_us / max(io_bytes / 1048576, 1e-9):.0f}")
+# Completion latency p99 of whichever direction did the I/O (the larger, for mixed workloads).
+p99_us = max(job[d]["clat_ns"].get("percentile", {}).get("99.000000", 0) for d in ("read", "write")) / 1e3
+print(f"{bw / 1e6:.0f} {iops:.0f} {cpu_us / max(ios, 1):.2f} {cpu_us / max(io_bytes / 1048576, 1e-9):.0f} {p99_us:.0f}")
 EOF
 }
 
@@ -128,21 +130,23 @@ echo "A ($a_name): $a_bin serve ${serve_flags:+$serve_flags }$a_flags"
 echo "B ($b_name): $b_bin serve ${serve_flags:+$serve_flags }$b_flags"
 rm -f "$dir/cache.warm"
 echo "fio $fio_args$([ "$cache" = 1 ] && echo ", with a cache file") over $([ "$unix" = 1 ] && echo "a Unix socket" || echo "TCP loopback"), ${runtime} s per run, image $size"
-printf '%-5s %-5s %-12s %9s %9s %12s %14s\n' jobs round side "MB/s" IOPS "server µs/IO" "server µs/MiB"
+printf '%-5s %-5s %-12s %9s %9s %12s %14s %8s\n' jobs round side "MB/s" IOPS "server µs/IO" "server µs/MiB" "p99 µs"
 for jobs in $jobs_list; do
-    declare -a a_mb=() b_mb=() a_io=() b_io=() a_cpu=() b_cpu=()
+    declare -a a_mb=() b_mb=() a_io=() b_io=() a_cpu=() b_cpu=() a_p99=() b_p99=()
     for r in $(seq "$rounds"); do
-        read -r mb iops cpu cpu_mib < <(run "$a_bin" "$a_flags" "$jobs")
-        a_mb+=("$mb"); a_io+=("$iops"); a_cpu+=("$cpu")
-        printf '%-5s %-5s %-12s %9s %9s %12s %14s\n' "$jobs" "$r" "$a_name" "$mb" "$iops" "$cpu" "$cpu_mib"
-        read -r mb iops cpu cpu_mib < <(run "$b_bin" "$b_flags" "$jobs")
-        b_mb+=("$mb"); b_io+=("$iops"); b_cpu+=("$cpu")
-        printf '%-5s %-5s %-12s %9s %9s %12s %14s\n' "$jobs" "$r" "$b_name" "$mb" "$iops" "$cpu" "$cpu_mib"
+        read -r mb iops cpu cpu_mib p99 < <(run "$a_bin" "$a_flags" "$jobs")
+        a_mb+=("$mb"); a_io+=("$iops"); a_cpu+=("$cpu"); a_p99+=("$p99")
+        printf '%-5s %-5s %-12s %9s %9s %12s %14s %8s\n' "$jobs" "$r" "$a_name" "$mb" "$iops" "$cpu" "$cpu_mib" "$p99"
+        read -r mb iops cpu cpu_mib p99 < <(run "$b_bin" "$b_flags" "$jobs")
+        b_mb+=("$mb"); b_io+=("$iops"); b_cpu+=("$cpu"); b_p99+=("$p99")
+        printf '%-5s %-5s %-12s %9s %9s %12s %14s %8s\n' "$jobs" "$r" "$b_name" "$mb" "$iops" "$cpu" "$cpu_mib" "$p99"
     done
     am=$(median "${a_mb[@]}"); bm=$(median "${b_mb[@]}")
     ai=$(median "${a_io[@]}"); bi=$(median "${b_io[@]}")
     ac=$(median "${a_cpu[@]}"); bc=$(median "${b_cpu[@]}")
-    echo "jobs=$jobs medians: $a_name $am MB/s, $ai IOPS, $ac µs/IO; $b_name $bm MB/s, $bi IOPS, $bc µs/IO;" \
-        "$b_name/$a_name: throughput $(ratio "$bm" "$am")×, CPU per I/O $(ratio "$bc" "$ac")×"
-    unset a_mb b_mb a_io b_io a_cpu b_cpu
+    ap=$(median "${a_p99[@]}"); bp=$(median "${b_p99[@]}")
+    echo "jobs=$jobs medians: $a_name $am MB/s, $ai IOPS, $ac µs/IO, p99 $ap µs;" \
+        "$b_name $bm MB/s, $bi IOPS, $bc µs/IO, p99 $bp µs;" \
+        "$b_name/$a_name: throughput $(ratio "$bm" "$am")×, CPU per I/O $(ratio "$bc" "$ac")×, p99 $(ratio "$bp" "$ap")×"
+    unset a_mb b_mb a_io b_io a_cpu b_cpu a_p99 b_p99
 done

@@ -680,8 +680,8 @@ async fn write_replies<W: ReplySink, V: Volume>(
 /// across that gap, as Seastar's reactor (ScyllaDB's) does with `--idle-poll-time-us`. The poll is
 /// a non-blocking one-byte `MSG_PEEK`: once bytes are there the writer returns, the runtime finds
 /// the socket readable without sleeping and the reader takes the request as usual. A poll that
-/// reaches its limit sets polling aside for the next `IDLE_POLL_MISS_BACKOFF` idle moments, so a
-/// client that pauses between bursts costs a poll now and then, not one per reply.
+/// reaches its limit sets polling aside for a few idle moments, more after each miss in a row (up
+/// to 15), so a client that pauses between bursts costs a poll now and then, not one per reply.
 ///
 /// Only while the open connections are at most half the CPUs: a polling thread holds a CPU, and
 /// with more clients than that the CPUs are wanted for their requests (four connections at queue
@@ -692,17 +692,21 @@ struct IdlePoll {
     reader_idle: Arc<AtomicBool>,
     stats: Arc<ServerStats>,
     skip: u32,
+    /// Polls in a row that reached the limit; a hit resets it.
+    misses_in_row: u32,
     max_connections: u64,
 }
 
-const IDLE_POLL_MISS_BACKOFF: u32 = 16;
+/// After this many misses in a row, polling is set aside for `2^IDLE_POLL_MAX_BACKOFF_SHIFT - 1`
+/// idle moments between polls, so a client that is simply slow costs one poll in 16.
+const IDLE_POLL_MAX_BACKOFF_SHIFT: u32 = 4;
 
 impl IdlePoll {
     fn new(limit: Duration, reader_idle: Arc<AtomicBool>, stats: Arc<ServerStats>) -> Self {
         // Asked once per process: on Linux the answer reads cgroup files, not worth per connection.
         static CPUS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
         let cpus = *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()) as u64);
-        IdlePoll { limit, reader_idle, stats, skip: 0, max_connections: cpus / 2 }
+        IdlePoll { limit, reader_idle, stats, skip: 0, misses_in_row: 0, max_connections: cpus / 2 }
     }
 
     /// Returns once the client has sent something, the limit is reached, or polling would not
@@ -724,6 +728,7 @@ impl IdlePoll {
                 None => return,
                 Some(true) => {
                     self.stats.idle_poll_hits.fetch_add(1, Ordering::Relaxed);
+                    self.misses_in_row = 0;
                     return;
                 }
                 Some(false) => {}
@@ -733,7 +738,12 @@ impl IdlePoll {
             }
             if Instant::now() >= deadline {
                 self.stats.idle_poll_misses.fetch_add(1, Ordering::Relaxed);
-                self.skip = IDLE_POLL_MISS_BACKOFF;
+                // Backs off exponentially: 0, 1, 3, 7, then 15 idle moments without polling. A
+                // steady client that is late once (a timer tick, a preemption) is polled again at
+                // once; a fixed 16-moment pause after every miss left 16 requests each to pay the
+                // cross-CPU wake-up, and those made the p99 of queue-depth-1 reads.
+                self.skip = (1 << self.misses_in_row.min(IDLE_POLL_MAX_BACKOFF_SHIFT)) - 1;
+                self.misses_in_row += 1;
                 return;
             }
             // Not a bare spin: the client may be waiting for this very CPU to send its request,
@@ -895,5 +905,87 @@ mod tests {
         assert_eq!(status_extents(&ex, 10000, false), vec![(8192, 0), (1808, STATE_HOLE | STATE_ZERO)]);
         assert_eq!(status_extents(&ex, 10000, true), vec![(8192, 0)]);
         assert_eq!(status_extents(&[], 512, false), vec![(512, 0)]);
+    }
+
+    /// A socket whose client has sent something or not, as the test says.
+    struct PeekSink(AtomicBool);
+
+    impl AsyncWrite for PeekSink {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            b: &[u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            std::task::Poll::Ready(Ok(b.len()))
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    impl ReplySink for PeekSink {
+        fn peer_has_sent(&self) -> Option<bool> {
+            Some(self.0.load(Ordering::Relaxed))
+        }
+    }
+
+    /// The moments (of `n` idle moments) at which the writer polled a client that never sends.
+    fn polled_moments(poll: &mut IdlePoll, sink: &PeekSink, rx: &mpsc::UnboundedReceiver<Reply>, n: u32) -> Vec<u32> {
+        let mut moments = Vec::new();
+        for i in 0..n {
+            let before = poll.stats.idle_poll_misses.load(Ordering::Relaxed);
+            poll.wait(sink, rx);
+            if poll.stats.idle_poll_misses.load(Ordering::Relaxed) > before {
+                moments.push(i);
+            }
+        }
+        moments
+    }
+
+    #[test]
+    fn idle_polling_backs_off_exponentially_and_a_hit_resets_it() {
+        let stats = Arc::new(ServerStats::default());
+        let reader_idle = Arc::new(AtomicBool::new(true));
+        let mut poll = IdlePoll::new(Duration::from_micros(20), reader_idle.clone(), stats.clone());
+        // The limit is per CPU count; the test is about the schedule, whatever this machine has.
+        poll.max_connections = 1;
+        let (_tx, rx) = mpsc::unbounded_channel::<Reply>();
+        let sink = PeekSink(AtomicBool::new(false));
+
+        // A late client is polled again at once, then after 1, 3, 7 and at most 15 idle moments.
+        assert_eq!(polled_moments(&mut poll, &sink, &rx, 64), [0, 1, 3, 7, 15, 31, 47, 63]);
+
+        // Skipped moments cost nothing; once the client is back, a hit resets the backoff.
+        let mut waited = 0;
+        sink.0.store(true, Ordering::Relaxed);
+        while stats.idle_poll_hits.load(Ordering::Relaxed) == 0 {
+            poll.wait(&sink, &rx);
+            waited += 1;
+        }
+        assert_eq!(waited, 16, "after the last miss, 15 moments were skipped and the 16th polled");
+        sink.0.store(false, Ordering::Relaxed);
+        assert_eq!(polled_moments(&mut poll, &sink, &rx, 4), [0, 1, 3]);
+
+        // A reader that has requests buffered, or more connections than allowed: no poll at all.
+        reader_idle.store(false, Ordering::Relaxed);
+        let misses = stats.idle_poll_misses.load(Ordering::Relaxed);
+        for _ in 0..32 {
+            poll.wait(&sink, &rx);
+        }
+        reader_idle.store(true, Ordering::Relaxed);
+        stats.connections_active.store(2, Ordering::Relaxed);
+        for _ in 0..32 {
+            poll.wait(&sink, &rx);
+        }
+        assert_eq!(stats.idle_poll_misses.load(Ordering::Relaxed), misses);
     }
 }
