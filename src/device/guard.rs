@@ -437,7 +437,11 @@ impl<T: Outcome> Drop for Attempt<T> {
             self.settle();
             return;
         };
-        self.mark_stalled(false);
+        // Dropped by its caller before the device answered (a hedged read that lost the race, a
+        // task being stopped): not a stall in itself, or every lost hedge would open a backing
+        // "outage" with a warning. It becomes one if the device has not answered by the attempt
+        // timeout; a request's deadline marks its attempts stalled before dropping them.
+        let stall_at = self.started.unwrap_or_else(Instant::now) + self.shared.policy.attempt_timeout;
         if self.fence.is_some() {
             // Before the caller's error reaches the client: a read issued after it must wait.
             self.abandoned = Some(self.shared.abandon(self.op.offset, self.op.offset + self.op.len));
@@ -453,6 +457,24 @@ impl<T: Outcome> Drop for Attempt<T> {
             detached: true,
         };
         rt.spawn(async move {
+            if !rest.stalled {
+                let timer = tokio::time::sleep_until(stall_at.into());
+                tokio::pin!(timer);
+                let answered = std::future::poll_fn(|cx| {
+                    if rest.poll_done(cx).is_ready() {
+                        Poll::Ready(true)
+                    } else if timer.as_mut().poll(cx).is_ready() {
+                        Poll::Ready(false)
+                    } else {
+                        Poll::Pending
+                    }
+                })
+                .await;
+                if answered {
+                    return;
+                }
+                rest.mark_stalled(true);
+            }
             std::future::poll_fn(|cx| rest.poll_done(cx)).await;
         });
     }
@@ -603,7 +625,11 @@ impl<D: BlockDevice> Guarded<D> {
                     }
                 }
                 // Detaches what is in flight (fenced, registered as abandoned) before the error
-                // can reach anyone.
+                // can reach anyone. An attempt the deadline gave up on counts as stalled from now,
+                // so that the stall cap holds back more requests to a device that does not answer.
+                for a in attempts.iter_mut() {
+                    a.mark_stalled(false);
+                }
                 drop(attempts);
                 return Err(sh.deadline_failed(op));
             }
@@ -974,6 +1000,48 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_cancelled_operation_is_a_stall_only_once_it_passes_the_attempt_timeout() {
+        bounded_test(async {
+            let dev = FaultDevice::new(MemDevice::new(SIZE), 6);
+            let h = dev.handle();
+            let mut p = policy();
+            p.attempt_timeout = Duration::from_millis(300);
+            p.deadline = Duration::from_secs(10);
+            let g = Guarded::new(dev, p, Arc::new(BackingIoStats::default()), "test");
+            let outages = |g: &Guarded<_>| load(&g.stats().outages);
+
+            // A read its caller drops while the device works on it (a hedged read that lost):
+            // the device answers soon after, and there was no outage.
+            h.hang(&[FaultOp::Read]);
+            let cancelled = tokio::time::timeout(Duration::from_millis(5), g.read(0, AlignedBuf::zeroed(4096))).await;
+            assert!(cancelled.is_err(), "the read must still be pending when dropped");
+            assert!(!g.in_outage(), "a dropped operation is not a stall");
+            assert_eq!(h.held(), 1);
+            h.resume();
+            while h.held() > 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            assert_eq!((outages(&g), load(&g.stats().timeouts), load(&g.stats().stalled_ops)), (0, 0, 0));
+
+            // Dropped on a device that then stays silent: a stall from its attempt timeout on,
+            // counted once, and over when the device answers.
+            h.hang(&[FaultOp::Read]);
+            let cancelled = tokio::time::timeout(Duration::from_millis(5), g.read(0, AlignedBuf::zeroed(4096))).await;
+            assert!(cancelled.is_err());
+            while !g.in_outage() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            assert_eq!((outages(&g), load(&g.stats().timeouts), load(&g.stats().stalled_ops)), (1, 1, 1));
+            h.resume();
+            g.wait_answering(Duration::from_secs(10)).await;
+            assert!(!g.in_outage());
+            assert_eq!(load(&g.stats().stalled_ops), 0);
+        })
+        .await;
+    }
+
+    #[tokio::test]
     async fn a_request_deadline_bounds_every_wait_inside_it() {
         bounded_test(async {
             let d = Instant::now() + Duration::from_millis(30);
@@ -995,7 +1063,11 @@ mod tests {
             let d = Instant::now() + Duration::from_millis(30);
             let (_, r) = with_deadline(d, g.read(0, AlignedBuf::zeroed(512))).await;
             assert!(is_deadline_error(&r.unwrap_err()));
+            // Given up on long before its attempt timeout, it still counts against the stall cap.
+            assert!(g.in_outage(), "an operation the deadline gave up on is stalled");
             dev.handle().resume();
+            g.wait_answering(Duration::from_secs(10)).await;
+            assert!(!g.in_outage());
         })
         .await;
     }

@@ -1012,6 +1012,9 @@ async fn hedged_reads_never_return_data_older_than_an_acknowledged_write() {
     assert!(s.hedge.hedged.load(Ordering::Relaxed) > 0, "no read was hedged: the test tests nothing");
     assert!(s.hedge.backing_won.load(Ordering::Relaxed) > 0, "the backing never won a race");
     assert!(s.reads_cache.load(Ordering::Relaxed) > 0, "the cache never won a race");
+    // A backing read that lost its race is dropped, not stalled: no outage was reported.
+    assert_eq!(s.backing_io.outages.load(Ordering::Relaxed), 0, "a lost hedge counted as a backing outage");
+    assert_eq!(s.backing_io.timeouts.load(Ordering::Relaxed), 0);
 }
 
 #[tokio::test]
