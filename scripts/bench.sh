@@ -258,6 +258,23 @@ cpu_ticks() {
     echo $(( ${12} + ${13} ))
 }
 
+# Re-reads the server's files before each of its cells: the table promises a warm page cache, and
+# some VMs page out file pages that sit idle (DAMON's proactive reclaim, on the machine in
+# docs/PERFORMANCE.md's "The machines"), so an image that waited out the other servers' cells
+# could start its cell with pieces on disk; at QD1 each such read costs a disk round trip. Files
+# already in memory take a fraction of a second. The mirror's cache file is warmed without
+# readahead, as after its rebuild.
+warm_images() {
+    case "$1" in
+        nbdkit-null) ;;
+        superdisk-mirror)
+            cat "$run_dir/superdisk-mirror.img" >/dev/null
+            bench_warm_without_readahead "$run_dir/superdisk-mirror.cache.img"
+            ;;
+        *) cat "$run_dir/$1.img" >/dev/null ;;
+    esac
+}
+
 workloads=(
     "randread-4k-qd1 randread 4k 1"
     "randread-4k-qd32 randread 4k 32"
@@ -291,6 +308,7 @@ for w in "${workloads[@]}"; do
             json="$run_dir/fio/$name.$s.$rep.json"
             # Dirty pages left by the previous write cell would be written back during this one.
             sync
+            warm_images "$s"
             kill -0 "${pid_of[$s]}" 2>/dev/null || die "$s died: $(tail -n 5 "$run_dir/$s.log")"
             fio --name="$name" --ioengine=nbd --uri="${uri_of[$s]}" --rw="$rw" --bs="$bs" \
                 --iodepth="$qd" --numjobs=1 --time_based --runtime="$runtime" --ramp_time="$ramp" \
