@@ -1005,7 +1005,8 @@ mod tests {
             let dev = FaultDevice::new(MemDevice::new(SIZE), 6);
             let h = dev.handle();
             let mut p = policy();
-            p.attempt_timeout = Duration::from_millis(300);
+            // Long enough that a loaded machine cannot pass it between the drop and the check.
+            p.attempt_timeout = Duration::from_secs(1);
             p.deadline = Duration::from_secs(10);
             let g = Guarded::new(dev, p, Arc::new(BackingIoStats::default()), "test");
             let outages = |g: &Guarded<_>| load(&g.stats().outages);
@@ -1021,7 +1022,7 @@ mod tests {
             while h.held() > 0 {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
-            tokio::time::sleep(Duration::from_millis(400)).await;
+            tokio::time::sleep(Duration::from_millis(1100)).await;
             assert_eq!((outages(&g), load(&g.stats().timeouts), load(&g.stats().stalled_ops)), (0, 0, 0));
 
             // Dropped on a device that then stays silent: a stall from its attempt timeout on,

@@ -768,7 +768,7 @@ impl IdlePoll {
                 // once; a fixed 16-moment pause after every miss left 16 requests each to pay the
                 // cross-CPU wake-up, and those made the p99 of queue-depth-1 reads.
                 self.skip = (1 << self.misses_in_row.min(IDLE_POLL_MAX_BACKOFF_SHIFT)) - 1;
-                self.misses_in_row += 1;
+                self.misses_in_row = self.misses_in_row.saturating_add(1);
                 return;
             }
             // Not a bare spin: the client may be waiting for this very CPU to send its request,
