@@ -97,6 +97,13 @@ enum Command {
         #[command(subcommand)]
         action: CacheAction,
     },
+    /// After a backing flush (or FUA write) failed: acknowledge it, once the filesystem on top
+    /// has been checked. The daemon re-reads what the backing really holds, resyncs every region
+    /// written since the last good flush, and lets FLUSH and FUA writes succeed again.
+    ClearFlushError {
+        #[command(flatten)]
+        target: ctl::Target,
+    },
     /// Serve the disk over NBD (boxed: its flags outweigh every other command).
     Serve(Box<ServeArgs>),
     /// Create demo images in DIR (default ./superdisk-demo) and serve them.
@@ -282,6 +289,9 @@ fn main() -> ExitCode {
             }
             words.extend(devices.iter().map(String::as_str));
             runtime().and_then(|rt| rt.block_on(ctl::simple(&target, &words)))
+        }
+        Command::ClearFlushError { target } => {
+            runtime().and_then(|rt| rt.block_on(ctl::simple(&target, &["clear-flush-error"])))
         }
         Command::Serve(args) => serve_cmd(*args),
         Command::Demo { dir, listen, size, no_cache } => demo(dir, listen, size, no_cache),

@@ -16,7 +16,19 @@
 //!   the offline verify agrees.
 //!
 //! BackingErrors steps make the backing fail some writes and flushes: those errors reach the
-//! client, a failed write may have landed in part, and the copies must agree on what it left.
+//! client, a failed write may have landed in part, and the copies must agree on what it left. A
+//! failed flush or FUA write loses the backing's unflushed writes as Linux does (errseq: the pages
+//! are marked clean, reads see them until they are evicted, the next flush succeeds): from then on
+//! no FLUSH may succeed until the operator clears the error, which the step then does (in place
+//! or after a restart), and the model treats the unflushed writes as a crash would.
+//!
+//! LateWrite steps hang one backing write in place; its client gives up (the request is dropped,
+//! as at a deadline), the cleaner may run, then the write lands, late: no region may be valid
+//! over bytes the backing can still lose.
+//!
+//! Each device is byte-granular or a 512 B or 4 KiB block device (the simulated device then
+//! refuses anything else, and byte-granular requests go through the same alignment layer as on a
+//! real block device), chosen per seed, so the backing and the caches often differ.
 //!
 //! A failure names its seed; `SUPERDISK_SEED=N cargo test --test mirror_model` replays it (add
 //! `SUPERDISK_LOG=debug` for the engine's log), and `SUPERDISK_SEEDS=N` runs N seeds instead of
@@ -192,6 +204,12 @@ struct Coverage {
     cache_timeouts: u64,
     /// Reads answered from a zero-copy source (all seeds; see `submit`).
     zero_copy_reads: u64,
+    /// Backing durability losses (a failed flush or FUA write) recovered from by the operator.
+    durability_losses: u64,
+    /// Backing writes that landed after their client gave up.
+    late_writes: u64,
+    /// Seeds whose backing and caches had different logical block sizes.
+    mixed_block_sizes: u64,
 }
 
 static ZERO_COPY_READS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -213,6 +231,8 @@ struct World {
     rng: SimRng,
     coverage: Coverage,
     opts: MirrorOptions,
+    /// Logical block size of new cache devices (1: byte-granular).
+    cache_block_bytes: u32,
     backing: MemDevice,
     /// Switches of the running volume's backing wrapper (errors only in the BackingErrors step).
     backing_faults: FaultHandle,
@@ -270,6 +290,20 @@ async fn open_mirror(
     Ok((vol, backing_faults))
 }
 
+/// A simulated device of `size` bytes with `block_bytes` logical blocks (1: byte-granular).
+fn mem_device(size: u64, block_bytes: u32) -> MemDevice {
+    let d = MemDevice::new(size);
+    if block_bytes > 1 {
+        d.with_logical_block_bytes(block_bytes)
+    } else {
+        d
+    }
+}
+
+fn random_block_bytes(rng: &mut SimRng) -> u32 {
+    [1u32, 512, 4096][rng.below(3) as usize]
+}
+
 /// Each member's size for a set of `n` holding the export, with a little slack.
 fn cache_member_bytes(n: u64, opts: &MirrorOptions, slack: u64) -> u64 {
     let data = DATA_BYTES.div_ceil(n).div_ceil(u64::from(opts.stripe_bytes)) * u64::from(opts.stripe_bytes);
@@ -298,16 +332,26 @@ impl World {
         // Random initial contents, so that a trimmed or lost range is told apart from zeroes.
         let mut image = vec![0u8; (DATA_BYTES + meta_bytes(DATA_BYTES, region_bytes)) as usize];
         rng.fill(&mut image[..DATA_BYTES as usize]);
-        let backing = MemDevice::from_image(image.clone());
+        let backing_block_bytes = random_block_bytes(&mut rng);
+        let cache_block_bytes = random_block_bytes(&mut rng);
+        let backing = match MemDevice::from_image(image.clone()) {
+            d if backing_block_bytes > 1 => d.with_logical_block_bytes(backing_block_bytes),
+            d => d,
+        };
         let backing_sb = store::new_backing_superblock(backing.size_bytes(), region_bytes).unwrap();
         assert_eq!(backing_sb.data_size_bytes, DATA_BYTES, "test layout: the export must be DATA_BYTES");
         store::write_superblock(&backing, &backing_sb).await.unwrap();
         image.truncate(DATA_BYTES as usize);
         let n = rng.in_range(1..3);
         let slack = rng.below(3) * 4096;
-        let mems: Vec<MemDevice> = (0..n).map(|_| MemDevice::new(cache_member_bytes(n, &opts, slack))).collect();
+        let mems: Vec<MemDevice> =
+            (0..n).map(|_| mem_device(cache_member_bytes(n, &opts, slack), cache_block_bytes)).collect();
         let mut caches = Caches { mems, faults: Vec::new() };
-        let mut history = vec![format!("{n} cache device(s), {opts:?}")];
+        let mut history = vec![format!(
+            "{n} cache device(s), blocks: backing {backing_block_bytes} B, caches {cache_block_bytes} B, {opts:?}"
+        )];
+        let coverage =
+            Coverage { mixed_block_sizes: u64::from(backing_block_bytes != cache_block_bytes), ..Default::default() };
         // Half the seeds format the cache ahead (`superdisk create --cache`), half let the engine
         // find it blank at start-up.
         if rng.below(2) == 0 {
@@ -318,8 +362,9 @@ impl World {
         let (vol, backing_faults) = open_mirror(&mut rng, &backing, &mut caches, &opts).await?;
         Ok(World {
             rng,
-            coverage: Coverage::default(),
+            coverage,
             opts,
+            cache_block_bytes,
             backing,
             backing_faults,
             caches,
@@ -624,7 +669,8 @@ impl World {
         let n = self.rng.below(3);
         self.log(format!("lose cache while stopped: {n} blank device(s) now"));
         let slack = self.rng.below(3) * 4096;
-        self.caches.mems = (0..n).map(|_| MemDevice::new(cache_member_bytes(n, &self.opts, slack))).collect();
+        let bb = self.cache_block_bytes;
+        self.caches.mems = (0..n).map(|_| mem_device(cache_member_bytes(n, &self.opts, slack), bb)).collect();
         self.open().await?;
         let mode = self.vol.mode();
         if n > 0 && mode == Mode::Degraded {
@@ -716,7 +762,8 @@ impl World {
             m.revoke_handles();
         }
         self.release_hung();
-        self.caches.mems = (0..n).map(|_| MemDevice::new(cache_member_bytes(n, &self.opts, slack))).collect();
+        let bb = self.cache_block_bytes;
+        self.caches.mems = (0..n).map(|_| mem_device(cache_member_bytes(n, &self.opts, slack), bb)).collect();
         let devs = self.caches.wrap(&mut self.rng);
         self.vol.replace_cache(devs).await.map_err(|e| format!("replace_cache failed: {e}"))?;
         self.cache_faulty = false;
@@ -757,7 +804,87 @@ impl World {
         self.backing_faults.set_torn_failed_writes(true);
         let r = self.failing_backing_requests(n).await;
         self.backing_faults.heal();
-        r
+        r?;
+        self.recover_durability().await
+    }
+
+    /// After a failed flush or FUA write the backing's unflushed writes may be gone: no FLUSH may
+    /// succeed until the operator clears the error. The operator does, in place or after a
+    /// restart (whose shutdown must refuse to call itself clean); the backing's page cache is
+    /// dropped then, so for the model the unflushed writes are as after a crash.
+    async fn recover_durability(&mut self) -> Result<(), String> {
+        if self.vol.durability_lost().is_none() {
+            return Ok(());
+        }
+        if self.vol.flush().await.is_ok() {
+            return Err("a FLUSH succeeded after a backing flush or FUA write had failed".into());
+        }
+        let (_, fua) = self.vol.write(0, AlignedBuf::zeroed(1), true).await;
+        if fua.is_ok() {
+            return Err("a FUA write succeeded after a backing flush or FUA write had failed".into());
+        }
+        self.coverage.durability_losses += 1;
+        let restart = self.rng.below(2) == 0;
+        self.log(format!(
+            "durability lost: the operator clears it ({})",
+            if restart { "after a restart" } else { "in place" }
+        ));
+        if restart {
+            if self.vol.shutdown().await.is_ok() {
+                return Err("shutdown recorded a clean stop after the backing lost durability".into());
+            }
+            self.revoke_all();
+            self.open().await?;
+            if self.vol.durability_lost().is_none() {
+                return Err("the restarted engine forgot that the backing lost durability".into());
+            }
+        }
+        self.vol.clear_durability_loss().await.map_err(|e| format!("clear_durability_loss failed: {e}"))?;
+        self.model.crash();
+        self.vol.flush().await.map_err(|e| format!("FLUSH failed after the operator cleared the error: {e}"))?;
+        self.model.flush();
+        Ok(())
+    }
+
+    /// One backing write hangs in place; its client gives up (the request is dropped, as at its
+    /// deadline) while the write is still in flight, so it stays fenced and registered as
+    /// abandoned. The cleaner runs a seeded number of passes before and after the write lands.
+    async fn late_write(&mut self) -> Result<(), String> {
+        let (off, len) = random_range(&mut self.rng, self.size);
+        let id = self.next_write_id;
+        self.next_write_id += 1;
+        let data = pattern(id, off, len as usize);
+        let (before, after) = (self.rng.below(3), self.rng.below(3));
+        self.log(format!("late write [{off}, +{len}): cleaner {before}× while in flight, {after}× after it lands"));
+        self.backing_faults.hang_range(off..off + len, &[FaultOp::Write]);
+        let (vol, buf) = (self.vol.clone(), buf_of(&data));
+        let task = tokio::spawn(async move { vol.write(off, buf, false).await.1 });
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while self.backing_faults.held() == 0 && !task.is_finished() {
+            if std::time::Instant::now() > deadline {
+                return Err("the hung backing write never reached the device".into());
+            }
+            tokio::task::yield_now().await;
+        }
+        task.abort();
+        let _ = task.await;
+        let uncertain = self.model.write_failed(off, &data);
+        for _ in 0..before {
+            self.vol.clean_metadata().await.map_err(|e| format!("cleaner pass failed: {e}"))?;
+        }
+        self.backing_faults.resume();
+        self.coverage.late_writes += 1;
+        for _ in 0..after {
+            self.vol.clean_metadata().await.map_err(|e| format!("cleaner pass failed: {e}"))?;
+        }
+        for r in uncertain {
+            for _ in 0..2 {
+                let read = Req::Read { off: r.start, len: r.end - r.start };
+                let got = submit(&*self.vol, &read, false).await?;
+                apply(&mut self.model, &read, got).map_err(|e| format!("after a late write: {e}"))?;
+            }
+        }
+        Ok(())
     }
 
     async fn failing_backing_requests(&mut self, n: u64) -> Result<(), String> {
@@ -861,7 +988,8 @@ impl World {
             82..=85 => self.replace_cache().await,
             86..=89 => self.check_mirror().await,
             90..=92 => self.backing_errors().await,
-            93..=95 => {
+            93 => self.late_write().await,
+            94..=95 => {
                 self.log("metadata cleaner pass".into());
                 self.vol.clean_metadata().await.map_err(|e| format!("cleaner pass failed: {e}"))
             }
@@ -917,6 +1045,9 @@ async fn run_seed(seed: u64, coverage: &mut Coverage) -> Result<(), String> {
     coverage.crashes_in_flight += c.crashes_in_flight;
     coverage.failed_backing_writes += c.failed_backing_writes;
     coverage.cache_timeouts += c.cache_timeouts;
+    coverage.durability_losses += c.durability_losses;
+    coverage.late_writes += c.late_writes;
+    coverage.mixed_block_sizes += c.mixed_block_sizes;
     Ok(())
 }
 
@@ -982,6 +1113,9 @@ fn mirror_survives_crashes_and_cache_loss_without_losing_or_staling_data() {
             c.failed_backing_writes,
             c.cache_timeouts,
             c.zero_copy_reads,
+            c.durability_losses,
+            c.late_writes,
+            c.mixed_block_sizes,
         ];
         assert!(all.iter().all(|&n| n > 0), "the seeds left part of the mirror unexercised: {c:?}");
     }

@@ -41,8 +41,35 @@ struct StallableBacking {
     stalled: bool,
 }
 
+/// An nbdkit `sh` plugin serving a file (with `dd`) whose FLUSH fails with EIO while the file
+/// `$IMG.fail-flush` exists: nbdkit 1.32's error filter cannot fail FLUSH.
+const FLUSH_FAILING_PLUGIN: &str = r#"#!/bin/bash
+case "$1" in
+  get_size) stat -c %s "$IMG" ;;
+  pread) dd if="$IMG" skip="$4" count="$3" iflag=count_bytes,skip_bytes status=none ;;
+  pwrite) dd of="$IMG" seek="$4" conv=notrunc oflag=seek_bytes status=none ;;
+  can_write|can_flush) exit 0 ;;
+  flush)
+    if [ -e "$IMG.fail-flush" ]; then echo "EIO injected flush failure" >&2; exit 1; fi
+    sync "$IMG" ;;
+  *) exit 2 ;;
+esac
+"#;
+
 impl StallableBacking {
     fn start(image: &Path) -> StallableBacking {
+        Self::start_plugin(image, &["file".as_ref(), image.as_os_str()])
+    }
+
+    /// The image behind nbdkit's `sh` plugin whose FLUSH fails while `image`.fail-flush exists.
+    fn start_flush_failing(image: &Path) -> StallableBacking {
+        let script = image.with_extension("plugin.sh");
+        std::fs::write(&script, FLUSH_FAILING_PLUGIN).unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        Self::start_plugin(image, &["sh".as_ref(), script.as_os_str()])
+    }
+
+    fn start_plugin(image: &Path, plugin: &[&std::ffi::OsStr]) -> StallableBacking {
         for t in ["nbdkit", "nbdfuse", "fusermount3"] {
             require_tool(t);
         }
@@ -55,8 +82,8 @@ impl StallableBacking {
             .arg(&sock)
             .arg("-P")
             .arg(&pidfile)
-            .arg("file")
-            .arg(image)
+            .args(plugin)
+            .env("IMG", image)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -314,4 +341,82 @@ fn plain_volume_fails_requests_cleanly_while_the_backing_is_stalled_and_recovers
     client(&mut d, &["after", "--expect", &expect_s, "--failed", &failed_s, "--seed", "7"]);
     let status = d.stop();
     assert!(status.success(), "superdisk exited with {status} after SIGTERM; log:\n{}", d.log());
+}
+
+fn flush_client(d: &mut Daemon, phase: &str, trigger: &Path) {
+    let mut cmd = py_command("flush_error.py");
+    cmd.arg(d.unix_uri()).arg(phase).arg("--trigger").arg(trigger);
+    let out = output_within(&mut cmd, Duration::from_secs(180));
+    assert!(
+        out.status.success(),
+        "flush_error.py {phase} failed ({})\nstdout:\n{}\nstderr:\n{}\ndaemon log:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        d.log()
+    );
+    d.assert_alive();
+}
+
+/// Issue 15 #1 at the process level: the backing is a real file whose `fdatasync` fails (nbdkit
+/// behind nbdfuse fails FLUSH while a trigger file exists). After one failed flush no FLUSH or
+/// FUA write succeeds, on any connection, across a restart, until `superdisk clear-flush-error`;
+/// status and metrics say so; nothing acknowledged before the failure is lost.
+#[test]
+fn a_failed_backing_flush_fails_every_later_flush_until_the_operator_clears_it() {
+    let mut d = Daemon::unstarted();
+    let image = d.backing.clone();
+    let cache = d.path("cache.img");
+    std::fs::File::create(&cache).unwrap().set_len(SIZE + CACHE_SLACK).unwrap();
+    d.create_with(SIZE, &["--region-size".as_ref(), "256K".as_ref(), "--cache".as_ref(), cache.as_os_str()]);
+    let trigger = PathBuf::from(format!("{}.fail-flush", image.display()));
+    let backing = StallableBacking::start_flush_failing(&image);
+    d.backing = backing.path();
+    let config = write_config(&d, "");
+    d.extra_args = vec!["--config".into(), config.display().to_string(), "--cache".into(), cache.display().to_string()];
+    let mark = d.log_mark();
+    d.spawn();
+    d.wait_mode(mark, "healthy", WAIT);
+
+    flush_client(&mut d, "fail", &trigger);
+    let io = status(&d)["backing_io"].clone();
+    assert!(io["flush_failures_total"].as_u64().unwrap() >= 1, "{io}");
+    assert!(io["durability_lost"]["cause"].as_str().is_some_and(|c| c.contains("backing")), "{io}");
+    let log = d.log();
+    assert_eq!(log.matches("data acknowledged before it may not be durable").count(), 1, "logged once:\n{log}");
+
+    // A restart does not forget it: the daemon's stop is not clean, and the next run still fails
+    // FLUSH (the loss is on the backing's superblock).
+    let stopped = d.stop();
+    assert!(!stopped.success(), "a stop after a lost flush must not look clean; log:\n{}", d.log());
+    let mark = d.log_mark();
+    d.spawn();
+    d.wait_log(mark, "failed in an earlier run", WAIT);
+    flush_client(&mut d, "refused", &trigger);
+    let out = output_within(
+        Command::new(BIN).args(["status", "--socket"]).arg(d.path("admin.sock")),
+        Duration::from_secs(30),
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("BACKING FLUSH FAILED"), "status shows it");
+
+    let out = output_within(
+        Command::new(BIN).args(["clear-flush-error", "--socket"]).arg(d.path("admin.sock")),
+        Duration::from_secs(60),
+    );
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("flush error cleared"),
+        "clear-flush-error: {}{}\nlog:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        d.log()
+    );
+    flush_client(&mut d, "cleared", &trigger);
+    assert!(status(&d)["backing_io"]["durability_lost"].is_null());
+    wait_rebuilt(&mut d);
+    let stopped = d.stop();
+    assert!(stopped.success(), "superdisk exited with {stopped}; log:\n{}", d.log());
+    drop(backing);
+    d.backing = image;
+    let r = d.verify_offline(std::slice::from_ref(&cache), &[]);
+    assert!(r.exit_code == Some(0) && r.mismatch_count == 0, "offline verify:\n{}", r.output);
 }

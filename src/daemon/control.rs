@@ -10,6 +10,7 @@
 //! | `cache add [--take-over] PATH…` | attaches a set while degraded (rebuilds what it lacks) |
 //! | `cache replace [--take-over] PATH…` | swaps the set for another while serving |
 //! | `verify [repair] [wait]` | compares cache and backing in the background; `wait` streams progress |
+//! | `clear-flush-error` | after a backing flush failed: resync what it may have lost, let FLUSH succeed again |
 
 use super::status::human_bytes;
 use super::{open_caches, LastVerify, Node};
@@ -39,7 +40,11 @@ impl AdminOps for Node {
                 ["rebuild", rest @ ..] => self.rebuild_cmd(rest),
                 ["cache", rest @ ..] => self.cache_cmd(rest).await,
                 ["verify", rest @ ..] => self.clone().verify_cmd(rest, &out).await,
-                _ => Err(format!("unknown command {:?}: expected status, rebuild, cache or verify", words.join(" "))),
+                ["clear-flush-error"] => self.clear_flush_error().await,
+                _ => Err(format!(
+                    "unknown command {:?}: expected status, rebuild, cache, verify or clear-flush-error",
+                    words.join(" ")
+                )),
             };
             let line = match result {
                 Ok(msg) => format!("ok {msg}"),

@@ -199,6 +199,14 @@ pub fn render(node: &Node) -> String {
     o.sample("superdisk_backing_stalled_operations", &[], io.stalled_ops.load(Relaxed));
     o.family("superdisk_backing_in_outage", "gauge", "1 while the backing has an operation stalled past its timeout.");
     o.sample("superdisk_backing_in_outage", &[], io.in_outage.load(Relaxed));
+    o.family("superdisk_backing_flush_failures_total", "counter", "Backing flushes and FUA writes that failed.");
+    o.sample("superdisk_backing_flush_failures_total", &[], io.durability.failures());
+    o.family(
+        "superdisk_backing_durability_lost",
+        "gauge",
+        "1 while a backing flush failure is uncleared: FLUSH and FUA writes fail (superdisk clear-flush-error).",
+    );
+    o.sample("superdisk_backing_durability_lost", &[], u64::from(io.durability.is_lost()));
 
     if let Some(m) = &node.mirror {
         let st = m.stats();

@@ -29,6 +29,7 @@ pub type AnyError = Box<dyn std::error::Error + Send + Sync>;
 /// Every device the daemon opens is counted.
 pub type Dev = Instrumented<FileDevice>;
 pub type Mirror = MirrorVolume<Dev, Dev>;
+pub type Plain = PlainVolume<Dev>;
 /// Re-reads the configuration (file plus the command line's overrides) for SIGHUP.
 pub type Reloader = Box<dyn Fn() -> Result<ServeConfig, AnyError> + Send + Sync>;
 
@@ -57,6 +58,8 @@ pub struct Node {
     pub backing: Arc<DeviceStats>,
     pub server: Arc<ServerStats>,
     pub mirror: Option<Arc<Mirror>>,
+    /// The volume when no cache is configured.
+    plain: Option<Arc<Plain>>,
     /// Timeouts, retries and outages of backing I/O (the guard around the backing).
     pub backing_io: Arc<crate::device::BackingIoStats>,
     /// The attached (or last failed) cache set's members; emptied by `cache remove`.
@@ -287,12 +290,33 @@ impl Node {
                 timeouts_total: self.backing_io.timeouts.load(Relaxed),
                 read_retries_total: self.backing_io.retries.load(Relaxed),
                 deadline_errors_total: self.backing_io.deadline_errors.load(Relaxed),
+                flush_failures_total: self.backing_io.durability.failures(),
+                durability_lost: self.backing_io.durability.loss(),
             },
         }
     }
 
+    /// The operator's `clear-flush-error` (see `device::guard::Durability`).
+    pub async fn clear_flush_error(&self) -> Result<String, String> {
+        let Some(loss) = self.backing_io.durability.loss() else {
+            return Ok("no flush error to clear: the backing has kept every flush".into());
+        };
+        let r = match (&self.mirror, &self.plain) {
+            (Some(m), _) => m.clear_durability_loss().await,
+            (None, Some(p)) => p.clear_durability_loss().await,
+            (None, None) => return Err("no volume".into()),
+        };
+        r.map_err(|e| format!("cannot clear the flush error: {e}"))?;
+        Ok(format!("flush error cleared ({}); FLUSH and FUA writes succeed again", loss.cause))
+    }
+
     /// The STATUS= line for the service manager.
     fn service_status(&self) -> String {
+        if self.backing_io.durability.is_lost() {
+            return "FLUSH FAILING: a backing flush failed, data may be lost; see `superdisk status`, then \
+                    `superdisk clear-flush-error`"
+                .into();
+        }
         let mode = self.mode_name();
         if let (Some(m), "rebuilding") = (&self.mirror, mode) {
             let st = m.stats();
@@ -400,6 +424,7 @@ pub async fn serve_with(
     let (dev, backing_stats) = instrument("backing", dev)?;
     let server_stats = Arc::new(ServerStats::default());
     let node = |mirror: Option<Arc<Mirror>>,
+                plain: Option<Arc<Plain>>,
                 caches: Vec<Arc<DeviceStats>>,
                 backing_io: Arc<crate::device::BackingIoStats>,
                 size: u64,
@@ -412,6 +437,7 @@ pub async fn serve_with(
             backing: backing_stats.clone(),
             server: server_stats.clone(),
             mirror,
+            plain,
             caches: Mutex::new(caches),
             samples: Mutex::new(VecDeque::new()),
             verify_task: tokio::sync::Mutex::new(None),
@@ -426,8 +452,9 @@ pub async fn serve_with(
         if volume.recovered_from_crash {
             tracing::warn!("the previous run did not shut down cleanly");
         }
-        let node = node(None, Vec::new(), volume.io_stats(), volume.size_bytes(), &cfg);
-        return run(Arc::new(volume), node, &cfg, rotational, stdio, on_ready).await;
+        let volume = Arc::new(volume);
+        let node = node(None, Some(volume.clone()), Vec::new(), volume.io_stats(), volume.size_bytes(), &cfg);
+        return run(volume, node, &cfg, rotational, stdio, on_ready).await;
     }
     let (caches, members) = match open_caches(&cfg.cache, &cfg) {
         Ok(c) => c,
@@ -450,7 +477,7 @@ pub async fn serve_with(
     };
     let volume =
         Arc::new(MirrorVolume::open(dev, caches, opts).await.map_err(|e| format!("{}: {e}", cfg.backing.display()))?);
-    let node = node(Some(volume.clone()), members, volume.stats().backing_io.clone(), volume.size_bytes(), &cfg);
+    let node = node(Some(volume.clone()), None, members, volume.stats().backing_io.clone(), volume.size_bytes(), &cfg);
     run(volume, node, &cfg, rotational, stdio, on_ready).await
 }
 

@@ -34,6 +34,12 @@ pub struct BackingIoStatus {
     pub timeouts_total: u64,
     pub read_retries_total: u64,
     pub deadline_errors_total: u64,
+    /// Flushes and FUA writes the backing failed.
+    #[serde(default)]
+    pub flush_failures_total: u64,
+    /// Set while durability is lost: FLUSH and FUA writes fail until `clear-flush-error`.
+    #[serde(default)]
+    pub durability_lost: Option<crate::device::guard::DurabilityLoss>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -268,6 +274,14 @@ pub fn render(s: &Status) -> String {
         }
     }
     let io = &s.backing_io;
+    if let Some(l) = &io.durability_lost {
+        let _ = writeln!(
+            o,
+            "BACKING FLUSH FAILED: {} (at unix time {}). Writes acknowledged before it may be lost; every FLUSH and \
+             FUA write fails until `superdisk clear-flush-error` (after the filesystem on top was checked)",
+            l.cause, l.since_unix_s
+        );
+    }
     if io.in_outage || io.outages_total > 0 {
         let _ = writeln!(
             o,

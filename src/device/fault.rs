@@ -10,7 +10,11 @@
 //!
 //! Every decision comes from one [`SimRng`], drawn in the order operations arrive, so a test that
 //! issues its operations in a fixed order sees the same faults for the same seed.
+//!
+//! A failed flush, and a failed FUA write, lose the device's unflushed writes as Linux does
+//! ([`SimStorage::lose_unflushed`]): the error is reported once, and the next flush succeeds.
 
+use super::mem::SimStorage;
 use super::{AlignedBuf, BlockDevice, Extent};
 use std::io;
 use std::ops::Range;
@@ -170,6 +174,8 @@ struct Plan {
     /// power or a path mid-request can.
     torn_failed_writes: bool,
     bad_ranges: Vec<BadRange>,
+    /// Operations touching these ranges wait until [`FaultHandle::resume`].
+    hung_ranges: Vec<BadRange>,
     vanished: bool,
 }
 
@@ -214,7 +220,7 @@ struct Verdict {
     torn_prefix_bytes: u64,
 }
 
-impl<D: BlockDevice> FaultDevice<D> {
+impl<D: BlockDevice + SimStorage> FaultDevice<D> {
     /// Wraps `inner` with no faults switched on.
     pub fn new(inner: D, seed: u64) -> Self {
         let shared = Shared {
@@ -234,6 +240,30 @@ impl<D: BlockDevice> FaultDevice<D> {
 
     pub fn inner(&self) -> &D {
         &self.inner
+    }
+
+    /// Decides a write's fate and waits out its latency and any hang: Err if it fails (after
+    /// a torn prefix may have landed, and, for a FUA write, the unflushed writes were lost).
+    async fn before_write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
+        let range = offset..offset.saturating_add(data.len() as u64);
+        let v = self.decide(FaultOp::Write, Some(range.clone()));
+        pause(&v).await;
+        hold(&self.shared, FaultOp::Write, Some(range)).await;
+        if !v.fail {
+            return Ok(());
+        }
+        if v.torn_prefix_bytes > 0 {
+            let n = v.torn_prefix_bytes as usize;
+            let mut prefix = AlignedBuf::zeroed(n);
+            prefix.copy_from_slice(&data[..n]);
+            // The write is reported failed either way; whether the prefix landed is the point.
+            let _ = self.inner.write(offset, prefix, false).await;
+        }
+        if fua {
+            // A DSYNC write reports the file's write-back error as a flush does (errseq).
+            self.inner.lose_unflushed();
+        }
+        Err(eio())
     }
 
     fn decide(&self, op: FaultOp, range: Option<Range<u64>>) -> Verdict {
@@ -288,13 +318,13 @@ impl Drop for Held<'_> {
 
 /// Waits while operations of kind `op` are hung. What waited then reaches the device, late: a
 /// request that a caller timed out on can still land, as a network disk's can.
-async fn hold(shared: &Shared, op: FaultOp) {
+async fn hold(shared: &Shared, op: FaultOp, range: Option<Range<u64>>) {
     let mut held = None;
     loop {
         let notified = shared.resumed.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        if !shared.hung[op.index()].load(Ordering::Acquire) {
+        if !shared.hung[op.index()].load(Ordering::Acquire) && !in_hung_range(shared, op, range.as_ref()) {
             return;
         }
         if held.is_none() {
@@ -303,6 +333,12 @@ async fn hold(shared: &Shared, op: FaultOp) {
         }
         notified.await;
     }
+}
+
+fn in_hung_range(shared: &Shared, op: FaultOp, range: Option<&Range<u64>>) -> bool {
+    let Some(r) = range else { return false };
+    let plan = lock(&shared.plan);
+    plan.0.hung_ranges.iter().any(|b| b.ops.contains(&op) && b.range.start < r.end && r.start < b.range.end)
 }
 
 impl FaultHandle {
@@ -365,11 +401,18 @@ impl FaultHandle {
         }
     }
 
+    /// `ops` touching any byte of `range` stop answering until [`FaultHandle::resume`] (a
+    /// request stuck in one place, as a network disk's can be).
+    pub fn hang_range(&self, range: Range<u64>, ops: &[FaultOp]) {
+        lock(&self.shared.plan).0.hung_ranges.push(BadRange { range, ops: ops.to_vec() });
+    }
+
     /// Ends every hang: the held operations go on to the device.
     pub fn resume(&self) {
         for h in &self.shared.hung {
             h.store(false, Ordering::Release);
         }
+        lock(&self.shared.plan).0.hung_ranges.clear();
         self.shared.resumed.notify_waiters();
     }
 
@@ -393,7 +436,7 @@ impl FaultHandle {
     }
 }
 
-impl<D: BlockDevice> BlockDevice for FaultDevice<D> {
+impl<D: BlockDevice + SimStorage> BlockDevice for FaultDevice<D> {
     fn size_bytes(&self) -> u64 {
         self.inner.size_bytes()
     }
@@ -412,7 +455,10 @@ impl<D: BlockDevice> BlockDevice for FaultDevice<D> {
     /// A read that would be failed or held is left to `read`, which fails or holds it: a real
     /// page-cache send cannot stall, and one that fails falls back to `read` anyway.
     fn zero_copy_source(&self, offset: u64, len: usize) -> Option<crate::device::FileSlice> {
-        if self.shared.hung[FaultOp::Read.index()].load(Ordering::Acquire) {
+        let range = offset..offset.saturating_add(len as u64);
+        if self.shared.hung[FaultOp::Read.index()].load(Ordering::Acquire)
+            || in_hung_range(&self.shared, FaultOp::Read, Some(&range))
+        {
             return None;
         }
         let v = self.decide(FaultOp::Read, Some(offset..offset.saturating_add(len as u64)));
@@ -423,9 +469,10 @@ impl<D: BlockDevice> BlockDevice for FaultDevice<D> {
     }
 
     async fn read(&self, offset: u64, buf: AlignedBuf) -> (AlignedBuf, io::Result<()>) {
-        let v = self.decide(FaultOp::Read, Some(offset..offset.saturating_add(buf.len() as u64)));
+        let range = offset..offset.saturating_add(buf.len() as u64);
+        let v = self.decide(FaultOp::Read, Some(range.clone()));
         pause(&v).await;
-        hold(&self.shared, FaultOp::Read).await;
+        hold(&self.shared, FaultOp::Read, Some(range)).await;
         if v.fail {
             return (buf, Err(eio()));
         }
@@ -433,36 +480,40 @@ impl<D: BlockDevice> BlockDevice for FaultDevice<D> {
     }
 
     async fn write(&self, offset: u64, buf: AlignedBuf, fua: bool) -> (AlignedBuf, io::Result<()>) {
-        let v = self.decide(FaultOp::Write, Some(offset..offset.saturating_add(buf.len() as u64)));
-        pause(&v).await;
-        hold(&self.shared, FaultOp::Write).await;
-        if v.fail {
-            if v.torn_prefix_bytes > 0 {
-                let n = v.torn_prefix_bytes as usize;
-                let mut prefix = AlignedBuf::zeroed(n);
-                prefix.copy_from_slice(&buf[..n]);
-                // The write is reported failed either way; whether the prefix landed is the point.
-                let _ = self.inner.write(offset, prefix, false).await;
-            }
-            return (buf, Err(eio()));
+        if let Err(e) = self.before_write(offset, &buf, fua).await {
+            return (buf, Err(e));
         }
         self.inner.write(offset, buf, fua).await
+    }
+
+    /// The same faults as `write`, then the inner device's own shared write, so the model tests
+    /// take the path production takes (the mirror writes both devices from one buffer).
+    async fn write_shared(&self, offset: u64, data: Arc<AlignedBuf>, fua: bool) -> io::Result<()> {
+        self.before_write(offset, &data, fua).await?;
+        self.inner.write_shared(offset, data, fua).await
+    }
+
+    fn drop_cached(&self, offset: u64, len: u64) {
+        self.inner.drop_cached(offset, len);
     }
 
     async fn flush(&self) -> io::Result<()> {
         let v = self.decide(FaultOp::Flush, None);
         pause(&v).await;
-        hold(&self.shared, FaultOp::Flush).await;
+        hold(&self.shared, FaultOp::Flush, None).await;
         if v.fail {
+            // Linux marks the pages clean and reports the error once: what they held is gone.
+            self.inner.lose_unflushed();
             return Err(eio());
         }
         self.inner.flush().await
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
-        let mut v = self.decide(FaultOp::Write, Some(offset..offset.saturating_add(len)));
+        let range = offset..offset.saturating_add(len);
+        let mut v = self.decide(FaultOp::Write, Some(range.clone()));
         pause(&v).await;
-        hold(&self.shared, FaultOp::Write).await;
+        hold(&self.shared, FaultOp::Write, Some(range)).await;
         if v.fail {
             v.torn_prefix_bytes = v.torn_prefix_bytes.min(len);
             if v.torn_prefix_bytes > 0 {
@@ -474,9 +525,10 @@ impl<D: BlockDevice> BlockDevice for FaultDevice<D> {
     }
 
     async fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
-        let v = self.decide(FaultOp::Read, Some(offset..offset.saturating_add(len)));
+        let range = offset..offset.saturating_add(len);
+        let v = self.decide(FaultOp::Read, Some(range.clone()));
         pause(&v).await;
-        hold(&self.shared, FaultOp::Read).await;
+        hold(&self.shared, FaultOp::Read, Some(range)).await;
         if v.fail {
             return Err(eio());
         }

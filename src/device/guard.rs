@@ -47,7 +47,7 @@ use super::{AlignedBuf, BlockDevice, Extent, RangeLocks};
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -108,6 +108,95 @@ pub struct BackingIoStats {
     pub stalled_ops: AtomicU64,
     /// Gauge: 1 while an outage lasts (some attempt is stalled), else 0.
     pub in_outage: AtomicU64,
+    pub durability: Durability,
+}
+
+/// Whether the device can still be trusted with the durability of what it acknowledged.
+///
+/// Linux reports a failed write-back once per open file (errseq): the `fdatasync` (or `RWF_DSYNC`
+/// write) that sees it gets EIO, the dirty pages are marked clean and may be evicted, and the next
+/// `fdatasync` returns 0 although the data never reached the media. A device returning an error
+/// for a flush or a FUA write is the same story for any device: something acknowledged earlier may
+/// be gone. So the first such failure is recorded here and never forgotten by this process: from
+/// then on no client FLUSH or FUA write may succeed, and the mirror clears no write-intent bit.
+/// Volumes persist the loss on the backing's superblock, so a restart keeps it too; only the
+/// operator clears it (`superdisk clear-flush-error`), once the clients have dealt with it.
+#[derive(Debug, Default)]
+pub struct Durability {
+    lost: AtomicBool,
+    failures: AtomicU64,
+    loss: Mutex<Option<DurabilityLoss>>,
+    /// Wakes whoever persists a new loss (the mirror's metadata task).
+    changed: tokio::sync::Notify,
+}
+
+/// What made the device's durability unknown, and when.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DurabilityLoss {
+    pub since_unix_s: u64,
+    pub cause: String,
+}
+
+impl Durability {
+    /// Flush or FUA-write failures seen since start (each one is a possible loss of data).
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    pub fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::Acquire)
+    }
+
+    pub fn loss(&self) -> Option<DurabilityLoss> {
+        if !self.is_lost() {
+            return None;
+        }
+        lock(&self.loss).clone()
+    }
+
+    /// Records a failed flush or FUA write (`counted`), or a loss recorded by an earlier run.
+    /// True if durability was not already lost.
+    pub fn record(&self, cause: String, counted: bool) -> bool {
+        if counted {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut l = lock(&self.loss);
+        if l.is_some() {
+            return false;
+        }
+        let since_unix_s =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        *l = Some(DurabilityLoss { since_unix_s, cause });
+        self.lost.store(true, Ordering::Release);
+        drop(l);
+        self.changed.notify_waiters();
+        true
+    }
+
+    /// The operator's acknowledgement (after the volume made its copies consistent again).
+    pub fn clear(&self) {
+        let mut l = lock(&self.loss);
+        *l = None;
+        self.lost.store(false, Ordering::Release);
+    }
+
+    /// Err (EIO to a client) while durability is lost.
+    pub fn check(&self) -> io::Result<()> {
+        match self.loss() {
+            None => Ok(()),
+            Some(l) => Err(io::Error::other(format!(
+                "the backing lost durability ({}): an earlier flush or FUA write failed, so writes \
+                 acknowledged before it may be gone; every FLUSH and FUA write fails until the \
+                 operator runs `superdisk clear-flush-error`",
+                l.cause
+            ))),
+        }
+    }
+
+    /// Resolves at the next loss recorded after it was enabled (or first polled).
+    pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changed.notified()
+    }
 }
 
 tokio::task_local! {
@@ -245,6 +334,24 @@ struct Shared {
     health: Mutex<Health>,
     /// Wakes readers waiting for an abandoned write, and [`Guarded::wait_answering`].
     changed: tokio::sync::Notify,
+    /// Flushes hold it exclusively and FUA writes shared, from issue until the device answers:
+    /// with errseq only one of two overlapping syncs sees a write-back error, so a flush that
+    /// overlapped the failing one could report success for data that is gone. In turn, the
+    /// failure is recorded before the next sync can start.
+    gate: Arc<tokio::sync::RwLock<()>>,
+    /// One flush at a time comes through here; flush calls that arrived while one was issued
+    /// are all covered by the next one (group commit).
+    flush_turn: tokio::sync::Mutex<()>,
+    /// Flush calls so far, and how many of them a successful flush has covered.
+    flush_calls: AtomicU64,
+    flush_covered: AtomicU64,
+}
+
+/// A sync's hold on [`Shared::gate`] (held only to be dropped).
+#[allow(dead_code)]
+enum GateGuard {
+    Shared(tokio::sync::OwnedRwLockReadGuard<()>),
+    Exclusive(tokio::sync::OwnedRwLockWriteGuard<()>),
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -257,6 +364,8 @@ struct Op {
     what: &'static str,
     offset: u64,
     len: u64,
+    /// A flush or a FUA write: its failure means durability is lost ([`Durability`]).
+    durable: bool,
 }
 
 impl Shared {
@@ -361,6 +470,39 @@ impl Shared {
         }
     }
 
+    /// A flush holds the gate alone; FUA writes share it.
+    fn try_gate(&self, kind: Kind) -> Option<GateGuard> {
+        if kind == Kind::Flush {
+            self.gate.clone().try_write_owned().ok().map(GateGuard::Exclusive)
+        } else {
+            self.gate.clone().try_read_owned().ok().map(GateGuard::Shared)
+        }
+    }
+
+    async fn lock_gate(&self, kind: Kind) -> GateGuard {
+        if kind == Kind::Flush {
+            GateGuard::Exclusive(self.gate.clone().write_owned().await)
+        } else {
+            GateGuard::Shared(self.gate.clone().read_owned().await)
+        }
+    }
+
+    /// A flush or FUA write the device failed (possibly long after its caller gave up).
+    fn durability_failed(&self, op: Op, e: &io::Error) {
+        let cause = format!("{} {} at {}+{} failed: {e}", self.name, op.what, op.offset, op.len);
+        if self.stats.durability.record(cause, true) {
+            tracing::error!(
+                device = self.name,
+                op = op.what,
+                error = %e,
+                "{} {} failed: data acknowledged before it may not be durable; every FLUSH and FUA write fails \
+                 from now on and no write-intent bit is cleared, until the operator runs `superdisk clear-flush-error`",
+                self.name,
+                op.what
+            );
+        }
+    }
+
     fn deadline_failed(&self, op: Op) -> io::Error {
         self.stats.deadline_errors.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(device = self.name, op = op.what, offset = op.offset, len = op.len, "deadline passed");
@@ -379,20 +521,34 @@ struct Attempt<T: Outcome> {
     started: Option<Instant>,
     stalled: bool,
     fence: Option<OwnedRangeGuard>,
+    gate: Option<GateGuard>,
     abandoned: Option<u64>,
     /// Already the background remainder: dropping it again (runtime shutdown) must not respawn.
     detached: bool,
 }
 
+/// What an attempt holds while it is in flight: its write fence and its hold on the sync gate.
+struct Holds {
+    fence: Option<OwnedRangeGuard>,
+    gate: Option<GateGuard>,
+}
+
+impl Holds {
+    fn take(&mut self) -> Holds {
+        Holds { fence: self.fence.take(), gate: self.gate.take() }
+    }
+}
+
 impl<T: Outcome> Attempt<T> {
-    fn new(shared: &Arc<Shared>, fut: OpFuture<T>, op: Op, fence: Option<OwnedRangeGuard>) -> Self {
+    fn new(shared: &Arc<Shared>, fut: OpFuture<T>, op: Op, holds: Holds) -> Self {
         Attempt {
             fut: Some(fut),
             shared: shared.clone(),
             op,
             started: None,
             stalled: false,
-            fence,
+            fence: holds.fence,
+            gate: holds.gate,
             abandoned: None,
             detached: false,
         }
@@ -402,12 +558,19 @@ impl<T: Outcome> Attempt<T> {
         let Some(fut) = self.fut.as_mut() else { return Poll::Pending };
         let v = std::task::ready!(fut.as_mut().poll(cx));
         self.fut = None;
+        if self.op.durable {
+            // Before the gate opens: the next sync must already see the loss.
+            if let Some(e) = v.error() {
+                self.shared.durability_failed(self.op, e);
+            }
+        }
         self.settle();
         Poll::Ready(v)
     }
 
     /// The device answered (or the operation is gone): release what it held.
     fn settle(&mut self) {
+        drop(self.gate.take());
         drop(self.fence.take());
         if let Some(id) = self.abandoned.take() {
             self.shared.landed(id);
@@ -453,6 +616,7 @@ impl<T: Outcome> Drop for Attempt<T> {
             started: self.started,
             stalled: std::mem::take(&mut self.stalled),
             fence: self.fence.take(),
+            gate: self.gate.take(),
             abandoned: self.abandoned.take(),
             detached: true,
         };
@@ -520,6 +684,10 @@ impl<D: BlockDevice> Guarded<D> {
             next_id: AtomicU64::new(0),
             health: Mutex::new(Health { stalled: 0, outage: None }),
             changed: tokio::sync::Notify::new(),
+            gate: Arc::new(tokio::sync::RwLock::new(())),
+            flush_turn: tokio::sync::Mutex::new(()),
+            flush_calls: AtomicU64::new(0),
+            flush_covered: AtomicU64::new(0),
         };
         Guarded { inner: Arc::new(inner), shared: Arc::new(shared) }
     }
@@ -534,6 +702,17 @@ impl<D: BlockDevice> Guarded<D> {
 
     pub fn stats(&self) -> &Arc<BackingIoStats> {
         &self.shared.stats
+    }
+
+    /// Whether the device can still be trusted with what it acknowledged (see [`Durability`]).
+    pub fn durability(&self) -> &Durability {
+        &self.shared.stats.durability
+    }
+
+    /// Whether a write whose caller gave up, and that the device has not answered yet, overlaps
+    /// `[start, end)`: its bytes may still land there, unflushed.
+    pub fn write_outstanding(&self, start: u64, end: u64) -> bool {
+        self.shared.overlaps_abandoned(start, end)
     }
 
     /// Whether some operation is stalled (past its attempt timeout, not yet answered).
@@ -557,32 +736,66 @@ impl<D: BlockDevice> Guarded<D> {
         }
     }
 
+    /// Takes at once, if it can, what an operation must hold or wait for before it is issued:
+    /// a write's fence, a read's clearance from abandoned writes, a sync's hold on the gate.
+    fn try_enter(&self, kind: Kind, op: Op, holds: &mut Holds) -> bool {
+        let sh = &self.shared;
+        let ready = match kind {
+            Kind::Write if op.len > 0 => {
+                holds.fence = sh.fence.try_lock_owned(op.offset, op.offset.saturating_add(op.len));
+                holds.fence.is_some()
+            }
+            Kind::Read => !sh.overlaps_abandoned(op.offset, op.offset.saturating_add(op.len)),
+            _ => true,
+        };
+        ready
+            && (!op.durable || {
+                holds.gate = sh.try_gate(kind);
+                holds.gate.is_some()
+            })
+    }
+
+    /// [`Self::try_enter`], waiting (within `deadline`) for whatever was not free.
+    async fn enter(&self, kind: Kind, op: Op, deadline: Instant, holds: &mut Holds) -> io::Result<()> {
+        let sh = &self.shared;
+        let end = op.offset.saturating_add(op.len);
+        match kind {
+            Kind::Write if op.len > 0 && holds.fence.is_none() => {
+                match within(deadline, sh.fence.lock_owned(op.offset, end)).await {
+                    Some(g) => holds.fence = Some(g),
+                    None => return Err(sh.deadline_failed(op)),
+                }
+            }
+            Kind::Read if sh.wait_abandoned(op.offset, end, deadline).await.is_err() => {
+                return Err(sh.deadline_failed(op));
+            }
+            _ => {}
+        }
+        if op.durable && holds.gate.is_none() {
+            match within(deadline, sh.lock_gate(kind)).await {
+                Some(g) => holds.gate = Some(g),
+                None => return Err(sh.deadline_failed(op)),
+            }
+        }
+        Ok(())
+    }
+
     /// Runs one request: fence or wait as its kind needs, issue, watch the attempt timeout,
     /// re-issue reads, give up at the deadline. `start` issues one attempt. Err only when the
     /// deadline passed with no answer to return.
     async fn drive<T: Outcome>(&self, kind: Kind, op: Op, mut start: impl FnMut() -> OpFuture<T>) -> io::Result<T> {
         let sh = &self.shared;
         let pol = &sh.policy;
-        let end = op.offset.saturating_add(op.len);
         let max_attempts = if kind == Kind::Read { pol.read_retries.saturating_add(1) } else { 1 };
         let mut attempts: Vec<Attempt<T>> = Vec::new();
         let mut issued = 0u32;
         let mut last_failure: Option<T> = None;
-        let mut fence = None;
+        let mut holds = Holds { fence: None, gate: None };
 
         // Fast path, for a device that answers: nothing to wait for before issuing, and an answer
         // on the first poll. No clock read, no timer, no allocation but the operation's box.
-        let clear = sh.stalled() < MAX_STALLED_OPS
-            && match kind {
-                Kind::Write if op.len > 0 => {
-                    fence = sh.fence.try_lock_owned(op.offset, end);
-                    fence.is_some()
-                }
-                Kind::Read => !sh.overlaps_abandoned(op.offset, end),
-                _ => true,
-            };
-        if clear {
-            let mut a = Attempt::new(sh, start(), op, fence.take());
+        if sh.stalled() < MAX_STALLED_OPS && self.try_enter(kind, op, &mut holds) {
+            let mut a = Attempt::new(sh, start(), op, holds.take());
             issued = 1;
             match std::future::poll_fn(|cx| Poll::Ready(a.poll_done(cx))).await {
                 Poll::Ready(out) => match out.error() {
@@ -605,16 +818,7 @@ impl<D: BlockDevice> Guarded<D> {
         };
         if issued == 0 {
             // The slow way in: wait (within the deadline) for what kept the fast path from issuing.
-            match kind {
-                Kind::Write if op.len > 0 => match within(deadline, sh.fence.lock_owned(op.offset, end)).await {
-                    Some(g) => fence = Some(g),
-                    None => return Err(sh.deadline_failed(op)),
-                },
-                Kind::Read if sh.wait_abandoned(op.offset, end, deadline).await.is_err() => {
-                    return Err(sh.deadline_failed(op));
-                }
-                _ => {}
-            }
+            self.enter(kind, op, deadline, &mut holds).await?;
         }
         loop {
             let now = Instant::now();
@@ -644,7 +848,7 @@ impl<D: BlockDevice> Guarded<D> {
                     }
                     issued += 1;
                     issue_at = None;
-                    let mut a = Attempt::new(sh, start(), op, fence.take());
+                    let mut a = Attempt::new(sh, start(), op, holds.take());
                     a.started = Some(now);
                     attempts.push(a);
                 }
@@ -720,15 +924,28 @@ impl<D: BlockDevice> BlockDevice for Guarded<D> {
     }
 
     /// Bytes already in the page cache are the device's as the kernel holds them: no attempt
-    /// that could stall, so nothing to time out or fence.
+    /// that could stall, so nothing to time out. But a write whose caller gave up may still land
+    /// on them, and a read must not see the bytes from before it and then the bytes after: such
+    /// a range is read through [`Guarded::read`], which waits for the write.
     fn zero_copy_source(&self, offset: u64, len: usize) -> Option<super::FileSlice> {
+        if self.shared.overlaps_abandoned(offset, offset.saturating_add(len as u64)) {
+            return None;
+        }
         self.inner.zero_copy_source(offset, len)
+    }
+
+    fn identity(&self) -> Option<super::DeviceId> {
+        self.inner.identity()
+    }
+
+    fn drop_cached(&self, offset: u64, len: u64) {
+        self.inner.drop_cached(offset, len);
     }
 
     async fn read(&self, offset: u64, buf: AlignedBuf) -> (AlignedBuf, io::Result<()>) {
         let len = buf.len();
         let mut first = Some(buf);
-        let op = Op { what: "read", offset, len: len as u64 };
+        let op = Op { what: "read", offset, len: len as u64, durable: false };
         let r = self
             .drive(Kind::Read, op, || {
                 let inner = self.inner.clone();
@@ -746,7 +963,7 @@ impl<D: BlockDevice> BlockDevice for Guarded<D> {
     async fn write(&self, offset: u64, buf: AlignedBuf, fua: bool) -> (AlignedBuf, io::Result<()>) {
         let len = buf.len();
         let mut once = Some(buf);
-        let op = Op { what: "write", offset, len: len as u64 };
+        let op = Op { what: "write", offset, len: len as u64, durable: fua };
         let r = self
             .drive(Kind::Write, op, || {
                 let inner = self.inner.clone();
@@ -762,7 +979,7 @@ impl<D: BlockDevice> BlockDevice for Guarded<D> {
     }
 
     async fn write_shared(&self, offset: u64, data: Arc<AlignedBuf>, fua: bool) -> io::Result<()> {
-        let op = Op { what: "write", offset, len: data.len() as u64 };
+        let op = Op { what: "write", offset, len: data.len() as u64, durable: fua };
         self.drive(Kind::Write, op, || {
             let (inner, data) = (self.inner.clone(), data.clone());
             Box::pin(async move { inner.write_shared(offset, data, fua).await })
@@ -770,17 +987,31 @@ impl<D: BlockDevice> BlockDevice for Guarded<D> {
         .await?
     }
 
+    /// Flushes one at a time (see [`Shared::gate`]); calls that arrive while one is issued share
+    /// the next. A flush is issued even after durability was lost (metadata writes still need
+    /// theirs); callers that promise durability to a client check [`Durability`] as well.
     async fn flush(&self) -> io::Result<()> {
-        let op = Op { what: "flush", offset: 0, len: 0 };
+        let sh = &self.shared;
+        let me = sh.flush_calls.fetch_add(1, Ordering::SeqCst) + 1;
+        let _turn = bounded(sh.flush_turn.lock()).await?;
+        if sh.flush_covered.load(Ordering::SeqCst) >= me {
+            // A flush issued after this call began succeeded: every write acknowledged before
+            // the call is durable (unless durability was lost, which the caller checks).
+            return Ok(());
+        }
+        let covers = sh.flush_calls.load(Ordering::SeqCst);
+        let op = Op { what: "flush", offset: 0, len: 0, durable: true };
         self.drive(Kind::Flush, op, || {
             let inner = self.inner.clone();
             Box::pin(async move { inner.flush().await })
         })
-        .await?
+        .await??;
+        sh.flush_covered.fetch_max(covers, Ordering::SeqCst);
+        Ok(())
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
-        let op = Op { what: "write_zeroes", offset, len };
+        let op = Op { what: "write_zeroes", offset, len, durable: false };
         self.drive(Kind::Write, op, || {
             let inner = self.inner.clone();
             Box::pin(async move { inner.write_zeroes(offset, len, may_unmap).await })
@@ -790,7 +1021,7 @@ impl<D: BlockDevice> BlockDevice for Guarded<D> {
 
     async fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
         // A hole map is a read: a write still landing could allocate the range.
-        let op = Op { what: "allocation", offset, len };
+        let op = Op { what: "allocation", offset, len, durable: false };
         self.drive(Kind::Read, op, || {
             let inner = self.inner.clone();
             Box::pin(async move { inner.allocation(offset, len).await })
@@ -879,6 +1110,76 @@ mod tests {
             assert!(img[4096..8192].iter().all(|&x| x == 0xa));
             assert!(img[8192..12288].iter().all(|&x| x == 0xd), "the acknowledged write is last");
             assert!(img[65536..69632].iter().all(|&x| x == 0xc));
+        })
+        .await;
+    }
+
+    /// A zero-copy source is a read like any other: while a write whose caller gave up may still
+    /// land on the range, it is not offered (the read path waits for the write instead), so two
+    /// reads after the failed write never tell different stories.
+    #[tokio::test]
+    async fn no_zero_copy_source_over_a_write_that_may_still_land() {
+        bounded_test(async {
+            let dev = FaultDevice::new(MemDevice::new(SIZE), 7);
+            let h = dev.handle();
+            let g = guarded(dev.clone());
+            assert!(g.zero_copy_source(8192, 4096).is_some(), "MemDevice offers its bytes");
+            h.hang(&[FaultOp::Write]);
+            let (_, r) = g.write(8192, filled(4096, 0xe), false).await;
+            assert!(is_deadline_error(&r.unwrap_err()));
+            assert!(g.zero_copy_source(8192, 4096).is_none(), "offered bytes a late write may still replace");
+            assert!(g.zero_copy_source(10240, 100).is_none());
+            assert!(g.zero_copy_source(65536, 4096).is_some(), "a disjoint range is still offered");
+            h.resume();
+            g.wait_answering(Duration::from_secs(10)).await;
+            let slice = g.zero_copy_source(8192, 4096).expect("offered again once the write landed");
+            let mut got = vec![0u8; 4096];
+            let file = std::fs::File::from(slice.file.fd().try_clone_to_owned().unwrap());
+            std::os::unix::fs::FileExt::read_exact_at(&file, &mut got, 8192).unwrap();
+            assert!(got.iter().all(|&b| b == 0xe), "the landed write");
+        })
+        .await;
+    }
+
+    /// A flush (or FUA write) the device fails loses durability for good; another flush beside
+    /// it cannot overlap it (so it cannot report success for what the failed one lost), and
+    /// concurrent flush calls share one device flush.
+    #[tokio::test]
+    async fn a_failed_flush_is_recorded_and_flushes_never_overlap() {
+        bounded_test(async {
+            let dev = FaultDevice::new(MemDevice::new(SIZE), 8);
+            let h = dev.handle();
+            let g = Arc::new(guarded(dev.clone()));
+            assert!(!g.durability().is_lost());
+            h.set_latency(Duration::from_millis(5), Duration::from_millis(6));
+            let flushes: Vec<_> = (0..8)
+                .map(|_| {
+                    let g = g.clone();
+                    tokio::spawn(async move { g.flush().await })
+                })
+                .collect();
+            for f in flushes {
+                f.await.unwrap().unwrap();
+            }
+            assert!(h.ops(FaultOp::Flush) <= 3, "8 concurrent flushes took {} device flushes", h.ops(FaultOp::Flush));
+            h.set_latency(Duration::ZERO, Duration::ZERO);
+            g.write(0, filled(4096, 1), false).await.1.unwrap();
+            h.set_error_ppm(FaultOp::Flush, 1_000_000);
+            assert!(g.flush().await.is_err());
+            h.heal();
+            let loss = g.durability().loss().expect("the failed flush is remembered");
+            assert!(loss.cause.contains("flush"), "{loss:?}");
+            assert!(g.durability().check().is_err());
+            // The device flushes fine again (errseq reports once); the loss stays until cleared.
+            g.flush().await.unwrap();
+            assert!(g.durability().is_lost());
+            // A FUA write the device fails loses durability as well.
+            g.durability().clear();
+            h.set_error_ppm(FaultOp::Write, 1_000_000);
+            assert!(g.write(0, filled(4096, 2), true).await.1.is_err());
+            h.heal();
+            assert!(g.durability().is_lost(), "a failed FUA write");
+            assert_eq!(g.durability().failures(), 2);
         })
         .await;
     }

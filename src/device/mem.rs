@@ -16,12 +16,17 @@
 //! from then on, so a volume (or a background task of one) that outlives the crash cannot write into
 //! the image that the next incarnation reads.
 //!
+//! A failed write-back follows Linux's errseq semantics ([`SimStorage::lose_unflushed`]): the
+//! writes since the last good flush are gone from what survives a crash, reads keep seeing them
+//! (the page cache keeps the pages, now clean) until [`BlockDevice::drop_cached`] evicts them, and
+//! the next flush succeeds, as the next `fdatasync` after an EIO does.
+//!
 //! [`ShadowDisk`] is the other half of the story: the model of what such a disk may legally read
 //! as, which model-based tests check every read against (tests/plain_model.rs,
 //! tests/mirror_model.rs). A unit test below keeps the two in agreement.
 
 use super::fault::SimRng;
-use super::{AlignedBuf, BlockDevice, Extent};
+use super::{align, AlignedBuf, BlockDevice, Extent};
 use std::io;
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -90,6 +95,10 @@ pub struct MemDevice {
     state: Arc<Mutex<State>>,
     power_cycle: u64,
     logical_block_bytes: u32,
+    /// Set by [`MemDevice::with_logical_block_bytes`]: native I/O only in whole logical blocks,
+    /// byte-granular requests through the alignment layer, as on a block device or O_DIRECT.
+    strict: bool,
+    rmw_locks: Arc<super::RangeLocks>,
 }
 
 /// A dead handle fails as a device that lost power does: a bare EIO, which the NBD layer maps by
@@ -126,15 +135,40 @@ impl MemDevice {
             })),
             power_cycle: 0,
             logical_block_bytes: 512,
+            strict: false,
+            rmw_locks: Arc::default(),
         }
     }
 
-    /// The same device, advertising another logical block size (the data path stays byte-exact;
-    /// this only changes what callers are told, to exercise their alignment code).
+    /// The same device as a block device of `bytes` logical blocks: it does native I/O (and
+    /// zeroing) only in whole blocks, refusing anything else with EINVAL, and serves
+    /// byte-granular requests through the same alignment layer (`device::align`) as `FileDevice`
+    /// does for block devices and O_DIRECT. Without it the device is byte-granular.
     pub fn with_logical_block_bytes(mut self, bytes: u32) -> Self {
         assert!(bytes.is_power_of_two(), "logical block size must be a power of two");
         self.logical_block_bytes = bytes;
+        self.strict = bytes > 1;
         self
+    }
+
+    fn native_align(&self) -> u64 {
+        if self.strict {
+            u64::from(self.logical_block_bytes)
+        } else {
+            1
+        }
+    }
+
+    /// EINVAL for what a block device refuses: a range not in whole logical blocks.
+    fn check_aligned(&self, offset: u64, len: u64) -> io::Result<()> {
+        let a = self.native_align();
+        if offset % a == 0 && len % a == 0 {
+            return Ok(());
+        }
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("memory device: [{offset}, +{len}) is not in whole {a}-byte blocks"),
+        ))
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -201,7 +235,7 @@ impl MemDevice {
     /// A live handle after a crash (power restored). Other handles stay dead.
     pub fn reopen(&self) -> MemDevice {
         let power_cycle = self.lock().power_cycle;
-        MemDevice { state: self.state.clone(), power_cycle, logical_block_bytes: self.logical_block_bytes }
+        MemDevice { state: self.state.clone(), power_cycle, ..self.clone() }
     }
 
     /// Whether this handle still works (no crash since it was made).
@@ -229,6 +263,95 @@ impl MemDevice {
     }
 }
 
+/// What a simulated storage device does when a write-back fails (see the module docs).
+pub trait SimStorage {
+    /// Linux's errseq behaviour after a failed `fdatasync` (or a failed `RWF_DSYNC` write):
+    /// every unflushed, non-FUA write is dropped from what the media will hold, while reads keep
+    /// returning it until the range is evicted ([`BlockDevice::drop_cached`]) or power is lost.
+    /// Returns how many writes were dropped.
+    fn lose_unflushed(&self) -> usize;
+}
+
+impl SimStorage for MemDevice {
+    fn lose_unflushed(&self) -> usize {
+        let mut st = self.lock();
+        let st = &mut *st;
+        let mut dropped = 0;
+        for w in std::mem::take(&mut st.pending) {
+            if w.fua {
+                w.apply_prefix(&mut st.durable, w.len());
+            } else {
+                dropped += 1;
+            }
+        }
+        dropped
+    }
+}
+
+impl align::BlockIo for MemDevice {
+    fn io_align(&self) -> u64 {
+        self.native_align()
+    }
+
+    fn zero_align(&self) -> u64 {
+        self.native_align()
+    }
+
+    fn rmw_locks(&self) -> &super::RangeLocks {
+        &self.rmw_locks
+    }
+
+    async fn raw_read(&self, offset: u64, mut buf: AlignedBuf) -> (AlignedBuf, io::Result<()>) {
+        let r = (|| {
+            self.check_aligned(offset, buf.len() as u64)?;
+            let st = self.live()?;
+            check_range(offset, buf.len() as u64, st.current.len() as u64)?;
+            let (start, n) = (offset as usize, buf.len());
+            buf.copy_from_slice(&st.current[start..start + n]);
+            Ok(())
+        })();
+        (buf, r)
+    }
+
+    async fn raw_write(&self, offset: u64, buf: AlignedBuf, fua: bool) -> (AlignedBuf, io::Result<()>) {
+        let r = self.store(offset, &buf, fua);
+        (buf, r)
+    }
+
+    async fn raw_write_shared(&self, offset: u64, data: Arc<AlignedBuf>, fua: bool) -> io::Result<()> {
+        self.store(offset, &data, fua)
+    }
+
+    async fn zero_blocks(&self, offset: u64, len: u64, _may_unmap: bool) -> io::Result<()> {
+        self.check_aligned(offset, len)?;
+        let mut st = self.live()?;
+        check_range(offset, len, st.current.len() as u64)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let start = offset as usize;
+        st.current[start..start + len as usize].fill(0);
+        st.pending.push(PendingWrite { offset, data: PendingData::Zeroes(len), fua: false });
+        Ok(())
+    }
+}
+
+impl MemDevice {
+    /// One native write: visible to reads at once, durable at the next flush (or now, with FUA).
+    fn store(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
+        self.check_aligned(offset, data.len() as u64)?;
+        let mut st = self.live()?;
+        check_range(offset, data.len() as u64, st.current.len() as u64)?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let start = offset as usize;
+        st.current[start..start + data.len()].copy_from_slice(data);
+        st.pending.push(PendingWrite { offset, data: PendingData::Bytes(data.to_vec()), fua });
+        Ok(())
+    }
+}
+
 impl BlockDevice for MemDevice {
     fn size_bytes(&self) -> u64 {
         self.lock().current.len() as u64
@@ -244,6 +367,34 @@ impl BlockDevice for MemDevice {
 
     fn fast_zero(&self) -> bool {
         true
+    }
+
+    /// Evicts the range from the simulated page cache: reads of it return what the media holds
+    /// plus the writes since the last flush. Only a write-back lost by [`SimStorage::lose_unflushed`]
+    /// makes that differ from what reads returned before, as on Linux.
+    fn drop_cached(&self, offset: u64, len: u64) {
+        let Ok(mut st) = self.live() else { return };
+        let size = st.current.len() as u64;
+        let (start, end) = (offset.min(size), offset.saturating_add(len).min(size));
+        if start >= end {
+            return;
+        }
+        let st = &mut *st;
+        let (s, e) = (start as usize, end as usize);
+        st.current[s..e].copy_from_slice(&st.durable[s..e]);
+        for w in &st.pending {
+            let (ws, we) = (w.offset, w.offset + w.len());
+            let (from, to) = (ws.max(start), we.min(end));
+            if from >= to {
+                continue;
+            }
+            for i in from..to {
+                st.current[i as usize] = match &w.data {
+                    PendingData::Bytes(b) => b[(i - ws) as usize],
+                    PendingData::Zeroes(_) => 0,
+                };
+            }
+        }
     }
 
     /// The range's bytes as of now, in a memfd at the same offset: lets tests drive the zero-copy
@@ -268,30 +419,16 @@ impl BlockDevice for MemDevice {
         Some(super::FileSlice { file: Arc::new(file), offset, len })
     }
 
-    async fn read(&self, offset: u64, mut buf: AlignedBuf) -> (AlignedBuf, io::Result<()>) {
-        let r = (|| {
-            let st = self.live()?;
-            check_range(offset, buf.len() as u64, st.current.len() as u64)?;
-            let (start, n) = (offset as usize, buf.len());
-            buf.copy_from_slice(&st.current[start..start + n]);
-            Ok(())
-        })();
-        (buf, r)
+    async fn read(&self, offset: u64, buf: AlignedBuf) -> (AlignedBuf, io::Result<()>) {
+        align::read(self, offset, buf).await
     }
 
     async fn write(&self, offset: u64, buf: AlignedBuf, fua: bool) -> (AlignedBuf, io::Result<()>) {
-        let r = (|| {
-            let mut st = self.live()?;
-            check_range(offset, buf.len() as u64, st.current.len() as u64)?;
-            if buf.is_empty() {
-                return Ok(());
-            }
-            let start = offset as usize;
-            st.current[start..start + buf.len()].copy_from_slice(&buf);
-            st.pending.push(PendingWrite { offset, data: PendingData::Bytes(buf.to_vec()), fua });
-            Ok(())
-        })();
-        (buf, r)
+        align::write(self, offset, buf, fua).await
+    }
+
+    async fn write_shared(&self, offset: u64, data: Arc<AlignedBuf>, fua: bool) -> io::Result<()> {
+        align::write_shared(self, offset, data, fua).await
     }
 
     async fn flush(&self) -> io::Result<()> {
@@ -305,16 +442,8 @@ impl BlockDevice for MemDevice {
         Ok(())
     }
 
-    async fn write_zeroes(&self, offset: u64, len: u64, _may_unmap: bool) -> io::Result<()> {
-        let mut st = self.live()?;
-        check_range(offset, len, st.current.len() as u64)?;
-        if len == 0 {
-            return Ok(());
-        }
-        let start = offset as usize;
-        st.current[start..start + len as usize].fill(0);
-        st.pending.push(PendingWrite { offset, data: PendingData::Zeroes(len), fua: false });
-        Ok(())
+    async fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
+        align::write_zeroes(self, offset, len, may_unmap).await
     }
 
     async fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {

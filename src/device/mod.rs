@@ -9,6 +9,7 @@
 //!               └── Engine: Uring(ring thread)  |  Sync(pread/pwrite on the blocking pool)
 //! ```
 
+pub mod align;
 pub mod buf;
 mod engine_sync;
 mod engine_uring;
@@ -236,7 +237,6 @@ pub struct FileDevice {
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 const BLKSSZGET: libc::c_ulong = 0x1268;
 const BLKROTATIONAL: libc::c_ulong = 0x127e;
-const ZERO_CHUNK_BYTES: usize = 1 << 20;
 const LOCK_RETRY: std::time::Duration = std::time::Duration::from_secs(3);
 const MAX_EXTENTS: usize = 4096;
 
@@ -497,22 +497,51 @@ impl FileDevice {
             }
         }
     }
+}
 
-    /// Writes zeroes by plain writes, for devices without a zeroing primitive.
-    async fn write_zeroes_slow(&self, offset: u64, len: u64) -> io::Result<()> {
-        let mut done = 0u64;
-        let mut zero = AlignedBuf::zeroed(ZERO_CHUNK_BYTES);
-        while done < len {
-            let n = (len - done).min(ZERO_CHUNK_BYTES as u64) as usize;
-            if zero.len() != n {
-                zero = AlignedBuf::zeroed(n);
+impl align::BlockIo for FileDevice {
+    fn io_align(&self) -> u64 {
+        self.align()
+    }
+
+    /// fallocate on a block device takes whole logical blocks only; on a file, any range.
+    fn zero_align(&self) -> u64 {
+        u64::from(if self.is_block_device { self.logical_block_bytes } else { 1 })
+    }
+
+    fn rmw_locks(&self) -> &RangeLocks {
+        &self.rmw_locks
+    }
+
+    async fn raw_read(&self, offset: u64, buf: AlignedBuf) -> (AlignedBuf, io::Result<()>) {
+        FileDevice::raw_read(self, offset, buf).await
+    }
+
+    async fn raw_write(&self, offset: u64, buf: AlignedBuf, fua: bool) -> (AlignedBuf, io::Result<()>) {
+        FileDevice::raw_write(self, offset, buf, fua).await
+    }
+
+    async fn raw_write_shared(&self, offset: u64, data: Arc<AlignedBuf>, fua: bool) -> io::Result<()> {
+        FileDevice::raw_write_shared(self, offset, data, fua).await
+    }
+
+    /// fallocate, falling back to the other mode where that is a safe substitute; `Unsupported`
+    /// when neither works, so zeroes are written instead.
+    async fn zero_blocks(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
+        let mode =
+            libc::FALLOC_FL_KEEP_SIZE | if may_unmap { libc::FALLOC_FL_PUNCH_HOLE } else { libc::FALLOC_FL_ZERO_RANGE };
+        match self.fallocate(mode, offset, len).await {
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                // PUNCH_HOLE when NO_HOLE was asked would break the client's request, so only
+                // the unmap→zero-range direction is a valid substitute.
+                let alt = libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_ZERO_RANGE;
+                if may_unmap && self.fallocate(alt, offset, len).await.is_ok() {
+                    return Ok(());
+                }
+                Err(io::ErrorKind::Unsupported.into())
             }
-            let (b, r) = self.write(offset + done, zero, false).await;
-            r?;
-            zero = b;
-            done += n as u64;
+            r => r,
         }
-        Ok(())
     }
 }
 
@@ -566,66 +595,16 @@ impl BlockDevice for FileDevice {
         true
     }
 
-    async fn read(&self, offset: u64, mut buf: AlignedBuf) -> (AlignedBuf, io::Result<()>) {
-        let a = self.align();
-        let len = buf.len() as u64;
-        if len == 0 {
-            return (buf, Ok(()));
-        }
-        if offset % a == 0 && len % a == 0 {
-            return self.raw_read(offset, buf).await;
-        }
-        // O_DIRECT with an unaligned request: read the covering aligned span and copy out.
-        let start = offset / a * a;
-        let end = (offset + len).div_ceil(a) * a;
-        let bounce = AlignedBuf::uninit_for_fill((end - start) as usize);
-        let (bounce, r) = self.raw_read(start, bounce).await;
-        if r.is_ok() {
-            let skip = (offset - start) as usize;
-            buf.copy_from_slice(&bounce[skip..skip + len as usize]);
-        }
-        (buf, r)
+    async fn read(&self, offset: u64, buf: AlignedBuf) -> (AlignedBuf, io::Result<()>) {
+        align::read(self, offset, buf).await
     }
 
     async fn write(&self, offset: u64, buf: AlignedBuf, fua: bool) -> (AlignedBuf, io::Result<()>) {
-        let a = self.align();
-        let len = buf.len() as u64;
-        if len == 0 {
-            return (buf, Ok(()));
-        }
-        if offset % a == 0 && len % a == 0 {
-            return self.raw_write(offset, buf, fua).await;
-        }
-        // Read-modify-write of the covering aligned span. Two unaligned writes that share an edge
-        // block but not a byte are both legal in flight at once; the range lock keeps one from
-        // writing back the other's block with stale bytes.
-        let start = offset / a * a;
-        let end = (offset + len).div_ceil(a) * a;
-        let _guard = self.rmw_locks.lock(start, end).await;
-        let bounce = AlignedBuf::uninit_for_fill((end - start) as usize);
-        let (mut bounce, r) = self.raw_read(start, bounce).await;
-        if let Err(e) = r {
-            return (buf, Err(e));
-        }
-        let skip = (offset - start) as usize;
-        bounce[skip..skip + len as usize].copy_from_slice(&buf);
-        let (_, r) = self.raw_write(start, bounce, fua).await;
-        (buf, r)
+        align::write(self, offset, buf, fua).await
     }
 
     async fn write_shared(&self, offset: u64, data: Arc<AlignedBuf>, fua: bool) -> io::Result<()> {
-        let a = self.align();
-        let len = data.len() as u64;
-        if len == 0 {
-            return Ok(());
-        }
-        if offset % a == 0 && len % a == 0 {
-            return self.raw_write_shared(offset, data, fua).await;
-        }
-        // Unaligned O_DIRECT: read-modify-write through an owned buffer, as `write` does.
-        let mut own = AlignedBuf::uninit_for_fill(data.len());
-        own.copy_from_slice(&data);
-        self.write(offset, own, fua).await.1
+        align::write_shared(self, offset, data, fua).await
     }
 
     async fn flush(&self) -> io::Result<()> {
@@ -639,38 +618,7 @@ impl BlockDevice for FileDevice {
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
-        if len == 0 {
-            return Ok(());
-        }
-        // Block devices need aligned fallocate ranges; zero the unaligned edges by writing.
-        let a = u64::from(if self.is_block_device { self.logical_block_bytes } else { 1 });
-        let mid_start = offset.div_ceil(a) * a;
-        let mid_end = ((offset + len) / a * a).max(mid_start);
-        if mid_start > offset {
-            self.write_zeroes_slow(offset, (mid_start - offset).min(len)).await?;
-        }
-        if mid_end > mid_start {
-            let mode = libc::FALLOC_FL_KEEP_SIZE
-                | if may_unmap { libc::FALLOC_FL_PUNCH_HOLE } else { libc::FALLOC_FL_ZERO_RANGE };
-            match self.fallocate(mode, mid_start, mid_end - mid_start).await {
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-                    let alt = libc::FALLOC_FL_KEEP_SIZE
-                        | if may_unmap { libc::FALLOC_FL_ZERO_RANGE } else { libc::FALLOC_FL_PUNCH_HOLE };
-                    // PUNCH_HOLE when NO_HOLE was asked would break the client's request, so only
-                    // the unmap→zero-range direction is a valid substitute.
-                    let alt_ok = may_unmap && self.fallocate(alt, mid_start, mid_end - mid_start).await.is_ok();
-                    if !alt_ok {
-                        self.write_zeroes_slow(mid_start, mid_end - mid_start).await?;
-                    }
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        if offset + len > mid_end && mid_end >= mid_start && mid_end > offset {
-            self.write_zeroes_slow(mid_end, offset + len - mid_end).await?;
-        }
-        Ok(())
+        align::write_zeroes(self, offset, len, may_unmap).await
     }
 
     async fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
@@ -745,4 +693,4 @@ fn seek_extents(fd: i32, start: u64, end: u64) -> io::Result<Vec<Extent>> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -21,8 +21,13 @@ pub const FLAG_OPEN: u32 = 1 << 0;
 /// missing bitmap page means "never formatted", afterwards it means "lost" (and is treated as
 /// all-dirty).
 pub const FLAG_BITMAPS: u32 = 1 << 1;
+/// Backing only: a flush or FUA write of the backing failed, so data acknowledged before it may
+/// not be durable (see `device::guard::Durability`). Every later start keeps failing client
+/// FLUSH and FUA writes until the operator clears it (`superdisk clear-flush-error`): a restart
+/// must not turn an error the clients may not have seen yet into a silent loss.
+pub const FLAG_FLUSH_FAILED: u32 = 1 << 2;
 /// Every flag this version knows; others are refused (a newer superdisk set them).
-pub const KNOWN_FLAGS: u32 = FLAG_OPEN | FLAG_BITMAPS;
+pub const KNOWN_FLAGS: u32 = FLAG_OPEN | FLAG_BITMAPS | FLAG_FLUSH_FAILED;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Superblock {

@@ -20,7 +20,7 @@ use crate::meta::bitmap::page_of;
 use crate::meta::store::write_superblock;
 use crate::meta::superblock::{FLAG_BITMAPS, FLAG_OPEN};
 use crate::meta::{BitmapKind, Bits, DiskBitmap, MetaLayout, Superblock, BITS_PER_PAGE};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,8 +39,10 @@ struct JState {
     touched: Bits,
     changed: Bits,
     changed_durable: Bits,
-    /// Writes in flight per region.
-    inflight: HashMap<u64, u32>,
+    /// Mutations in flight: one entry per request, however many regions it spans, so a client's
+    /// multi-GiB TRIMs cost a few bytes each, not one entry per region.
+    inflight: BTreeMap<u64, Range<u64>>,
+    next_mark: u64,
     /// No cache set attached: writes mark changed regions too.
     recording: bool,
     dirty_intent: BTreeSet<u64>,
@@ -158,7 +160,8 @@ impl Journal {
                 touched: Bits::new(regions),
                 changed_durable: loaded.changed.clone(),
                 changed: loaded.changed,
-                inflight: HashMap::new(),
+                inflight: BTreeMap::new(),
+                next_mark: 0,
                 recording: false,
                 dirty_intent: BTreeSet::new(),
                 dirty_changed: BTreeSet::new(),
@@ -204,11 +207,13 @@ impl Journal {
         rs: Range<u64>,
         under_lock: impl FnOnce(bool) -> T,
     ) -> io::Result<(MarkGuard<'_>, T)> {
-        let (need, t) = {
+        let (need, t, id) = {
             let mut st = self.state();
             let mut need = false;
+            let id = st.next_mark;
+            st.next_mark += 1;
+            st.inflight.insert(id, rs.clone());
             for r in rs.clone() {
-                *st.inflight.entry(r).or_insert(0) += 1;
                 st.touched.set(r);
                 if !st.intent_durable.get(r) {
                     if !st.intent.get(r) {
@@ -243,10 +248,10 @@ impl Journal {
                 st.seq += 1;
                 st.seq
             });
-            (seq, under_lock(recording))
+            (seq, under_lock(recording), id)
         };
         // The guard exists before the await, so a failed or cancelled commit unregisters the write.
-        let guard = MarkGuard { journal: self, rs };
+        let guard = MarkGuard { journal: self, id };
         if let Some(seq) = need {
             self.commit_until(dev, seq).await?;
         }
@@ -327,8 +332,8 @@ impl Journal {
     /// a new pass: every region counts as untouched from now on.
     pub fn clean_candidates(&self) -> Vec<u64> {
         let mut st = self.state();
-        let cands: Vec<u64> =
-            st.intent.iter_ones().filter(|&r| !st.touched.get(r) && !st.inflight.contains_key(&r)).collect();
+        let busy = busy_regions(&st.inflight);
+        let cands: Vec<u64> = st.intent.iter_ones().filter(|&r| !st.touched.get(r) && !busy.contains(r)).collect();
         st.touched.clear_all();
         cands
     }
@@ -338,9 +343,10 @@ impl Journal {
     pub async fn clear_idle<B: BlockDevice>(&self, dev: &B, cands: &[u64]) -> io::Result<u64> {
         let cleared = {
             let mut st = self.state();
+            let busy = busy_regions(&st.inflight);
             let mut n = 0;
             for &r in cands {
-                if !st.touched.get(r) && !st.inflight.contains_key(&r) && st.intent.get(r) {
+                if !st.touched.get(r) && !busy.contains(r) && st.intent.get(r) {
                     st.intent.clear(r);
                     st.intent_durable.clear(r);
                     st.dirty_intent.insert(page_of(r));
@@ -356,11 +362,13 @@ impl Journal {
     }
 
     /// Shutdown: every region without a write in flight is clean (the caller flushed both devices
-    /// and persisted the valid bitmap after the last write).
-    pub async fn clear_all_idle<B: BlockDevice>(&self, dev: &B) -> io::Result<()> {
+    /// and persisted the valid bitmap after the last write), except those `keep` names (a write
+    /// given up on that may still land there).
+    pub async fn clear_all_idle<B: BlockDevice>(&self, dev: &B, keep: impl Fn(u64) -> bool) -> io::Result<()> {
         let cands: Vec<u64> = {
             let st = self.state();
-            st.intent.iter_ones().filter(|r| !st.inflight.contains_key(r)).collect()
+            let busy = busy_regions(&st.inflight);
+            st.intent.iter_ones().filter(|&r| !busy.contains(r) && !keep(r)).collect()
         };
         {
             let mut st = self.state();
@@ -417,6 +425,17 @@ impl Journal {
         self.state().intent.count_ones()
     }
 
+    /// Regions with a write-intent bit (in memory): those whose copies may differ.
+    pub fn intent_regions(&self) -> Vec<u64> {
+        self.state().intent.iter_ones().collect()
+    }
+
+    /// Mutations registered right now (one per request); for tests of the memory bound.
+    #[cfg(test)]
+    pub fn registrations(&self) -> usize {
+        self.state().inflight.len()
+    }
+
     pub fn changed_count(&self) -> u64 {
         self.state().changed.count_ones()
     }
@@ -440,23 +459,54 @@ fn settle(durable: &mut Bits, mem: &Bits, pages: &[(u64, Vec<u8>)]) {
     }
 }
 
-/// Ends a write's registration (decrements its regions' in-flight counts).
+/// The regions some registered mutation spans, as sorted disjoint ranges.
+struct BusyRegions(Vec<Range<u64>>);
+
+impl BusyRegions {
+    fn contains(&self, r: u64) -> bool {
+        // The first range that ends after `r` is the only one that can hold it.
+        let i = self.0.partition_point(|x| x.end <= r);
+        self.0.get(i).is_some_and(|x| x.start <= r)
+    }
+}
+
+fn busy_regions(inflight: &BTreeMap<u64, Range<u64>>) -> BusyRegions {
+    let mut ranges: Vec<Range<u64>> = inflight.values().cloned().collect();
+    ranges.sort_unstable_by_key(|r| r.start);
+    let mut merged: Vec<Range<u64>> = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        match merged.last_mut() {
+            Some(m) if r.start <= m.end => m.end = m.end.max(r.end),
+            _ => merged.push(r),
+        }
+    }
+    BusyRegions(merged)
+}
+
+/// Ends a mutation's registration.
 pub(crate) struct MarkGuard<'a> {
     journal: &'a Journal,
-    rs: Range<u64>,
+    id: u64,
 }
 
 impl Drop for MarkGuard<'_> {
     fn drop(&mut self) {
-        let mut st = self.journal.state();
-        for r in self.rs.clone() {
-            match st.inflight.get_mut(&r) {
-                Some(n) if *n > 1 => *n -= 1,
-                Some(_) => {
-                    st.inflight.remove(&r);
-                }
-                None => debug_assert!(false, "region {r} was not registered"),
-            }
-        }
+        let removed = self.journal.state().inflight.remove(&self.id);
+        debug_assert!(removed.is_some(), "mutation {} was not registered", self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_regions_merge_overlapping_registrations() {
+        let inflight: BTreeMap<u64, Range<u64>> = [(0, 5..9), (1, 2..4), (2, 8..12), (3, 20..21)].into_iter().collect();
+        let busy = busy_regions(&inflight);
+        assert_eq!(busy.0, vec![2..4, 5..12, 20..21]);
+        let inside: Vec<u64> = (0..25).filter(|&r| busy.contains(r)).collect();
+        assert_eq!(inside, vec![2, 3, 5, 6, 7, 8, 9, 10, 11, 20]);
+        assert!(!busy_regions(&BTreeMap::new()).contains(0));
     }
 }

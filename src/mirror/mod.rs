@@ -45,17 +45,19 @@ mod util;
 mod verify;
 
 #[cfg(test)]
+mod durability_tests;
+#[cfg(test)]
 mod tests;
 
 pub use hedge::{HedgePolicy, HedgeStats};
 pub use striped::Striped;
 pub use verify::{verify_offline, verify_offline_report, VerifyReport};
 
-use crate::device::guard::{self, BackingIoStats, Guarded, IoPolicy};
+use crate::device::guard::{self, BackingIoStats, DurabilityLoss, Guarded, IoPolicy};
 use crate::device::timeout::{CacheTimeouts, Timed, Tripwire};
 use crate::device::{AlignedBuf, BlockDevice, DeviceId, Extent, FileSlice, RangeLocks};
 use crate::meta::store::{check_backing, read_superblock};
-use crate::meta::superblock::FLAG_OPEN;
+use crate::meta::superblock::{FLAG_FLUSH_FAILED, FLAG_OPEN};
 use crate::meta::{Bits, Superblock};
 use crate::volume::Volume;
 use cacheset::{classify, CacheSet, Found};
@@ -227,6 +229,8 @@ pub(crate) struct Inner<B: BlockDevice, C: BlockDevice> {
     /// Foreground requests, for the rebuild's rate adaptation.
     fg_ops: AtomicU64,
     closed: AtomicBool,
+    /// The backing's durability loss is recorded on its superblock (`FLAG_FLUSH_FAILED`).
+    loss_persisted: AtomicBool,
 }
 
 pub struct MirrorVolume<B: BlockDevice, C: BlockDevice> {
@@ -315,7 +319,9 @@ impl<B: BlockDevice, C: BlockDevice> MirrorVolume<B, C> {
             hedger,
             fg_ops: AtomicU64::new(0),
             closed: AtomicBool::new(false),
+            loss_persisted: AtomicBool::new(false),
         });
+        inner.recall_durability_loss(&sb);
         if caches.is_empty() {
             tracing::warn!("no cache device: serving degraded from the backing");
             inner.start_degraded().await?;
@@ -329,7 +335,11 @@ impl<B: BlockDevice, C: BlockDevice> MirrorVolume<B, C> {
                 }
             }
         }
-        let tasks = vec![tokio::spawn(rebuild::rebuild_loop(inner.clone())), tokio::spawn(cleaner_loop(inner.clone()))];
+        let tasks = vec![
+            tokio::spawn(rebuild::rebuild_loop(inner.clone())),
+            tokio::spawn(cleaner_loop(inner.clone())),
+            tokio::spawn(durability_watch(inner.clone())),
+        ];
         Ok(MirrorVolume { inner, tasks: Mutex::new(tasks) })
     }
 
@@ -503,6 +513,22 @@ impl<B: BlockDevice, C: BlockDevice> MirrorVolume<B, C> {
         self.inner.backing.inner()
     }
 
+    /// Why the backing can no longer be trusted with what it acknowledged, if it cannot (a flush
+    /// or FUA write failed, in this run or an earlier one): every client FLUSH and FUA write fails
+    /// meanwhile (see `device::guard::Durability`).
+    pub fn durability_lost(&self) -> Option<DurabilityLoss> {
+        self.inner.backing.durability().loss()
+    }
+
+    /// The operator's `clear-flush-error`, once the clients have dealt with the error (the
+    /// filesystem unmounted and repaired, say). Makes the copies consistent with what the backing
+    /// really holds first: its page cache is dropped (pages whose write-back failed may still be
+    /// there, clean) and every region with a write-intent bit, which is every region that was
+    /// written since the last good flush, is invalidated in the cache and copied again.
+    pub async fn clear_durability_loss(&self) -> io::Result<()> {
+        self.inner.clear_durability_loss().await
+    }
+
     /// Whether a backing operation is stalled right now (an outage is under way).
     pub fn backing_stalled(&self) -> bool {
         self.inner.backing.in_outage()
@@ -545,7 +571,95 @@ async fn cleaner_loop<B: BlockDevice, C: BlockDevice>(inner: Arc<Inner<B, C>>) {
     }
 }
 
+/// Records a durability loss on the backing's superblock as soon as the guard sees one (a cleaner
+/// flush, a rebuild flush or a metadata write may be first), so that a crash before any client
+/// hears of it cannot turn it into a silent loss: the next start fails FLUSH as this one does.
+async fn durability_watch<B: BlockDevice, C: BlockDevice>(inner: Arc<Inner<B, C>>) {
+    loop {
+        let changed = inner.backing.durability().changed();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        if inner.closed.load(Ordering::Acquire) {
+            return;
+        }
+        inner.persist_loss().await;
+        changed.await;
+    }
+}
+
 impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
+    /// At open: a loss recorded by an earlier run stays in force. The backing's page cache may
+    /// still hold pages whose write-back failed (clean, so nothing will write them again): drop
+    /// it, so every read from now on sees what the media holds.
+    fn recall_durability_loss(&self, sb: &Superblock) {
+        if sb.flags & FLAG_FLUSH_FAILED == 0 {
+            return;
+        }
+        self.backing.durability().record("recorded on the backing by an earlier run".into(), false);
+        self.loss_persisted.store(true, Ordering::Release);
+        self.backing.drop_cached(0, self.backing.size_bytes());
+        tracing::error!(
+            "a flush or FUA write of the backing failed in an earlier run: data acknowledged before it may be \
+             lost; every FLUSH and FUA write fails until the operator runs `superdisk clear-flush-error`"
+        );
+    }
+
+    /// Writes `FLAG_FLUSH_FAILED` once durability is lost (once per loss).
+    async fn persist_loss(&self) {
+        if !self.backing.durability().is_lost() || self.loss_persisted.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if let Err(e) = self.journal.update_sb(&self.backing, |sb| sb.flags |= FLAG_FLUSH_FAILED).await {
+            self.loss_persisted.store(false, Ordering::Release);
+            tracing::error!(error = %e, "cannot record the backing's lost durability on its superblock; will retry");
+        }
+    }
+
+    /// Ok while the backing is trusted; else the error a client's FLUSH or FUA write gets, once
+    /// the loss is on the superblock.
+    async fn check_durable(&self) -> io::Result<()> {
+        if let Err(e) = self.backing.durability().check() {
+            self.persist_loss().await;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// A client's FLUSH: the backing's (the cache is flushed by the cleaner, which is what the
+    /// valid bitmap depends on). Never Ok once a flush or FUA write failed, here or elsewhere.
+    async fn client_flush(&self) -> io::Result<()> {
+        self.check_durable().await?;
+        let r = self.backing.flush().await;
+        // A failure this flush (or a sync beside it) just saw wins over its own answer.
+        self.check_durable().await?;
+        r
+    }
+
+    async fn clear_durability_loss(&self) -> io::Result<()> {
+        let _t = self.transition.lock().await;
+        let Some(loss) = self.backing.durability().loss() else {
+            return Ok(());
+        };
+        self.backing.drop_cached(0, self.backing.size_bytes());
+        let intent = self.journal.intent_regions();
+        if let Some(set) = self.cache_now() {
+            for &r in &intent {
+                self.invalidate(&set, r..r + 1);
+            }
+        }
+        self.backing.flush().await?;
+        self.backing.durability().clear();
+        self.journal.update_sb(&self.backing, |sb| sb.flags &= !FLAG_FLUSH_FAILED).await?;
+        self.loss_persisted.store(false, Ordering::Release);
+        tracing::warn!(
+            cause = %loss.cause,
+            resynced_regions = intent.len(),
+            "the operator cleared the backing's flush error: FLUSH and FUA writes succeed again; regions written \
+             since the last good flush are copied to the cache again from what the backing holds"
+        );
+        Ok(())
+    }
+
     fn cache_now(&self) -> Option<Arc<Set<C>>> {
         self.cache.read().expect("cache pointer poisoned").clone()
     }
@@ -587,6 +701,20 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
             self.stats.rebuild_total_bytes.fetch_add(n * self.region_bytes, Ordering::Relaxed);
             self.update_invalid_gauge();
             self.work.notify_one();
+        }
+    }
+
+    /// Invalidates regions whose cache copy is known to be bad (a failed repair write, a verify
+    /// mismatch) so that it survives a crash and a re-attach as well: the regions' write-intent
+    /// bits go on the backing, and every attach subtracts those from the persisted valid bitmap.
+    /// (A failed client write needs nothing more: its intent bit is set already.)
+    async fn invalidate_durably(&self, set: &Arc<Set<C>>, rs: std::ops::Range<u64>) {
+        self.invalidate(set, rs.clone());
+        if let Err(e) = self.journal.mark(&self.backing, rs, |_| ()).await {
+            tracing::warn!(error = %e, "cannot record an invalidation on the backing; saving the cache's valid bitmap");
+            if let Err(e) = set.persist_valid().await {
+                self.cache_meta_failed(set, &e);
+            }
         }
     }
 
@@ -731,11 +859,13 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
                     let trusted = reusable_valid(&bsb, set_uuid, set_epoch, persisted, intent, changed, recording)?;
                     let (members, sbs, bitmaps, persisted) = parts.take().expect("parts present");
                     let set = Arc::new(CacheSet::existing(members, sbs, bitmaps, persisted, &trusted, wire.clone()));
-                    self.arm_wire(&set);
                     *self.cache.write().expect("cache pointer poisoned") = Some(set.clone());
                     Some(set)
                 });
                 if let Some(set) = installed {
+                    // Outside the journal lock: a wire tripped already fails the set at once, and
+                    // failing detaches, which takes that lock. A trip in between is seen here.
+                    self.arm_wire(&set);
                     return self.finish_reattach(set, &bsb, set_epoch).await.map_err(AttachError::Io);
                 }
                 let (members, _, _, _) = parts.take().expect("parts present");
@@ -843,23 +973,36 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
         }
         self.complete_degrade().await?;
         let set = self.cache_now();
-        let cands = self.journal.clean_candidates();
-        if cands.is_empty() {
-            if let Some(set) = set {
-                if let Err(e) = set.persist_valid().await {
-                    self.cache_meta_failed(&set, &e);
-                }
-            }
-            return Ok(());
-        }
-        let cache_flush = async {
-            match &set {
-                Some(s) => s.dev.flush().await,
-                None => Ok(()),
+        // A write given up on may still land in a candidate: a flush now would not cover it.
+        // (One that lands before the next pass takes its candidates is covered by that pass's.)
+        let cands: Vec<u64> = self
+            .journal
+            .clean_candidates()
+            .into_iter()
+            .filter(|&r| {
+                let (start, len) = self.region_bounds(r);
+                !self.backing.write_outstanding(start, start + len)
+            })
+            .collect();
+        // After a failed flush no flush says anything about the writes before it: keep every bit.
+        let clearing = !cands.is_empty() && !self.backing.durability().is_lost();
+        let backing_flush = async {
+            match clearing {
+                true => self.backing.flush().await,
+                false => Ok(()),
             }
         };
-        let (rb, rc) = tokio::join!(self.backing.flush(), cache_flush);
-        rb?;
+        let cache_flush = async {
+            match (&set, clearing) {
+                (Some(s), true) => s.dev.flush().await,
+                _ => Ok(()),
+            }
+        };
+        let (rb, rc) = tokio::join!(backing_flush, cache_flush);
+        if let Err(e) = rb {
+            self.persist_loss().await;
+            return Err(e);
+        }
         if let Some(set) = &set {
             if let Err(e) = rc {
                 self.cache_meta_failed(set, &e);
@@ -870,8 +1013,9 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
                 return Ok(());
             }
         }
-        if self.degrade_pending.load(Ordering::Acquire) {
-            // A set was detached during the pass: record that first (next pass).
+        if !clearing || self.degrade_pending.load(Ordering::Acquire) || self.backing.durability().is_lost() {
+            // Nothing to clear, durability lost meanwhile, or a set was detached during the pass
+            // (recorded first, next pass).
             return Ok(());
         }
         self.journal.clear_idle(&self.backing, &cands).await?;
@@ -1103,7 +1247,7 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
             }
             Err(e) => {
                 tracing::warn!(offset, len, error = %e, "read repair failed; region invalidated");
-                self.invalidate(set, region_span(offset, len, self.region_bytes));
+                self.invalidate_durably(set, region_span(offset, len, self.region_bytes)).await;
                 self.cache_error(set);
             }
         }
@@ -1187,6 +1331,11 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
         }
         self.stats.writes.fetch_add(1, Ordering::Relaxed);
         self.stats.write_bytes.fetch_add(len, Ordering::Relaxed);
+        if fua {
+            if let Err(e) = self.check_durable().await {
+                return (buf, Err(e));
+            }
+        }
         // Bounded: the holder may be a write waiting out a stalled backing.
         let _lock = match self.bounded(self.locks.lock(offset, offset + len)).await {
             Ok(g) => g,
@@ -1246,7 +1395,7 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
         };
         rb?;
         if fua {
-            self.backing.flush().await?;
+            self.client_flush().await?;
         }
         Ok(())
     }
@@ -1338,10 +1487,9 @@ impl<B: BlockDevice, C: BlockDevice> Volume for MirrorVolume<B, C> {
     }
 
     async fn flush(&self) -> io::Result<()> {
-        // The client's durability is the backing's; the cache is flushed by the cleaner, which
-        // is what the valid bitmap depends on. A flush that times out fails here and its late
-        // completion is reported to nobody (the guard never re-issues a flush).
-        guard::with_deadline(self.inner.request_deadline(), self.inner.backing.flush()).await
+        // A flush that times out fails here and its late completion is reported to nobody (the
+        // guard never re-issues a flush; a late failure is recorded as a durability loss).
+        guard::with_deadline(self.inner.request_deadline(), self.inner.client_flush()).await
     }
 
     async fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
@@ -1383,7 +1531,7 @@ impl<B: BlockDevice, C: BlockDevice> Volume for MirrorVolume<B, C> {
         let _t = inner.transition.lock().await;
         inner.closed.store(true, Ordering::Release);
         inner.complete_degrade().await?;
-        inner.backing.flush().await?;
+        let rb = inner.backing.flush().await;
         if let Some(set) = inner.cache_now() {
             let r = async {
                 set.dev.flush().await?;
@@ -1396,7 +1544,15 @@ impl<B: BlockDevice, C: BlockDevice> Volume for MirrorVolume<B, C> {
                 inner.complete_degrade().await?;
             }
         }
-        inner.journal.clear_all_idle(&inner.backing).await?;
+        // With durability lost the stop is not clean: FLAG_OPEN stays and every intent bit with
+        // it, so the next start resyncs every region written since the last good flush.
+        inner.check_durable().await?;
+        rb?;
+        let keep = |r: u64| {
+            let (start, len) = inner.region_bounds(r);
+            inner.backing.write_outstanding(start, start + len)
+        };
+        inner.journal.clear_all_idle(&inner.backing, keep).await?;
         inner.journal.update_sb(&inner.backing, |sb| sb.flags &= !FLAG_OPEN).await?;
         Ok(())
     }

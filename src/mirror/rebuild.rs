@@ -4,8 +4,13 @@
 //!
 //! A region goes Invalid → Copying (claimed), is copied under its range lock (no write can land
 //! between reading the backing and writing the cache, and writes after the copy go to both
-//! devices), then after a cache flush Copying → Valid. A write that fails on the cache during the
-//! window moves it to Invalid, and the final transition then does not happen.
+//! devices), then after a flush of both devices Copying → Valid. A write that fails on the cache
+//! during the window moves it to Invalid, and the final transition then does not happen.
+//!
+//! Why the backing is flushed too: what the copy read may not be durable there yet, and a region
+//! without a write-intent bit is trusted across a crash. A write given up at its deadline can
+//! land on the backing after the cleaner cleared its region's intent bit; copied before any flush
+//! covered it, a power loss would leave the backing without it and the cache valid with it.
 //!
 //! While the backing is stalled or failing the rebuild backs off (exponentially, up to
 //! [`MAX_BACKOFF`], resuming as soon as the backing answers every stalled operation again) rather
@@ -170,8 +175,18 @@ pub(crate) async fn rebuild_loop<B: BlockDevice, C: BlockDevice>(inner: Arc<Inne
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         }
-        // Valid only once the copies are durable on the cache.
-        match set.dev.flush().await {
+        // Valid only once the copies are durable on the cache, and what they were copied from is
+        // durable on the backing.
+        let (rb, rc) = tokio::join!(inner.backing.flush(), set.dev.flush());
+        if let Err(e) = &rb {
+            tracing::warn!(error = %e, "rebuild: backing flush failed; the copied regions stay invalid");
+            for &r in &copied {
+                set.table.transition(r, RegionState::Copying, RegionState::Invalid);
+            }
+            copied.clear();
+            backing_failed = true;
+        }
+        match rc {
             Ok(()) => {
                 let mut bytes = 0;
                 for &r in &copied {

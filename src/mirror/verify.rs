@@ -102,20 +102,20 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
             }
             let (outcome, written) = compare_range(&self.backing, &set.dev, start, len, repair).await?;
             if let Outcome::Differs(d) = outcome {
-                tracing::error!(offset = d[0].0, region = r, "verify: cache differs from the backing");
+                tracing::error!(offset = d[0].0, region = r, repair, "verify: cache differs from the backing");
                 self.stats.verify_mismatches.fetch_add(d.len() as u64, Ordering::Relaxed);
                 for (s, l) in d {
                     push_merged(&mut out, s, l);
                 }
-                if repair {
-                    match written {
-                        Ok(()) => repaired = true,
-                        Err(e) => {
-                            tracing::warn!(region = r, error = %e, "verify: repair write failed; region invalidated");
-                            self.invalidate(&set, r..r + 1);
-                            self.cache_error(&set);
-                        }
+                match (repair, written) {
+                    (true, Ok(())) => repaired = true,
+                    (true, Err(e)) => {
+                        tracing::warn!(region = r, error = %e, "verify: repair write failed; region invalidated");
+                        self.invalidate_durably(&set, r..r + 1).await;
+                        self.cache_error(&set);
                     }
+                    // Reported, and no longer served: the rebuild copies it again from the backing.
+                    (false, _) => self.invalidate_durably(&set, r..r + 1).await,
                 }
             }
         }

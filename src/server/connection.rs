@@ -396,18 +396,18 @@ where
             // Connection share first, then the connection's reserve or else the total: a client
             // waits on the total only with its own share in hand, so one client never holds total
             // budget it cannot use yet.
-            let total_permit = match op {
-                Op::Read { .. } | Op::Write { .. } => Some(match reserve.clone().try_acquire_many_owned(units32) {
-                    Ok(p) => p,
-                    Err(_) => limits
-                        .total_budget
-                        .clone()
-                        .acquire_many_owned(units32)
-                        .await
-                        .expect("budget semaphore is never closed"),
-                }),
-                _ => None,
-            };
+            // Every request, data or not, is charged at least one unit against both: a client
+            // streaming TRIMs or FLUSHes holds a task and a registration for each, and the total
+            // must bound those too.
+            let total_permit = Some(match reserve.clone().try_acquire_many_owned(units32) {
+                Ok(p) => p,
+                Err(_) => limits
+                    .total_budget
+                    .clone()
+                    .acquire_many_owned(units32)
+                    .await
+                    .expect("budget semaphore is never closed"),
+            });
             let permit = Budget { _conn: conn_permit, _total: total_permit };
             let payload = match op {
                 Op::Write { length, .. } => {

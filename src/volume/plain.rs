@@ -4,12 +4,17 @@
 //! The backing is behind a [`Guarded`] device: each request has `backing_io_deadline_ms` to
 //! complete and then fails with EIO; a write given up that way stays fenced until the device
 //! really answers, so no later write to those bytes can be overtaken by it (see `device::guard`).
+//!
+//! A failed flush or FUA write loses durability for good (`device::guard::Durability`): every
+//! later FLUSH and FUA write fails, the loss is recorded on the superblock before the client
+//! hears of it (so another connection's FLUSH after a restart fails too), and the shutdown does
+//! not record a clean stop, until the operator runs `superdisk clear-flush-error`.
 
 use super::Volume;
-use crate::device::guard::{self, BackingIoStats, Guarded, IoPolicy};
+use crate::device::guard::{self, BackingIoStats, DurabilityLoss, Guarded, IoPolicy};
 use crate::device::{AlignedBuf, BlockDevice, Extent, FileSlice};
 use crate::meta::store::{self, check_backing, read_superblock, update_superblock};
-use crate::meta::superblock::{Superblock, FLAG_OPEN};
+use crate::meta::superblock::{Superblock, FLAG_FLUSH_FAILED, FLAG_OPEN};
 use std::io;
 use std::sync::Arc;
 use std::time::Instant;
@@ -42,6 +47,15 @@ impl<D: BlockDevice> PlainVolume<D> {
         })?;
         check_backing(&sb, backing.size_bytes())?;
         let recovered_from_crash = store::was_open(&sb);
+        if sb.flags & FLAG_FLUSH_FAILED != 0 {
+            backing.durability().record("recorded on the backing by an earlier run".into(), false);
+            // Pages whose write-back failed may still be in the page cache: read the media.
+            backing.drop_cached(0, backing.size_bytes());
+            tracing::error!(
+                "a flush or FUA write of the backing failed in an earlier run: data acknowledged before it may be \
+                 lost; every FLUSH and FUA write fails until the operator runs `superdisk clear-flush-error`"
+            );
+        }
         if !read_only {
             sb.flags |= FLAG_OPEN;
             update_superblock(&backing, &mut sb).await?;
@@ -67,6 +81,43 @@ impl<D: BlockDevice> PlainVolume<D> {
     fn deadline(&self) -> Instant {
         Instant::now() + self.backing.policy().deadline
     }
+
+    /// Why the backing can no longer be trusted with what it acknowledged, if it cannot.
+    pub fn durability_lost(&self) -> Option<DurabilityLoss> {
+        self.backing.durability().loss()
+    }
+
+    /// Ok while the backing is trusted; else the error, once the loss is on the superblock.
+    async fn check_durable(&self) -> io::Result<()> {
+        let Err(e) = self.backing.durability().check() else { return Ok(()) };
+        let mut sb = self.superblock.lock().await;
+        if !self.read_only && sb.flags & FLAG_FLUSH_FAILED == 0 {
+            sb.flags |= FLAG_FLUSH_FAILED;
+            if let Err(we) = update_superblock(&self.backing, &mut sb).await {
+                sb.flags &= !FLAG_FLUSH_FAILED;
+                tracing::error!(error = %we, "cannot record the backing's lost durability on its superblock");
+            }
+        }
+        Err(e)
+    }
+
+    /// The operator's `clear-flush-error`: reads see the media from now on (the page cache may
+    /// hold pages whose write-back failed), and FLUSH and FUA writes succeed again.
+    pub async fn clear_durability_loss(&self) -> io::Result<()> {
+        if self.backing.durability().loss().is_none() {
+            return Ok(());
+        }
+        self.backing.drop_cached(0, self.backing.size_bytes());
+        self.backing.flush().await?;
+        self.backing.durability().clear();
+        let mut sb = self.superblock.lock().await;
+        if sb.flags & FLAG_FLUSH_FAILED != 0 {
+            sb.flags &= !FLAG_FLUSH_FAILED;
+            update_superblock(&self.backing, &mut sb).await?;
+        }
+        tracing::warn!("the operator cleared the backing's flush error: FLUSH and FUA writes succeed again");
+        Ok(())
+    }
 }
 
 impl<D: BlockDevice> Volume for PlainVolume<D> {
@@ -90,12 +141,28 @@ impl<D: BlockDevice> Volume for PlainVolume<D> {
     }
 
     async fn write(&self, offset: u64, buf: AlignedBuf, fua: bool) -> (AlignedBuf, io::Result<()>) {
-        self.backing.write(offset, buf, fua).await
+        if fua {
+            if let Err(e) = self.check_durable().await {
+                return (buf, Err(e));
+            }
+        }
+        let (buf, r) = self.backing.write(offset, buf, fua).await;
+        if fua && r.is_err() {
+            // A failed FUA write may have been the one to see a write-back error.
+            if let Err(e) = self.check_durable().await {
+                return (buf, Err(e));
+            }
+        }
+        (buf, r)
     }
 
     async fn flush(&self) -> io::Result<()> {
-        // Never re-issued after a failure or past the deadline (see `device::guard`).
-        self.backing.flush().await
+        // Never re-issued after a failure or past the deadline (see `device::guard`), and never
+        // Ok once any flush or FUA write failed.
+        self.check_durable().await?;
+        let r = self.backing.flush().await;
+        self.check_durable().await?;
+        r
     }
 
     async fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
@@ -109,7 +176,7 @@ impl<D: BlockDevice> Volume for PlainVolume<D> {
         guard::with_deadline(self.deadline(), async {
             self.backing.write_zeroes(offset, len, may_unmap).await?;
             if fua {
-                self.backing.flush().await?;
+                self.flush().await?;
             }
             Ok(())
         })
@@ -127,7 +194,10 @@ impl<D: BlockDevice> Volume for PlainVolume<D> {
     }
 
     async fn shutdown(&self) -> io::Result<()> {
-        self.backing.flush().await?;
+        let r = self.backing.flush().await;
+        // With durability lost the stop is not clean (FLAG_OPEN stays).
+        self.check_durable().await?;
+        r?;
         if !self.read_only {
             let mut sb = self.superblock.lock().await;
             sb.flags &= !FLAG_OPEN;
