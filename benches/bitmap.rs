@@ -11,7 +11,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
-use superdisk::device::mem::MemDevice;
+use superdisk::device::sim::mem::MemDevice;
 use superdisk::meta::bitmap::{page_of, pages_for, BITS_PER_PAGE};
 use superdisk::meta::{meta_bytes, BitmapKind, Bits, DiskBitmap, MetaLayout, DEFAULT_REGION_BYTES};
 use superdisk::mirror::region::{RegionState, RegionTable};

@@ -10,5 +10,5 @@ pub mod mirror;
 pub mod nbd;
 pub mod server;
 pub mod service;
-pub mod stats;
+pub mod telemetry;
 pub mod volume;

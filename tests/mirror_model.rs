@@ -37,8 +37,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use superdisk::device::fault::{FaultDevice, FaultHandle, FaultOp, SimRng};
-use superdisk::device::mem::{CrashReport, MemDevice, ShadowDisk};
+use superdisk::device::sim::fault::{FaultDevice, FaultHandle, FaultOp, SimRng};
+use superdisk::device::sim::mem::{CrashReport, MemDevice};
+use superdisk::device::sim::shadow::ShadowDisk;
 use superdisk::device::{AlignedBuf, BlockDevice};
 use superdisk::meta::{meta_bytes, store};
 use superdisk::mirror::{create_cache, verify_offline, MirrorOptions, MirrorStats, MirrorVolume, Mode};

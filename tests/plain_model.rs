@@ -11,8 +11,9 @@
 
 use std::sync::Arc;
 
-use superdisk::device::fault::SimRng;
-use superdisk::device::mem::{MemDevice, ShadowDisk};
+use superdisk::device::sim::fault::SimRng;
+use superdisk::device::sim::mem::MemDevice;
+use superdisk::device::sim::shadow::ShadowDisk;
 use superdisk::device::{AlignedBuf, BlockDevice};
 use superdisk::meta::store;
 use superdisk::volume::{PlainVolume, Volume};

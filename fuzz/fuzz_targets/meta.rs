@@ -15,7 +15,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use std::time::Duration;
-use superdisk::device::mem::MemDevice;
+use superdisk::device::sim::mem::MemDevice;
 use superdisk::device::AlignedBuf;
 use superdisk::meta::bitmap::{pages_for, BitmapKind, DiskBitmap, MetaLayout, BITS_PER_PAGE, PAGE_BYTES, PAGE_MAGIC};
 use superdisk::meta::superblock::{Superblock, MAGIC, SUPERBLOCK_BYTES, VERSION};

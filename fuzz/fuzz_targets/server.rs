@@ -14,7 +14,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use superdisk::device::mem::MemDevice;
+use superdisk::device::sim::mem::MemDevice;
 use superdisk::device::BlockDevice;
 use superdisk::meta::store;
 use superdisk::mirror::{create_cache, MirrorOptions, MirrorVolume};

@@ -4,7 +4,9 @@
 //! with `device` and `op` labels.
 
 use super::Node;
-use crate::stats::{DevOp, HistSnapshot, ReqOp};
+use crate::device::layer::instrumented::DevOp;
+use crate::server::stats::ReqOp;
+use crate::telemetry::HistSnapshot;
 use std::fmt::Write;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;

@@ -8,13 +8,15 @@ pub mod metrics;
 pub mod status;
 
 use crate::config::ServeConfig;
-use crate::device::fault::ReadStall;
+use crate::device::layer::injected_stall::{ReadStall, Stalled};
+use crate::device::layer::instrumented::{DevOp, DeviceStats, Instrumented};
 use crate::device::{FileDevice, OpenOptions};
 use crate::mirror::{MirrorOptions, MirrorVolume, Mode};
 use crate::nbd::ExportParams;
+use crate::server::stats::{ReqOp, ServerStats};
 use crate::server::{self, ServerConfig};
 use crate::service::Notifier;
-use crate::stats::{DevOp, DeviceStats, Instrumented, OpSnapshot, ReqOp, ServerStats};
+use crate::telemetry::OpSnapshot;
 use crate::volume::{PlainVolume, Volume};
 use status::{
     op_status, BackingIoStatus, CacheStatus, CacheTimeoutStatus, ConnectionStatus, DeviceStatus, ExportStatus,
@@ -26,8 +28,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub type AnyError = Box<dyn std::error::Error + Send + Sync>;
-/// Every device the daemon opens is counted.
-pub type Dev = Instrumented<FileDevice>;
+/// Every device the daemon opens is counted (and may have read stalls injected, for benchmarks).
+pub type Dev = Instrumented<Stalled<FileDevice>>;
 pub type Mirror = MirrorVolume<Dev, Dev>;
 pub type Plain = PlainVolume<Dev>;
 /// Re-reads the configuration (file plus the command line's overrides) for SIGHUP.
@@ -73,15 +75,15 @@ pub struct Node {
 /// Wraps `dev` in its counters, with the read stall `SUPERDISK_INJECT_READ_STALL` names for it.
 fn instrument(name: &str, dev: FileDevice) -> Result<(Dev, Arc<DeviceStats>), AnyError> {
     let stats = device_stats(name, &dev);
-    let mut dev = Instrumented::new(dev, stats.clone());
+    let mut stall = None;
     if let Some(spec) = std::env::var(ReadStall::ENV).ok().filter(|s| !s.is_empty()) {
-        let (target, stall) = ReadStall::parse(&spec)?;
+        let (target, s) = ReadStall::parse(&spec)?;
         if target == name {
             tracing::warn!(device = name, spec = %spec, "INJECTING READ STALLS (benchmark/test only)");
-            dev = dev.with_read_stall(Arc::new(stall));
+            stall = Some(Arc::new(s));
         }
     }
-    Ok((dev, stats))
+    Ok((Instrumented::new(Stalled::new(dev, stall), stats.clone()), stats))
 }
 
 fn device_stats(name: &str, dev: &FileDevice) -> Arc<DeviceStats> {

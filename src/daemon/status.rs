@@ -1,7 +1,7 @@
 //! The status report: built by the daemon, sent as JSON over the admin socket, and rendered for
 //! people by `superdisk status`. One structure for both, so `--json` and the table never disagree.
 
-use crate::stats::{HistSnapshot, OpSnapshot};
+use crate::telemetry::{HistSnapshot, OpSnapshot};
 use serde::{Deserialize, Serialize};
 use std::fmt::Write;
 
@@ -39,7 +39,7 @@ pub struct BackingIoStatus {
     pub flush_failures_total: u64,
     /// Set while durability is lost: FLUSH and FUA writes fail until `clear-flush-error`.
     #[serde(default)]
-    pub durability_lost: Option<crate::device::guard::DurabilityLoss>,
+    pub durability_lost: Option<crate::device::layer::backing_guard::DurabilityLoss>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

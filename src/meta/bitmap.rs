@@ -451,7 +451,7 @@ impl DiskBitmap {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::mem::MemDevice;
+    use crate::device::sim::mem::MemDevice;
 
     #[test]
     fn bits_basics() {

@@ -6,7 +6,7 @@
 //! records the backing epoch the set was last in sync with (`epoch`).
 
 use super::region::RegionTable;
-use super::striped::Striped;
+use crate::device::layer::striped::Striped;
 use crate::device::BlockDevice;
 use crate::device::Tripwire;
 use crate::meta::store::{inspect_tail, new_uuid, read_superblock, unix_now_s, write_superblock, TailState};

@@ -4,8 +4,8 @@
 
 use super::tests::{new_backing, new_cache, opts, pattern, DATA as DATA_BYTES, REGION};
 use super::*;
-use crate::device::fault::{FaultDevice, FaultOp, SimRng};
-use crate::device::mem::MemDevice;
+use crate::device::sim::fault::{FaultDevice, FaultOp, SimRng};
+use crate::device::sim::mem::MemDevice;
 use crate::device::IoPolicy;
 
 type BVol = MirrorVolume<FaultDevice<MemDevice>, MemDevice>;
@@ -259,7 +259,8 @@ async fn zeroing_less_than_a_block_zeroes_the_block_device_copy_too() {
     let backing_path = dir.path().join("backing.img");
     let backing_bytes = data + crate::meta::meta_bytes(data, REGION);
     std::fs::File::create(&backing_path).unwrap().set_len(backing_bytes).unwrap();
-    let cache = crate::device::tests::LoopDevice::new(4096, data + crate::meta::meta_bytes(data, REGION) + (1 << 20));
+    let cache =
+        crate::device::file::tests::LoopDevice::new(4096, data + crate::meta::meta_bytes(data, REGION) + (1 << 20));
     let open = |p: &std::path::Path| {
         FileDevice::open(p, &OpenOptions { read_only: false, direct: None, engine: EngineKind::Uring }).unwrap()
     };

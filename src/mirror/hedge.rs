@@ -20,7 +20,7 @@
 //! Reads larger than [`HEDGE_MAX_BYTES`] are never hedged: their time is dominated by transfer,
 //! not by a stall, and doubling them costs real bandwidth.
 
-use crate::stats::{HistSnapshot, LatencyHistogram};
+use crate::telemetry::{HistSnapshot, LatencyHistogram};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};

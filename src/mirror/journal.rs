@@ -15,7 +15,7 @@
 //! so the changed record is never behind a cleared intent bit on disk.
 
 use super::MirrorStats;
-use crate::device::{guard, BlockDevice};
+use crate::device::{layer::backing_guard as guard, BlockDevice};
 use crate::meta::bitmap::page_of;
 use crate::meta::store::write_superblock;
 use crate::meta::superblock::{FLAG_BITMAPS, FLAG_OPEN};

@@ -40,7 +40,7 @@ pub mod hedge;
 mod journal;
 mod rebuild;
 pub mod region;
-pub mod striped;
+
 mod util;
 mod verify;
 
@@ -49,12 +49,12 @@ mod durability_tests;
 #[cfg(test)]
 mod tests;
 
+pub use crate::device::layer::striped::Striped;
 pub use hedge::{HedgePolicy, HedgeStats};
-pub use striped::Striped;
 pub use verify::{verify_offline, verify_offline_report, VerifyReport};
 
-use crate::device::guard::{self, BackingIoStats, DurabilityLoss, Guarded, IoPolicy};
-use crate::device::timeout::{CacheTimeouts, Timed, Tripwire};
+use crate::device::layer::backing_guard::{self as guard, BackingIoStats, DurabilityLoss, Guarded, IoPolicy};
+use crate::device::layer::cache_time_limit::{CacheTimeouts, Timed, Tripwire};
 use crate::device::{AlignedBuf, BlockDevice, DeviceId, Extent, FileSlice, RangeLocks};
 use crate::meta::store::{check_backing, read_superblock};
 use crate::meta::superblock::{FLAG_FLUSH_FAILED, FLAG_OPEN};
@@ -106,7 +106,7 @@ pub struct MirrorOptions {
     /// When a slow cache read is also sent to the backing (`hedge_*` config keys).
     pub hedge: HedgePolicy,
     /// How long a cache device may take to answer one read or write (a flush gets
-    /// [`crate::device::timeout::FLUSH_TIMEOUT_FACTOR`] times as long) before the whole set is given up on
+    /// [`crate::device::layer::cache_time_limit::FLUSH_TIMEOUT_FACTOR`] times as long) before the whole set is given up on
     /// (`cache_timeout_ms`); zero for no limit.
     pub cache_timeout: Duration,
 }
@@ -1098,7 +1098,7 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
             })
             .collect();
         let mut result = Ok(());
-        for (&(s, _, _), (b, r)) in runs.iter().zip(util::join_all(futs).await) {
+        for (&(s, _, _), (b, r)) in runs.iter().zip(crate::device::join::join_all(futs).await) {
             match r {
                 Ok(()) => {
                     let at = (s - offset) as usize;

@@ -19,7 +19,7 @@
 use super::region::RegionState;
 use super::Set;
 use super::{Inner, HOT_QUEUE_MAX};
-use crate::device::{guard, AlignedBuf, BlockDevice};
+use crate::device::{layer::backing_guard as guard, AlignedBuf, BlockDevice};
 use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -144,7 +144,8 @@ pub(crate) async fn rebuild_loop<B: BlockDevice, C: BlockDevice>(inner: Arc<Inne
             if !wait.is_zero() {
                 tokio::time::sleep(wait).await;
             }
-            let results = super::util::join_all(chunk.iter().map(|&r| copy_region(&inner, &set, r)).collect()).await;
+            let results =
+                crate::device::join::join_all(chunk.iter().map(|&r| copy_region(&inner, &set, r)).collect()).await;
             for (&r, res) in chunk.iter().zip(results) {
                 match res {
                     Ok(true) => copied.push(r),

@@ -3,8 +3,8 @@
 //! tests/mirror_model.rs; these pin down each start-up case and each error path.
 
 use super::*;
-use crate::device::fault::{FaultDevice, FaultOp, SimRng};
-use crate::device::mem::MemDevice;
+use crate::device::sim::fault::{FaultDevice, FaultOp, SimRng};
+use crate::device::sim::mem::MemDevice;
 use crate::device::IoPolicy;
 use crate::meta::store::{new_backing_superblock, update_superblock, write_superblock};
 use crate::meta::{meta_bytes, BitmapKind, DiskBitmap, MetaLayout};
@@ -1243,7 +1243,11 @@ async fn a_hung_cache_flush_holds_up_only_the_cleaner() {
     }
     assert_eq!(v.mode(), Mode::Healthy, "reads and writes still answer: the set stays in service");
     cleaner.await.unwrap().unwrap();
-    assert!(started.elapsed() >= limit * crate::device::timeout::FLUSH_TIMEOUT_FACTOR, "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= limit * crate::device::layer::cache_time_limit::FLUSH_TIMEOUT_FACTOR,
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(v.mode(), Mode::Degraded);
     cache.handle().resume();
     assert_reads(&*v, &model).await;

@@ -3,8 +3,8 @@
 use super::cacheset::{classify, Found};
 use super::journal::{effective_pairing, load_bitmaps};
 use super::region::RegionState;
-use super::striped::Striped;
 use super::{reusable_valid, Inner, MirrorStats};
+use crate::device::layer::striped::Striped;
 use crate::device::{AlignedBuf, BlockDevice};
 use crate::meta::store::{check_backing, read_superblock};
 use crate::meta::Bits;

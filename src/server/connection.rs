@@ -8,7 +8,7 @@ use crate::nbd::consts::*;
 use crate::nbd::handshake::{self, Handshake, Next, TlsMode, MAX_OPTION_DATA_BYTES};
 use crate::nbd::request::{self, Op, RequestHeader};
 use crate::nbd::{reply, ExportParams, NbdError, Session};
-use crate::stats::{ReqOp, ServerStats};
+use crate::server::stats::{ReqOp, ServerStats};
 use crate::volume::Volume;
 use std::future::Future;
 use std::io;

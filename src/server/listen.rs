@@ -5,7 +5,7 @@ use super::connection::{serve_connection, ConnLimits, BUDGET_UNIT_BYTES};
 use super::Policy;
 use crate::config::{TlsMode, ZeroCopyReads};
 use crate::nbd::ExportParams;
-use crate::stats::ServerStats;
+use crate::server::stats::ServerStats;
 use crate::volume::Volume;
 use std::io;
 use std::net::SocketAddr;

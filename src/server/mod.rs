@@ -9,6 +9,7 @@
 
 mod connection;
 mod listen;
+pub mod stats;
 mod stream;
 pub mod tls;
 mod zerocopy;

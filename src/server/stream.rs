@@ -6,7 +6,7 @@ use super::connection::{serve_connection, ConnLimits, Transport, BUDGET_UNIT_BYT
 use super::zerocopy::CopyOnly;
 use super::ServerConfig;
 use crate::nbd::ExportParams;
-use crate::stats::ServerStats;
+use crate::server::stats::ServerStats;
 use crate::volume::Volume;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -225,7 +225,7 @@ impl AsyncWrite for InPlace {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::mem::MemDevice;
+    use crate::device::sim::mem::MemDevice;
     use crate::device::BlockDevice;
     use crate::meta::store;
     use crate::nbd::consts::*;

@@ -20,7 +20,7 @@ use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncWrite, Interest};
 
 use crate::config::ZeroCopyReads;
-use crate::device::mapped::Window;
+use crate::device::file::page_cache::Window;
 
 /// Reads at least this long are sent with `sendfile` when they can be: below it the copy saved is
 /// smaller than the cost of a separate header write and `sendfile` call.
@@ -203,7 +203,7 @@ mod tests {
     use crate::device::{AlignedBuf, Extent, FileSlice, PageCacheFile};
     use crate::nbd::consts::*;
     use crate::nbd::ExportParams;
-    use crate::stats::ServerStats;
+    use crate::server::stats::ServerStats;
     use crate::volume::Volume;
     use std::io;
     use std::os::fd::OwnedFd;
@@ -246,7 +246,7 @@ mod tests {
         fn new(source: Source, fail_reads: bool) -> (Self, Vec<u8>) {
             let dir = tempfile::tempdir().unwrap();
             let mut content = vec![0u8; DATA_BYTES as usize];
-            crate::device::fault::SimRng::new(7).fill(&mut content);
+            crate::device::sim::fault::SimRng::new(7).fill(&mut content);
             let path = dir.path().join("data");
             std::fs::write(&path, &content).unwrap();
             std::fs::write(dir.path().join("short"), &content[..content.len() / 2]).unwrap();

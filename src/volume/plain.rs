@@ -11,7 +11,7 @@
 //! not record a clean stop, until the operator runs `superdisk clear-flush-error`.
 
 use super::Volume;
-use crate::device::guard::{self, BackingIoStats, DurabilityLoss, Guarded, IoPolicy};
+use crate::device::layer::backing_guard::{self as guard, BackingIoStats, DurabilityLoss, Guarded, IoPolicy};
 use crate::device::{AlignedBuf, BlockDevice, Extent, FileSlice};
 use crate::meta::store::{self, check_backing, read_superblock, update_superblock};
 use crate::meta::superblock::{Superblock, FLAG_FLUSH_FAILED, FLAG_OPEN};

@@ -12,7 +12,7 @@
 //!   parked in `io_uring_enter` with nothing queued: under load the thread is already awake,
 //!   reaping completions, and finds the new operation on its next pass.
 
-use super::buf::{AlignedBuf, Arena};
+use crate::device::buf::{AlignedBuf, Arena};
 use io_uring::{opcode, types, IoUring};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};

@@ -15,124 +15,13 @@
 //! ([`SimStorage::lose_unflushed`]): the error is reported once, and the next flush succeeds.
 
 use super::mem::SimStorage;
-use super::{AlignedBuf, BlockDevice, Extent};
+pub use crate::device::rng::SimRng;
+use crate::device::{AlignedBuf, BlockDevice, Extent};
 use std::io;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-
-/// A small, fast, seedable generator (SplitMix64). Tests need reproducibility, not cryptography,
-/// and owning the generator keeps the fault sequence stable across dependency upgrades.
-#[derive(Clone, Debug)]
-pub struct SimRng {
-    state: u64,
-}
-
-impl SimRng {
-    pub fn new(seed: u64) -> Self {
-        SimRng { state: seed }
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `[0, n)`; `n` must be positive.
-    pub fn below(&mut self, n: u64) -> u64 {
-        assert!(n > 0, "SimRng::below(0)");
-        // Multiply-shift: unbiased enough for tests and free of the modulo's low-bit weakness.
-        ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
-    }
-
-    /// Uniform in `range` (inclusive start, exclusive end); an empty range yields its start.
-    pub fn in_range(&mut self, range: Range<u64>) -> u64 {
-        if range.end <= range.start {
-            return range.start;
-        }
-        range.start + self.below(range.end - range.start)
-    }
-
-    /// True with probability `ppm` parts per million.
-    pub fn chance_ppm(&mut self, ppm: u32) -> bool {
-        ppm > 0 && self.below(1_000_000) < u64::from(ppm)
-    }
-
-    pub fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let v = self.next_u64().to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
-    }
-}
-
-/// Read stalls injected into a running daemon's device, for the hedging benchmark and tests:
-/// `SUPERDISK_INJECT_READ_STALL=DEVICE:PPM:MS[:FROM_S[:UNTIL_S]]` makes each read of `DEVICE`
-/// (`backing`, `cache0`, …) wait `MS` milliseconds first with probability `PPM` per million, as an
-/// SSD does during garbage collection; with `FROM_S`/`UNTIL_S`, only between that many seconds
-/// after the first device was opened (so a test can bring the daemon up healthy first, and let
-/// the device recover later). An environment variable rather than a config key: it exists to
-/// break things on purpose and must never be left in a production config by accident.
-#[derive(Debug)]
-pub struct ReadStall {
-    ppm: u32,
-    stall: Duration,
-    from: Duration,
-    until: Option<Duration>,
-    rng: Mutex<SimRng>,
-}
-
-/// The clock `FROM_S`/`UNTIL_S` count from: one per process, so a device opened later (a cache
-/// added by the operator) stalls in the same window as the others.
-static STALL_CLOCK: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-
-impl ReadStall {
-    pub const ENV: &'static str = "SUPERDISK_INJECT_READ_STALL";
-
-    /// Parses `DEVICE:PPM:MS[:FROM_S[:UNTIL_S]]` into the device name and the stall.
-    pub fn parse(spec: &str) -> Result<(String, ReadStall), String> {
-        let parts: Vec<&str> = spec.split(':').collect();
-        let bad = |what: &str| format!("{}={spec:?}: {what}", Self::ENV);
-        let (device, ppm, ms, from, until) = match parts[..] {
-            [d, p, m] => (d, p, m, None, None),
-            [d, p, m, f] => (d, p, m, Some(f), None),
-            [d, p, m, f, u] => (d, p, m, Some(f), Some(u)),
-            _ => return Err(bad("expected DEVICE:PPM:MS[:FROM_S[:UNTIL_S]], e.g. cache0:5000:20")),
-        };
-        let ppm: u32 = ppm.parse().ok().filter(|p| *p <= 1_000_000).ok_or_else(|| bad("PPM must be 0..=1000000"))?;
-        let ms: u64 = ms.parse().ok().filter(|m| *m <= 60_000).ok_or_else(|| bad("MS must be 0..=60000"))?;
-        let secs = |s: Option<&str>, what: &str| -> Result<Option<Duration>, String> {
-            s.map(|s| {
-                s.parse::<u64>().map(Duration::from_secs).map_err(|_| bad(&format!("{what} must be whole seconds")))
-            })
-            .transpose()
-        };
-        let from = secs(from, "FROM_S")?.unwrap_or_default();
-        let until = secs(until, "UNTIL_S")?;
-        if until.is_some_and(|u| u <= from) {
-            return Err(bad("UNTIL_S must be after FROM_S"));
-        }
-        STALL_CLOCK.get_or_init(std::time::Instant::now);
-        let stall =
-            ReadStall { ppm, stall: Duration::from_millis(ms), from, until, rng: Mutex::new(SimRng::new(0x5eed)) };
-        Ok((device.to_owned(), stall))
-    }
-
-    /// How long this read waits first, if it is one of the unlucky ones.
-    pub fn roll(&self) -> Option<Duration> {
-        if !self.from.is_zero() || self.until.is_some() {
-            let t = STALL_CLOCK.get_or_init(std::time::Instant::now).elapsed();
-            if t < self.from || self.until.is_some_and(|u| t >= u) {
-                return None;
-            }
-        }
-        lock(&self.rng).chance_ppm(self.ppm).then_some(self.stall)
-    }
-}
 
 /// The kinds of operation a fault can target.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -539,29 +428,7 @@ impl<D: BlockDevice + SimStorage> BlockDevice for FaultDevice<D> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::mem::MemDevice;
-
-    #[test]
-    fn read_stall_specs_parse_or_name_the_problem() {
-        let (dev, st) = ReadStall::parse("cache0:1000000:20").unwrap();
-        assert_eq!(dev, "cache0");
-        assert_eq!(st.roll(), Some(Duration::from_millis(20)));
-        let (_, st) = ReadStall::parse("cache1:1000000:20:3600").unwrap();
-        assert_eq!(st.roll(), None, "the window has not opened");
-        let (_, st) = ReadStall::parse("cache1:1000000:20:0:3600").unwrap();
-        assert_eq!(st.roll(), Some(Duration::from_millis(20)));
-        for (bad, says) in [
-            ("cache0:lots", "expected DEVICE:PPM:MS"),
-            ("cache0:2000000:5", "PPM"),
-            ("cache0:5:60001", "MS"),
-            ("cache0:5:5:x", "FROM_S"),
-            ("cache0:5:5:9:3", "UNTIL_S"),
-            ("cache0:5:5:1:2:3", "expected"),
-        ] {
-            let e = ReadStall::parse(bad).unwrap_err();
-            assert!(e.contains(says) && e.contains(ReadStall::ENV), "{bad}: {e}");
-        }
-    }
+    use crate::device::sim::mem::MemDevice;
 
     fn block_on<F: std::future::Future>(f: F) -> F::Output {
         tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(f)
@@ -571,23 +438,6 @@ mod tests {
         let mut b = AlignedBuf::zeroed(len);
         b.fill(v);
         b
-    }
-
-    #[test]
-    fn rng_is_deterministic_and_roughly_uniform() {
-        let a: Vec<u64> = (0..100).scan(SimRng::new(9), |r, _| Some(r.next_u64())).collect();
-        let b: Vec<u64> = (0..100).scan(SimRng::new(9), |r, _| Some(r.next_u64())).collect();
-        let c: Vec<u64> = (0..100).scan(SimRng::new(10), |r, _| Some(r.next_u64())).collect();
-        assert_eq!(a, b);
-        assert_ne!(a, c);
-        let mut rng = SimRng::new(1);
-        let mut counts = [0u32; 10];
-        for _ in 0..100_000 {
-            counts[rng.below(10) as usize] += 1;
-        }
-        assert!(counts.iter().all(|&n| (9_000..11_000).contains(&n)), "{counts:?}");
-        assert_eq!(rng.in_range(5..5), 5);
-        assert!((0..1000).all(|_| (3..7).contains(&rng.in_range(3..7))));
     }
 
     /// Which of `n` reads failed, for a seed and an error rate.

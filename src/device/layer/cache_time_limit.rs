@@ -27,7 +27,7 @@
 //! marked valid. So the operation stays counted against its device ([`DeviceId`]) until the device
 //! answers, and the mirror refuses to attach a device with operations still outstanding.
 
-use super::{AlignedBuf, BlockDevice, DeviceId, Extent};
+use crate::device::{AlignedBuf, BlockDevice, DeviceId, Extent};
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
@@ -289,7 +289,7 @@ impl<D: BlockDevice> BlockDevice for Timed<D> {
     }
     /// Page-cache bytes cannot hang, so no time limit applies; a set already given up on is
     /// not read at all.
-    fn zero_copy_source(&self, offset: u64, len: usize) -> Option<super::FileSlice> {
+    fn zero_copy_source(&self, offset: u64, len: usize) -> Option<crate::device::FileSlice> {
         if self.wire.is_tripped() {
             return None;
         }
@@ -324,8 +324,8 @@ impl<D: BlockDevice> BlockDevice for Timed<D> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::fault::{FaultDevice, FaultOp};
-    use crate::device::mem::MemDevice;
+    use crate::device::sim::fault::{FaultDevice, FaultOp};
+    use crate::device::sim::mem::MemDevice;
 
     fn timed(ms: u64) -> (Timed<FaultDevice<MemDevice>>, FaultDevice<MemDevice>, Arc<CacheTimeouts>) {
         let dev = FaultDevice::new(MemDevice::new(1 << 20), 7);

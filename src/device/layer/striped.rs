@@ -8,7 +8,7 @@
 //! Only each member's data part is striped; its tail holds its own superblock and a replica of the
 //! set's valid bitmap. With one member the mapping is the identity and buffers pass straight through.
 
-use super::util::join_all;
+use crate::device::join::join_all;
 use crate::device::{AlignedBuf, BlockDevice, Extent};
 use std::io;
 
@@ -230,7 +230,7 @@ impl<C: BlockDevice> BlockDevice for Striped<C> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::mem::MemDevice;
+    use crate::device::sim::mem::MemDevice;
 
     #[test]
     fn pieces_cover_the_request_once() {
@@ -257,7 +257,7 @@ mod tests {
         let s = Striped::new(members, 64 << 10, 4096);
         assert_eq!(s.size_bytes(), 3 * (64 << 10));
         let mut model = vec![0u8; s.size_bytes() as usize];
-        let mut rng = crate::device::fault::SimRng::new(7);
+        let mut rng = crate::device::sim::fault::SimRng::new(7);
         for _ in 0..200 {
             let off = rng.below(s.size_bytes() - 1);
             let len = 1 + rng.below((s.size_bytes() - off).min(20000));

@@ -42,8 +42,8 @@
 //! [`MAX_STALLED_OPS`] of them no new operation is issued (each would only tie up another kernel
 //! worker or blocking thread): requests wait, within their deadline, for the count to drop.
 
-use super::rangelock::OwnedRangeGuard;
-use super::{AlignedBuf, BlockDevice, Extent, RangeLocks};
+use crate::device::rangelock::OwnedRangeGuard;
+use crate::device::{AlignedBuf, BlockDevice, Extent, RangeLocks};
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -927,14 +927,14 @@ impl<D: BlockDevice> BlockDevice for Guarded<D> {
     /// that could stall, so nothing to time out. But a write whose caller gave up may still land
     /// on them, and a read must not see the bytes from before it and then the bytes after: such
     /// a range is read through [`Guarded::read`], which waits for the write.
-    fn zero_copy_source(&self, offset: u64, len: usize) -> Option<super::FileSlice> {
+    fn zero_copy_source(&self, offset: u64, len: usize) -> Option<crate::device::FileSlice> {
         if self.shared.overlaps_abandoned(offset, offset.saturating_add(len as u64)) {
             return None;
         }
         self.inner.zero_copy_source(offset, len)
     }
 
-    fn identity(&self) -> Option<super::DeviceId> {
+    fn identity(&self) -> Option<crate::device::DeviceId> {
         self.inner.identity()
     }
 
@@ -1033,8 +1033,8 @@ impl<D: BlockDevice> BlockDevice for Guarded<D> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::fault::{FaultDevice, FaultOp};
-    use crate::device::mem::MemDevice;
+    use crate::device::sim::fault::{FaultDevice, FaultOp};
+    use crate::device::sim::mem::MemDevice;
 
     const SIZE: u64 = 1 << 20;
 

@@ -1,7 +1,7 @@
 //! The portable engine: plain pread/pwrite/fdatasync/fallocate on tokio's blocking pool. Used where
 //! io_uring is unavailable (old kernels, seccomp profiles that forbid it) or when selected.
 
-use super::buf::AlignedBuf;
+use crate::device::buf::AlignedBuf;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
