@@ -23,6 +23,8 @@
 
 pub mod align;
 pub mod buf;
+#[cfg(test)]
+pub(crate) mod conformance;
 pub mod file;
 pub(crate) mod join;
 pub mod layer;

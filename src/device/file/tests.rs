@@ -88,6 +88,7 @@ fn conformance_all_engines() {
                 assert_eq!(dev.engine_name(), "psync");
             }
             random_round_trips(&dev, 42).await;
+            crate::device::conformance::check_data(&dev, 43, &format!("FileDevice {engine:?} direct={direct}")).await;
 
             // write_zeroes with and without unmapping, over unaligned edges.
             write(&dev, 0, &vec![0xaa; 1 << 20], false).await;

@@ -195,6 +195,14 @@ impl<C: BlockDevice> BlockDevice for Striped<C> {
         }
     }
 
+    /// One member is that device; a set of several is none of them.
+    fn identity(&self) -> Option<crate::device::DeviceId> {
+        match &self.members[..] {
+            [one] => one.identity(),
+            _ => None,
+        }
+    }
+
     fn drop_cached(&self, offset: u64, len: u64) {
         if self.check(offset, len).is_ok() {
             for p in self.pieces(offset, len) {
