@@ -3,10 +3,11 @@
 //! that names the key and the reason.
 
 use crate::device::{EngineKind, IoPolicy};
-use crate::mirror::HedgePolicy;
-pub use crate::nbd::handshake::TlsMode;
+use crate::mirror::{HedgePolicy, Tunables};
+pub use crate::server::tls::{TlsMode, TlsSettings, TlsVersion};
+pub use crate::server::{Cidr, Policy, ZeroCopyReads, DEFAULT_IDLE_POLL_US, MAX_IDLE_POLL_US};
 use serde::Deserialize;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -32,17 +33,6 @@ pub enum BoolOrWord {
     Word(String),
 }
 
-/// How large reads are sent from a device file's page cache (`zero_copy_reads`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ZeroCopyReads {
-    /// Read into a buffer, then write the buffer: two copies.
-    Off,
-    /// `send` from a read-only mapping of the file: one copy (page cache → socket buffer).
-    Mapped,
-    /// `sendfile`: no copy on the server; the socket carries the page-cache pages themselves.
-    Sendfile,
-}
-
 /// `zero_copy_reads = "auto"` picks `sendfile` with at least this many CPUs and the mapped send
 /// below. Why: with the client on the same machine, `sendfile` costs the client more than it saves
 /// the server (the receiver's copy out of page-cache pages is slower); on 2 CPUs, where the two
@@ -50,13 +40,6 @@ pub enum ZeroCopyReads {
 /// copying path's; on 16 CPUs four `sendfile` connections (the kernel client's set-up) kept their
 /// throughput and eight doubled it, with a third of the server's CPU (docs/PERFORMANCE.md).
 pub const ZERO_COPY_AUTO_MIN_CPUS: usize = 4;
-
-/// `idle_poll_us` by default: longer than the gap between a reply and the next request of a
-/// client at queue depth 1 on the same machine (20-40 µs measured), far shorter than a second
-/// poll of a client that has nothing to send (docs/PERFORMANCE.md, "Idle polling").
-pub const DEFAULT_IDLE_POLL_US: u64 = 50;
-/// Beyond this a poll costs more CPU than any sleep it could save.
-pub const MAX_IDLE_POLL_US: u64 = 1000;
 
 fn zero_copy_auto() -> ZeroCopyReads {
     if std::thread::available_parallelism().is_ok_and(|n| n.get() >= ZERO_COPY_AUTO_MIN_CPUS) {
@@ -204,118 +187,27 @@ pub struct ServeConfig {
     pub cache: Vec<PathBuf>,
     pub cache_direct: Option<bool>,
     pub take_over_foreign_cache: bool,
-    pub read_error_budget: u32,
-    pub rebuild_min_bytes_per_s: u64,
-    pub rebuild_max_bytes_per_s: u64,
     pub admin_socket: Option<PathBuf>,
     pub metadata_interval_ms: u64,
     pub metrics: Option<SocketAddr>,
-    pub tls: TlsMode,
-    pub tls_cert: Option<PathBuf>,
-    pub tls_key: Option<PathBuf>,
-    pub tls_ca: Option<PathBuf>,
-    pub tls_min_version: TlsVersion,
+    pub tls: TlsSettings,
     /// Empty: every client address is allowed.
     pub allow: Vec<Cidr>,
     /// Resolved uid and gid for the Unix socket.
     pub unix_owner: Option<u32>,
     pub unix_group: Option<u32>,
     pub max_inflight_bytes_total: usize,
-    pub backing_timeout_ms: u64,
-    pub backing_read_retries: u32,
-    pub backing_retry_backoff_ms: u64,
-    pub backing_io_deadline_ms: u64,
-    pub hedge_reads: bool,
-    pub hedge_min_us: u64,
-    pub hedge_max_us: u64,
-    pub hedge_max_percent: u32,
-    /// 0: no limit.
-    pub cache_timeout_ms: u64,
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum TlsVersion {
-    #[default]
-    V1_2,
-    V1_3,
-}
-
-/// A client network: an address and how many leading bits must match.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Cidr {
-    pub addr: IpAddr,
-    pub prefix_len: u8,
-}
-
-impl Cidr {
-    /// Parses `ADDR/LEN` or a bare address (a single host). Host bits set under the mask are an
-    /// error: `10.0.0.1/8` is more likely a typo for a host than a wish for the whole network.
-    pub fn parse(s: &str) -> Result<Cidr, String> {
-        let (a, len) = match s.split_once('/') {
-            Some((a, l)) => (a, Some(l)),
-            None => (s, None),
-        };
-        let addr: IpAddr = a.trim().parse().map_err(|_| format!("{s:?} is not an address or ADDR/LEN network"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix_len = match len {
-            None => max,
-            Some(l) => l
-                .trim()
-                .parse::<u8>()
-                .ok()
-                .filter(|l| *l <= max)
-                .ok_or_else(|| format!("{s:?}: the prefix length must be 0..={max}"))?,
-        };
-        let c = Cidr { addr, prefix_len };
-        if c.masked(addr) != addr {
-            return Err(format!(
-                "{s:?} has bits set past the /{prefix_len} prefix (the network is {}/{prefix_len})",
-                c.masked(addr)
-            ));
-        }
-        Ok(c)
-    }
-
-    fn masked(&self, ip: IpAddr) -> IpAddr {
-        match ip {
-            IpAddr::V4(v) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix_len)).unwrap_or(0);
-                IpAddr::V4((u32::from(v) & mask).into())
-            }
-            IpAddr::V6(v) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix_len)).unwrap_or(0);
-                IpAddr::V6((u128::from(v) & mask).into())
-            }
-        }
-    }
-
-    /// Whether `ip` is inside the network. An IPv4 client reaching a dual-stack `[::]` listener
-    /// arrives as `::ffff:a.b.c.d` and is matched as the IPv4 address it is.
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = ip.to_canonical();
-        ip.is_ipv4() == self.addr.is_ipv4() && self.masked(ip) == self.addr
-    }
-}
-
-impl std::fmt::Display for Cidr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix_len)
-    }
+    pub backing_io: IoPolicy,
+    /// The keys SIGHUP applies to a running mirror (`rebuild_*`, `read_error_budget`, `hedge_*`,
+    /// `cache_timeout_ms`): validated in one place, [`Tunables::validate`].
+    pub tunables: Tunables,
 }
 
 impl ServeConfig {
-    /// Keys whose new value SIGHUP can apply to a running daemon.
-    pub const LIVE_KEYS: [&'static str; 9] = [
-        "log_level",
-        "rebuild_min_bytes_per_s",
-        "rebuild_max_bytes_per_s",
-        "read_error_budget",
-        "hedge_reads",
-        "hedge_min_us",
-        "hedge_max_us",
-        "hedge_max_percent",
-        "cache_timeout_ms",
-    ];
+    /// Whether SIGHUP can apply a new value of `key` to a running daemon.
+    pub fn is_live(key: &str) -> bool {
+        key == "log_level" || Tunables::KEYS.contains(&key)
+    }
 
     /// The keys whose values differ between `self` and `other`, by name.
     pub fn changed_keys(&self, other: &ServeConfig) -> Vec<&'static str> {
@@ -346,329 +238,412 @@ impl ServeConfig {
             cache,
             cache_direct,
             take_over_foreign_cache,
-            read_error_budget,
-            rebuild_min_bytes_per_s,
-            rebuild_max_bytes_per_s,
             admin_socket,
             metadata_interval_ms,
             metrics,
-            tls,
-            tls_cert,
-            tls_key,
-            tls_ca,
-            tls_min_version,
             allow,
             unix_owner,
             unix_group,
-            max_inflight_bytes_total,
-            backing_timeout_ms,
-            backing_read_retries,
-            backing_retry_backoff_ms,
-            backing_io_deadline_ms,
-            hedge_reads,
-            hedge_min_us,
-            hedge_max_us,
-            hedge_max_percent,
-            cache_timeout_ms
+            max_inflight_bytes_total
         );
+        let (t, u) = (&self.tls, &other.tls);
+        for (key, differs) in [
+            ("tls", t.mode != u.mode),
+            ("tls_cert", t.cert != u.cert),
+            ("tls_key", t.key != u.key),
+            ("tls_ca", t.ca != u.ca),
+            ("tls_min_version", t.min_version != u.min_version),
+        ] {
+            if differs {
+                out.push(key);
+            }
+        }
+        let (b, c) = (&self.backing_io, &other.backing_io);
+        for (key, differs) in [
+            ("backing_timeout_ms", b.attempt_timeout != c.attempt_timeout),
+            ("backing_read_retries", b.read_retries != c.read_retries),
+            ("backing_retry_backoff_ms", b.retry_backoff != c.retry_backoff),
+            ("backing_io_deadline_ms", b.deadline != c.deadline),
+        ] {
+            if differs {
+                out.push(key);
+            }
+        }
+        out.extend(self.tunables.changed_keys(&other.tunables));
+        out.sort_by_key(|k| FIELD_ORDER.iter().position(|f| f == k));
         out
     }
 
-    /// The hedged-read policy these keys describe.
-    pub fn hedge_policy(&self) -> HedgePolicy {
-        HedgePolicy {
-            enabled: self.hedge_reads,
-            min: Duration::from_micros(self.hedge_min_us),
-            max: Duration::from_micros(self.hedge_max_us),
-            max_percent: self.hedge_max_percent,
-        }
-    }
-
-    /// The backing I/O policy these keys describe.
-    pub fn backing_io_policy(&self) -> IoPolicy {
-        IoPolicy {
-            attempt_timeout: Duration::from_millis(self.backing_timeout_ms),
-            read_retries: self.backing_read_retries,
-            retry_backoff: Duration::from_millis(self.backing_retry_backoff_ms),
-            deadline: Duration::from_millis(self.backing_io_deadline_ms),
-        }
+    /// Who may connect and what they may hold; reads the TLS files (errors name the key).
+    pub fn policy(&self) -> Result<Policy, ConfigError> {
+        Ok(Policy {
+            tls_mode: self.tls.mode,
+            tls: crate::server::tls::acceptor(&self.tls).map_err(|e| invalid(e.key, e.reason))?,
+            client_certificates: self.tls.mode != TlsMode::Off && self.tls.ca.is_some(),
+            allow: self.allow.clone(),
+            unix_owner: self.unix_owner,
+            unix_group: self.unix_group,
+            max_inflight_bytes_total: self.max_inflight_bytes_total,
+        })
     }
 }
+
+/// The keys in the order the file documents them (changed keys are reported in this order).
+const FIELD_ORDER: [&str; 45] = [
+    "backing",
+    "listen",
+    "unix",
+    "unix_mode",
+    "export",
+    "description",
+    "read_only",
+    "io_engine",
+    "registered_buffer_bytes",
+    "direct",
+    "max_connections",
+    "max_inflight_bytes_per_connection",
+    "handshake_timeout_secs",
+    "idle_timeout_secs",
+    "idle_poll_us",
+    "zero_copy_reads",
+    "log_level",
+    "cache",
+    "cache_direct",
+    "take_over_foreign_cache",
+    "read_error_budget",
+    "rebuild_min_bytes_per_s",
+    "rebuild_max_bytes_per_s",
+    "admin_socket",
+    "metadata_interval_ms",
+    "metrics",
+    "tls",
+    "tls_cert",
+    "tls_key",
+    "tls_ca",
+    "tls_min_version",
+    "allow",
+    "unix_owner",
+    "unix_group",
+    "max_inflight_bytes_total",
+    "backing_timeout_ms",
+    "backing_read_retries",
+    "backing_retry_backoff_ms",
+    "backing_io_deadline_ms",
+    "hedge_reads",
+    "hedge_min_us",
+    "hedge_max_us",
+    "hedge_max_percent",
+    "cache_timeout_ms",
+    "",
+];
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 pub const DEFAULT_EXPORT: &str = "superdisk";
 
+/// The listeners and the export's identity.
+struct Endpoints {
+    listen: Option<SocketAddr>,
+    unix_mode: u32,
+    export: String,
+    description: String,
+    metrics: Option<SocketAddr>,
+}
+
+fn endpoints(f: &FileConfig) -> Result<Endpoints, ConfigError> {
+    let listen = match f.listen.as_deref() {
+        None => Some(DEFAULT_LISTEN.parse().expect("valid default")),
+        // An empty string turns TCP off (Unix socket only).
+        Some("") => None,
+        Some(s) => Some(parse_listen(s).map_err(|r| invalid("listen", r))?),
+    };
+    if listen.is_none() && f.unix.is_none() {
+        return Err(invalid("listen", "is empty and no `unix` socket is set: nothing to serve on"));
+    }
+    let unix_mode = match f.unix_mode.as_deref() {
+        None => 0o660,
+        Some(s) => u32::from_str_radix(s.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| invalid("unix_mode", format!("{s:?} is not an octal permission such as \"0660\"")))?,
+    };
+    let export = f.export.clone().unwrap_or_else(|| DEFAULT_EXPORT.to_owned());
+    if export.len() > 4096 || export.contains('\0') {
+        return Err(invalid("export", "must be at most 4096 bytes with no NUL"));
+    }
+    let description = f.description.clone().unwrap_or_default();
+    if description.len() > 4096 {
+        return Err(invalid("description", "must be at most 4096 bytes"));
+    }
+    let metrics = match f.metrics.as_deref() {
+        None | Some("") => None,
+        Some(s) => Some(parse_listen(s).map_err(|r| invalid("metrics", r))?),
+    };
+    Ok(Endpoints { listen, unix_mode, export, description, metrics })
+}
+
+/// How devices are opened and I/O issued.
+fn io_engine(f: &FileConfig) -> Result<(EngineKind, usize), ConfigError> {
+    let io_engine = match f.io_engine.as_deref() {
+        None => EngineKind::Uring,
+        Some(s) => s.parse().map_err(|r: String| invalid("io_engine", r))?,
+    };
+    let registered =
+        f.registered_buffer_bytes.map_or(crate::device::buf::DEFAULT_REGISTERED_BUFFER_BYTES as u64, |b| b.0);
+    if registered != 0 && !(1 << 20..=1 << 30).contains(&registered) {
+        return Err(invalid(
+            "registered_buffer_bytes",
+            format!("{registered} is neither 0 (off) nor within 1 MiB ..= 1 GiB"),
+        ));
+    }
+    Ok((io_engine, registered as usize))
+}
+
+/// What one connection and all of them together may hold, and how long they may idle.
+struct Limits {
+    max_connections: usize,
+    per_connection: usize,
+    total: usize,
+    handshake_timeout_secs: u64,
+    idle_poll_us: u64,
+}
+
+fn limits(f: &FileConfig) -> Result<Limits, ConfigError> {
+    let max_connections = f.max_connections.unwrap_or(256);
+    if max_connections == 0 || max_connections > 65536 {
+        return Err(invalid("max_connections", format!("{max_connections} is outside 1..=65536")));
+    }
+    let per_connection = f.max_inflight_bytes_per_connection.map_or(64 << 20, |b| b.0);
+    if !(1 << 20..=1 << 32).contains(&per_connection) {
+        return Err(invalid(
+            "max_inflight_bytes_per_connection",
+            format!("{per_connection} is outside 1 MiB ..= 4 GiB (it must admit one 32 MiB request to be useful)"),
+        ));
+    }
+    let total = f.max_inflight_bytes_total.map_or(1 << 30, |b| b.0);
+    if total < per_connection || total > 1 << 40 {
+        return Err(invalid(
+            "max_inflight_bytes_total",
+            format!(
+                "{total} is outside max_inflight_bytes_per_connection ({per_connection}) ..= 1 TiB \
+                 (every connection must be able to reach its own limit)"
+            ),
+        ));
+    }
+    let idle_poll_us = f.idle_poll_us.unwrap_or(DEFAULT_IDLE_POLL_US);
+    if idle_poll_us > MAX_IDLE_POLL_US {
+        return Err(invalid("idle_poll_us", format!("must be between 0 (off) and {MAX_IDLE_POLL_US}")));
+    }
+    let handshake_timeout_secs = f.handshake_timeout_secs.unwrap_or(30);
+    if handshake_timeout_secs == 0 || handshake_timeout_secs > 3600 {
+        return Err(invalid("handshake_timeout_secs", "must be between 1 and 3600"));
+    }
+    Ok(Limits {
+        max_connections: max_connections as usize,
+        per_connection: per_connection as usize,
+        total: total as usize,
+        handshake_timeout_secs,
+        idle_poll_us,
+    })
+}
+
+fn zero_copy_reads(f: &FileConfig) -> Result<ZeroCopyReads, ConfigError> {
+    Ok(match &f.zero_copy_reads {
+        None => zero_copy_auto(),
+        // `true` predates the mapped send and always meant `sendfile`.
+        Some(BoolOrWord::Bool(true)) => ZeroCopyReads::Sendfile,
+        Some(BoolOrWord::Bool(false)) => ZeroCopyReads::Off,
+        Some(BoolOrWord::Word(w)) => match w.as_str() {
+            "auto" => zero_copy_auto(),
+            "sendfile" | "true" | "on" => ZeroCopyReads::Sendfile,
+            "mapped" => ZeroCopyReads::Mapped,
+            "false" | "off" => ZeroCopyReads::Off,
+            _ => {
+                return Err(invalid(
+                    "zero_copy_reads",
+                    format!("{w:?} is not \"auto\", \"mapped\", \"sendfile\" (or true) or false"),
+                ))
+            }
+        },
+    })
+}
+
+/// The cache devices, and the mirror's metadata period.
+fn cache_keys(f: &FileConfig, backing: &Path) -> Result<(Vec<PathBuf>, u64), ConfigError> {
+    let cache = f.cache.clone().unwrap_or_default();
+    if cache.iter().any(|c| c == backing) {
+        return Err(invalid("cache", "lists the backing device itself"));
+    }
+    if let Some(dup) = cache.iter().enumerate().find_map(|(i, c)| cache[..i].contains(c).then_some(c)) {
+        return Err(invalid("cache", format!("lists {} twice", dup.display())));
+    }
+    let metadata_interval_ms = f.metadata_interval_ms.unwrap_or(5000);
+    if !(100..=600_000).contains(&metadata_interval_ms) {
+        return Err(invalid("metadata_interval_ms", format!("{metadata_interval_ms} is outside 100..=600000")));
+    }
+    Ok((cache, metadata_interval_ms))
+}
+
+fn tls(f: &FileConfig) -> Result<TlsSettings, ConfigError> {
+    let mode = match f.tls.as_deref() {
+        None | Some("off") => TlsMode::Off,
+        Some("on") => TlsMode::Optional,
+        Some("require") => TlsMode::Required,
+        Some(other) => return Err(invalid("tls", format!("{other:?} is not one of \"off\", \"on\", \"require\""))),
+    };
+    if mode == TlsMode::Off {
+        // A certificate without TLS on is most likely a forgotten `tls = "require"`: serving
+        // plain text while the operator believes otherwise is the worse failure.
+        for (key, set) in [
+            ("tls_cert", f.tls_cert.is_some()),
+            ("tls_key", f.tls_key.is_some()),
+            ("tls_ca", f.tls_ca.is_some()),
+            ("tls_min_version", f.tls_min_version.is_some()),
+        ] {
+            if set {
+                return Err(invalid(key, "is set but `tls` is \"off\" (set tls = \"on\" or \"require\")"));
+            }
+        }
+    } else if f.tls_cert.is_none() {
+        return Err(invalid("tls_cert", "is required when `tls` is on (a PEM certificate chain)"));
+    } else if f.tls_key.is_none() {
+        return Err(invalid("tls_key", "is required when `tls` is on (the certificate's PEM private key)"));
+    }
+    let min_version = match f.tls_min_version.as_deref() {
+        None | Some("1.2") => TlsVersion::V1_2,
+        Some("1.3") => TlsVersion::V1_3,
+        Some(other) => return Err(invalid("tls_min_version", format!("{other:?} is not \"1.2\" or \"1.3\""))),
+    };
+    Ok(TlsSettings { mode, cert: f.tls_cert.clone(), key: f.tls_key.clone(), ca: f.tls_ca.clone(), min_version })
+}
+
+/// Client networks, and the Unix socket's owner and group.
+type Access = (Vec<Cidr>, Option<u32>, Option<u32>);
+
+fn access(f: &FileConfig) -> Result<Access, ConfigError> {
+    let allow = match &f.allow {
+        None => Vec::new(),
+        Some(list) if list.is_empty() => {
+            return Err(invalid("allow", "is empty, which would refuse every TCP client; remove it to allow all"));
+        }
+        Some(list) => list.iter().map(|s| Cidr::parse(s)).collect::<Result<_, _>>().map_err(|r| invalid("allow", r))?,
+    };
+    if f.unix.is_none() {
+        for (key, set) in [("unix_owner", f.unix_owner.is_some()), ("unix_group", f.unix_group.is_some())] {
+            if set {
+                return Err(invalid(key, "is set but no `unix` socket is"));
+            }
+        }
+    }
+    let owner = f.unix_owner.as_deref().map(lookup_user).transpose().map_err(|r| invalid("unix_owner", r))?;
+    let group = f.unix_group.as_deref().map(lookup_group).transpose().map_err(|r| invalid("unix_group", r))?;
+    Ok((allow, owner, group))
+}
+
+fn backing_io(f: &FileConfig) -> Result<IoPolicy, ConfigError> {
+    let d = IoPolicy::default();
+    let timeout_ms = f.backing_timeout_ms.unwrap_or(d.attempt_timeout.as_millis() as u64);
+    if !(100..=3_600_000).contains(&timeout_ms) {
+        return Err(invalid("backing_timeout_ms", format!("{timeout_ms} is outside 100..=3600000")));
+    }
+    let read_retries = f.backing_read_retries.unwrap_or(d.read_retries);
+    if read_retries > 100 {
+        return Err(invalid("backing_read_retries", format!("{read_retries} is above 100")));
+    }
+    let backoff_ms = f.backing_retry_backoff_ms.unwrap_or(d.retry_backoff.as_millis() as u64);
+    if backoff_ms > 600_000 {
+        return Err(invalid("backing_retry_backoff_ms", format!("{backoff_ms} is above 600000")));
+    }
+    let deadline_ms = f.backing_io_deadline_ms.unwrap_or(d.deadline.as_millis() as u64);
+    if deadline_ms > 86_400_000 {
+        return Err(invalid("backing_io_deadline_ms", format!("{deadline_ms} is above 86400000 (a day)")));
+    }
+    if deadline_ms < timeout_ms {
+        return Err(invalid(
+            "backing_io_deadline_ms",
+            format!(
+                "{deadline_ms} is below backing_timeout_ms ({timeout_ms}): a request must be allowed at least one \
+                 whole attempt"
+            ),
+        ));
+    }
+    Ok(IoPolicy {
+        attempt_timeout: Duration::from_millis(timeout_ms),
+        read_retries,
+        retry_backoff: Duration::from_millis(backoff_ms),
+        deadline: Duration::from_millis(deadline_ms),
+    })
+}
+
+/// The live keys, defaulted and checked by [`Tunables::validate`].
+fn tunables(f: &FileConfig) -> Result<Tunables, ConfigError> {
+    let d = Tunables::default();
+    let hedge_min = f.hedge_min_us.map_or(d.hedge.min, Duration::from_micros);
+    let t = Tunables {
+        rebuild_min_bytes_per_s: f.rebuild_min_bytes_per_s.map_or(d.rebuild_min_bytes_per_s, |b| b.0),
+        rebuild_max_bytes_per_s: f.rebuild_max_bytes_per_s.map_or(d.rebuild_max_bytes_per_s, |b| b.0),
+        read_error_budget: f.read_error_budget.unwrap_or(d.read_error_budget),
+        hedge: HedgePolicy {
+            enabled: f.hedge_reads.unwrap_or(d.hedge.enabled),
+            min: hedge_min,
+            // A minimum above the default maximum raises the maximum with it.
+            max: f.hedge_max_us.map_or(d.hedge.max.max(hedge_min), Duration::from_micros),
+            max_percent: f.hedge_max_percent.unwrap_or(d.hedge.max_percent),
+        },
+        cache_timeout: f.cache_timeout_ms.map_or(d.cache_timeout, Duration::from_millis),
+    };
+    t.validate().map_err(|r| invalid(r.key, r.reason))?;
+    Ok(t)
+}
+
 impl ServeConfig {
     /// Validates a merged file config (command-line flags already written over it).
     pub fn from_file_config(f: FileConfig) -> Result<Self, ConfigError> {
-        let backing = f.backing.ok_or_else(|| invalid("backing", "is required (the durable device or image file)"))?;
-        let listen = match f.listen.as_deref() {
-            None => Some(DEFAULT_LISTEN.parse().expect("valid default")),
-            // An empty string turns TCP off (Unix socket only).
-            Some("") => None,
-            Some(s) => Some(parse_listen(s).map_err(|r| invalid("listen", r))?),
-        };
-        let unix_mode = match f.unix_mode.as_deref() {
-            None => 0o660,
-            Some(s) => u32::from_str_radix(s.trim_start_matches("0o"), 8)
-                .ok()
-                .filter(|m| *m <= 0o777)
-                .ok_or_else(|| invalid("unix_mode", format!("{s:?} is not an octal permission such as \"0660\"")))?,
-        };
-        let export = f.export.unwrap_or_else(|| DEFAULT_EXPORT.to_owned());
-        if export.len() > 4096 || export.contains('\0') {
-            return Err(invalid("export", "must be at most 4096 bytes with no NUL"));
-        }
-        let description = f.description.unwrap_or_default();
-        if description.len() > 4096 {
-            return Err(invalid("description", "must be at most 4096 bytes"));
-        }
-        let io_engine = match f.io_engine.as_deref() {
-            None => EngineKind::Uring,
-            Some(s) => s.parse().map_err(|r: String| invalid("io_engine", r))?,
-        };
-        let registered_buffer_bytes =
-            f.registered_buffer_bytes.map_or(crate::device::buf::DEFAULT_REGISTERED_BUFFER_BYTES as u64, |b| b.0);
-        if registered_buffer_bytes != 0 && !(1 << 20..=1 << 30).contains(&registered_buffer_bytes) {
-            return Err(invalid(
-                "registered_buffer_bytes",
-                format!("{registered_buffer_bytes} is neither 0 (off) nor within 1 MiB ..= 1 GiB"),
-            ));
-        }
-        let max_connections = f.max_connections.unwrap_or(256);
-        if max_connections == 0 || max_connections > 65536 {
-            return Err(invalid("max_connections", format!("{max_connections} is outside 1..=65536")));
-        }
-        let inflight = f.max_inflight_bytes_per_connection.map_or(64 << 20, |b| b.0);
-        if !(1 << 20..=1 << 32).contains(&inflight) {
-            return Err(invalid(
-                "max_inflight_bytes_per_connection",
-                format!("{inflight} is outside 1 MiB ..= 4 GiB (it must admit one 32 MiB request to be useful)"),
-            ));
-        }
-        let idle_poll_us = f.idle_poll_us.unwrap_or(DEFAULT_IDLE_POLL_US);
-        if idle_poll_us > MAX_IDLE_POLL_US {
-            return Err(invalid("idle_poll_us", format!("must be between 0 (off) and {MAX_IDLE_POLL_US}")));
-        }
-        let handshake_timeout_secs = f.handshake_timeout_secs.unwrap_or(30);
-        if handshake_timeout_secs == 0 || handshake_timeout_secs > 3600 {
-            return Err(invalid("handshake_timeout_secs", "must be between 1 and 3600"));
-        }
-        let zero_copy_reads = match &f.zero_copy_reads {
-            None => zero_copy_auto(),
-            // `true` predates the mapped send and always meant `sendfile`.
-            Some(BoolOrWord::Bool(true)) => ZeroCopyReads::Sendfile,
-            Some(BoolOrWord::Bool(false)) => ZeroCopyReads::Off,
-            Some(BoolOrWord::Word(w)) => match w.as_str() {
-                "auto" => zero_copy_auto(),
-                "sendfile" | "true" | "on" => ZeroCopyReads::Sendfile,
-                "mapped" => ZeroCopyReads::Mapped,
-                "false" | "off" => ZeroCopyReads::Off,
-                _ => {
-                    return Err(invalid(
-                        "zero_copy_reads",
-                        format!("{w:?} is not \"auto\", \"mapped\", \"sendfile\" (or true) or false"),
-                    ))
-                }
-            },
-        };
-        let log_level = f.log_level.unwrap_or_else(|| "info".to_owned());
+        let backing =
+            f.backing.clone().ok_or_else(|| invalid("backing", "is required (the durable device or image file)"))?;
+        let ends = endpoints(&f)?;
+        let (io_engine, registered_buffer_bytes) = io_engine(&f)?;
+        let limits = limits(&f)?;
+        let log_level = f.log_level.clone().unwrap_or_else(|| "info".to_owned());
         if !["error", "warn", "info", "debug", "trace"].contains(&log_level.as_str()) {
             return Err(invalid("log_level", format!("{log_level:?} is not one of error, warn, info, debug, trace")));
         }
-        let rebuild_min_bytes_per_s = f.rebuild_min_bytes_per_s.map_or(100 << 20, |b| b.0);
-        let rebuild_max_bytes_per_s = f.rebuild_max_bytes_per_s.map_or(u64::MAX, |b| b.0);
-        if rebuild_min_bytes_per_s == 0 {
-            return Err(invalid("rebuild_min_bytes_per_s", "must be positive, or a busy disk would never be rebuilt"));
-        }
-        if rebuild_max_bytes_per_s < rebuild_min_bytes_per_s {
-            return Err(invalid(
-                "rebuild_max_bytes_per_s",
-                format!("{rebuild_max_bytes_per_s} is below rebuild_min_bytes_per_s ({rebuild_min_bytes_per_s})"),
-            ));
-        }
-        let metadata_interval_ms = f.metadata_interval_ms.unwrap_or(5000);
-        if !(100..=600_000).contains(&metadata_interval_ms) {
-            return Err(invalid("metadata_interval_ms", format!("{metadata_interval_ms} is outside 100..=600000")));
-        }
-        let cache = f.cache.unwrap_or_default();
-        if cache.iter().any(|c| c == &backing) {
-            return Err(invalid("cache", "lists the backing device itself"));
-        }
-        if let Some(dup) = cache.iter().enumerate().find_map(|(i, c)| cache[..i].contains(c).then_some(c)) {
-            return Err(invalid("cache", format!("lists {} twice", dup.display())));
-        }
-        let metrics = match f.metrics.as_deref() {
-            None | Some("") => None,
-            Some(s) => Some(parse_listen(s).map_err(|r| invalid("metrics", r))?),
-        };
-        if listen.is_none() && f.unix.is_none() {
-            return Err(invalid("listen", "is empty and no `unix` socket is set: nothing to serve on"));
-        }
-        let tls = match f.tls.as_deref() {
-            None | Some("off") => TlsMode::Off,
-            Some("on") => TlsMode::Optional,
-            Some("require") => TlsMode::Required,
-            Some(other) => return Err(invalid("tls", format!("{other:?} is not one of \"off\", \"on\", \"require\""))),
-        };
-        if tls == TlsMode::Off {
-            // A certificate without TLS on is most likely a forgotten `tls = "require"`: serving
-            // plain text while the operator believes otherwise is the worse failure.
-            for (key, set) in [
-                ("tls_cert", f.tls_cert.is_some()),
-                ("tls_key", f.tls_key.is_some()),
-                ("tls_ca", f.tls_ca.is_some()),
-                ("tls_min_version", f.tls_min_version.is_some()),
-            ] {
-                if set {
-                    return Err(invalid(key, "is set but `tls` is \"off\" (set tls = \"on\" or \"require\")"));
-                }
-            }
-        } else {
-            if f.tls_cert.is_none() {
-                return Err(invalid("tls_cert", "is required when `tls` is on (a PEM certificate chain)"));
-            }
-            if f.tls_key.is_none() {
-                return Err(invalid("tls_key", "is required when `tls` is on (the certificate's PEM private key)"));
-            }
-        }
-        let tls_min_version = match f.tls_min_version.as_deref() {
-            None | Some("1.2") => TlsVersion::V1_2,
-            Some("1.3") => TlsVersion::V1_3,
-            Some(other) => {
-                return Err(invalid("tls_min_version", format!("{other:?} is not \"1.2\" or \"1.3\"")));
-            }
-        };
-        let allow = match f.allow {
-            None => Vec::new(),
-            Some(list) if list.is_empty() => {
-                return Err(invalid("allow", "is empty, which would refuse every TCP client; remove it to allow all"));
-            }
-            Some(list) => {
-                list.iter().map(|s| Cidr::parse(s)).collect::<Result<_, _>>().map_err(|r| invalid("allow", r))?
-            }
-        };
-        if f.unix.is_none() {
-            for (key, set) in [("unix_owner", f.unix_owner.is_some()), ("unix_group", f.unix_group.is_some())] {
-                if set {
-                    return Err(invalid(key, "is set but no `unix` socket is"));
-                }
-            }
-        }
-        let unix_owner = f.unix_owner.as_deref().map(lookup_user).transpose().map_err(|r| invalid("unix_owner", r))?;
-        let unix_group = f.unix_group.as_deref().map(lookup_group).transpose().map_err(|r| invalid("unix_group", r))?;
-        let inflight_total = f.max_inflight_bytes_total.map_or(1 << 30, |b| b.0);
-        if inflight_total < inflight || inflight_total > 1 << 40 {
-            return Err(invalid(
-                "max_inflight_bytes_total",
-                format!(
-                    "{inflight_total} is outside max_inflight_bytes_per_connection ({inflight}) ..= 1 TiB \
-                     (every connection must be able to reach its own limit)"
-                ),
-            ));
-        }
-        let io_default = IoPolicy::default();
-        let backing_timeout_ms = f.backing_timeout_ms.unwrap_or(io_default.attempt_timeout.as_millis() as u64);
-        if !(100..=3_600_000).contains(&backing_timeout_ms) {
-            return Err(invalid("backing_timeout_ms", format!("{backing_timeout_ms} is outside 100..=3600000")));
-        }
-        let backing_read_retries = f.backing_read_retries.unwrap_or(io_default.read_retries);
-        if backing_read_retries > 100 {
-            return Err(invalid("backing_read_retries", format!("{backing_read_retries} is above 100")));
-        }
-        let backing_retry_backoff_ms =
-            f.backing_retry_backoff_ms.unwrap_or(io_default.retry_backoff.as_millis() as u64);
-        if backing_retry_backoff_ms > 600_000 {
-            return Err(invalid("backing_retry_backoff_ms", format!("{backing_retry_backoff_ms} is above 600000")));
-        }
-        let backing_io_deadline_ms = f.backing_io_deadline_ms.unwrap_or(io_default.deadline.as_millis() as u64);
-        if backing_io_deadline_ms > 86_400_000 {
-            return Err(invalid(
-                "backing_io_deadline_ms",
-                format!("{backing_io_deadline_ms} is above 86400000 (a day)"),
-            ));
-        }
-        if backing_io_deadline_ms < backing_timeout_ms {
-            return Err(invalid(
-                "backing_io_deadline_ms",
-                format!(
-                    "{backing_io_deadline_ms} is below backing_timeout_ms ({backing_timeout_ms}): a request must be \
-                     allowed at least one whole attempt"
-                ),
-            ));
-        }
-        let hedge_default = HedgePolicy::default();
-        let hedge_min_us = f.hedge_min_us.unwrap_or(hedge_default.min.as_micros() as u64);
-        if !(10..=10_000_000).contains(&hedge_min_us) {
-            return Err(invalid("hedge_min_us", format!("{hedge_min_us} is outside 10..=10000000")));
-        }
-        let hedge_max_us = f.hedge_max_us.unwrap_or((hedge_default.max.as_micros() as u64).max(hedge_min_us));
-        if !(hedge_min_us..=10_000_000).contains(&hedge_max_us) {
-            return Err(invalid(
-                "hedge_max_us",
-                format!("{hedge_max_us} is outside hedge_min_us ({hedge_min_us}) ..= 10000000"),
-            ));
-        }
-        let hedge_max_percent = f.hedge_max_percent.unwrap_or(hedge_default.max_percent);
-        if hedge_max_percent > 100 {
-            return Err(invalid("hedge_max_percent", format!("{hedge_max_percent} is above 100")));
-        }
-        let cache_timeout_ms = f.cache_timeout_ms.unwrap_or(crate::mirror::DEFAULT_CACHE_TIMEOUT.as_millis() as u64);
-        if cache_timeout_ms != 0 && !(100..=3_600_000).contains(&cache_timeout_ms) {
-            return Err(invalid(
-                "cache_timeout_ms",
-                format!("{cache_timeout_ms} is outside 100..=3600000 (or 0 for no limit)"),
-            ));
-        }
+        let (cache, metadata_interval_ms) = cache_keys(&f, &backing)?;
+        let (allow, unix_owner, unix_group) = access(&f)?;
         let cfg = ServeConfig {
+            zero_copy_reads: zero_copy_reads(&f)?,
+            tls: tls(&f)?,
+            backing_io: backing_io(&f)?,
+            tunables: tunables(&f)?,
             backing,
-            listen,
+            listen: ends.listen,
             unix: f.unix,
-            unix_mode,
-            export,
-            description,
+            unix_mode: ends.unix_mode,
+            export: ends.export,
+            description: ends.description,
             read_only: f.read_only.unwrap_or(false),
             io_engine,
-            registered_buffer_bytes: registered_buffer_bytes as usize,
+            registered_buffer_bytes,
             direct: f.direct,
-            max_connections: max_connections as usize,
-            max_inflight_bytes_per_connection: inflight as usize,
-            handshake_timeout_secs,
+            max_connections: limits.max_connections,
+            max_inflight_bytes_per_connection: limits.per_connection,
+            handshake_timeout_secs: limits.handshake_timeout_secs,
             idle_timeout_secs: f.idle_timeout_secs.unwrap_or(0),
-            idle_poll_us,
-            zero_copy_reads,
+            idle_poll_us: limits.idle_poll_us,
             log_level,
             cache,
             cache_direct: f.cache_direct,
             take_over_foreign_cache: f.take_over_foreign_cache.unwrap_or(false),
-            read_error_budget: f.read_error_budget.unwrap_or(20),
-            rebuild_min_bytes_per_s,
-            rebuild_max_bytes_per_s,
             admin_socket: f.admin_socket,
             metadata_interval_ms,
-            metrics,
-            tls,
-            tls_cert: f.tls_cert,
-            tls_key: f.tls_key,
-            tls_ca: f.tls_ca,
-            tls_min_version,
+            metrics: ends.metrics,
             allow,
             unix_owner,
             unix_group,
-            max_inflight_bytes_total: inflight_total as usize,
-            backing_timeout_ms,
-            backing_read_retries,
-            backing_retry_backoff_ms,
-            backing_io_deadline_ms,
-            hedge_reads: f.hedge_reads.unwrap_or(hedge_default.enabled),
-            hedge_min_us,
-            hedge_max_us,
-            hedge_max_percent,
-            cache_timeout_ms,
+            max_inflight_bytes_total: limits.total,
         };
         // Read the certificate files now, so that a bad one stops the daemon before any device
         // is opened (and a SIGHUP with a broken one is reported as a config error).
-        crate::server::tls::acceptor(&cfg)?;
+        cfg.policy()?;
         Ok(cfg)
     }
 }
@@ -835,23 +810,23 @@ mod tests {
     #[test]
     fn cache_timeout_key() {
         let c = parse("backing = \"/x\"").unwrap();
-        assert_eq!(c.cache_timeout_ms, 10_000);
-        assert_eq!(parse("backing = \"/x\"\ncache_timeout_ms = 0").unwrap().cache_timeout_ms, 0);
+        assert_eq!(c.tunables.cache_timeout.as_millis(), 10_000);
+        assert_eq!(parse("backing = \"/x\"\ncache_timeout_ms = 0").unwrap().tunables.cache_timeout.as_millis(), 0);
         for bad in ["cache_timeout_ms = 50", "cache_timeout_ms = 3600001", "cache_timeout_ms = -1"] {
             let e = parse(&format!("backing = \"/x\"\n{bad}")).unwrap_err().to_string();
             assert!(e.contains("cache_timeout_ms"), "{bad}: {e}");
         }
         let b = parse("backing = \"/x\"\ncache_timeout_ms = 2000").unwrap();
         assert_eq!(c.changed_keys(&b), vec!["cache_timeout_ms"]);
-        assert!(ServeConfig::LIVE_KEYS.contains(&"cache_timeout_ms"));
+        assert!(ServeConfig::is_live("cache_timeout_ms"));
     }
 
     #[test]
     fn hedge_keys() {
         let c = parse("backing = \"/x\"").unwrap();
-        assert_eq!(c.hedge_policy(), HedgePolicy::default());
+        assert_eq!(c.tunables.hedge, HedgePolicy::default());
         let c = parse("backing = \"/x\"\nhedge_reads = false\nhedge_min_us = 30000\nhedge_max_percent = 1").unwrap();
-        let p = c.hedge_policy();
+        let p = c.tunables.hedge;
         assert!(!p.enabled);
         assert_eq!((p.min, p.max, p.max_percent), (Duration::from_millis(30), Duration::from_millis(30), 1));
         for (text, key) in [
@@ -866,13 +841,13 @@ mod tests {
         let a = parse("backing = \"/x\"").unwrap();
         let b = parse("backing = \"/x\"\nhedge_max_percent = 10").unwrap();
         assert_eq!(a.changed_keys(&b), vec!["hedge_max_percent"]);
-        assert!(ServeConfig::LIVE_KEYS.contains(&"hedge_max_percent"));
+        assert!(ServeConfig::is_live("hedge_max_percent"));
     }
 
     #[test]
     fn tls_keys() {
         let c = parse("backing = \"/x\"").unwrap();
-        assert_eq!((c.tls, c.tls_min_version), (TlsMode::Off, TlsVersion::V1_2));
+        assert_eq!((c.tls.mode, c.tls.min_version), (TlsMode::Off, TlsVersion::V1_2));
         // The files are read at validation: a missing one is an error naming its key and path.
         let e = parse("backing = \"/x\"\ntls = \"require\"\ntls_cert = \"/nonexistent/c.pem\"\ntls_key = \"/k\"")
             .unwrap_err()
@@ -910,13 +885,13 @@ mod tests {
     #[test]
     fn backing_io_keys_have_defaults_and_are_validated() {
         let c = parse("backing = \"/x\"").unwrap();
-        assert_eq!(c.backing_io_policy(), IoPolicy::default());
+        assert_eq!(c.backing_io, IoPolicy::default());
         let c = parse(
             "backing = \"/x\"\nbacking_timeout_ms = 1000\nbacking_read_retries = 0\nbacking_retry_backoff_ms = 10\n\
              backing_io_deadline_ms = 3000",
         )
         .unwrap();
-        let p = c.backing_io_policy();
+        let p = c.backing_io.clone();
         assert_eq!(
             (p.attempt_timeout, p.read_retries, p.retry_backoff, p.deadline),
             (Duration::from_secs(1), 0, Duration::from_millis(10), Duration::from_secs(3))

@@ -42,7 +42,7 @@ use superdisk::device::sim::mem::{CrashReport, MemDevice};
 use superdisk::device::sim::shadow::ShadowDisk;
 use superdisk::device::{AlignedBuf, BlockDevice};
 use superdisk::meta::{meta_bytes, store};
-use superdisk::mirror::{create_cache, verify_offline, MirrorOptions, MirrorStats, MirrorVolume, Mode};
+use superdisk::mirror::{create_cache, verify_offline, MirrorOptions, MirrorStats, MirrorVolume, Mode, Tunables};
 use superdisk::volume::Volume;
 
 /// Exported size: small, so that requests collide often and regions are few.
@@ -318,16 +318,19 @@ impl World {
         let opts = MirrorOptions {
             region_bytes,
             stripe_bytes: [4096u32, 16384][rng.below(2) as usize],
-            read_error_budget: rng.in_range(1..6) as u32,
-            // Rebuild as fast as it can: the test wants interleavings, not pacing.
-            rebuild_min_bytes_per_s: 1 << 40,
-            rebuild_max_bytes_per_s: 1 << 40,
+            // Rebuild as fast as it can: the test wants interleavings, not pacing. Long enough a
+            // cache time limit that a busy test machine never trips it by accident (a timeout only
+            // fails the set, which is safe, but the checks below expect a fresh set to stay).
+            tunables: Tunables {
+                read_error_budget: rng.in_range(1..6) as u32,
+                rebuild_min_bytes_per_s: 1 << 40,
+                rebuild_max_bytes_per_s: 1 << 40,
+                cache_timeout: Duration::from_millis(300),
+                ..Tunables::default()
+            },
             // The background cleaner would run on the wall clock; the Clean step runs a pass at
             // seeded moments instead, so a seed replays exactly.
             metadata_interval_ms: 3_600_000,
-            // Long enough that a busy test machine never trips it by accident (a timeout only
-            // fails the set, which is safe, but the checks below expect a fresh set to stay).
-            cache_timeout: Duration::from_millis(300),
             ..MirrorOptions::default()
         };
         // Random initial contents, so that a trimmed or lost range is told apart from zeroes.

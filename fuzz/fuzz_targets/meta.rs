@@ -154,8 +154,11 @@ fn overwrite_tail(dev_bytes: u64, tail: &[u8], flags: u8) -> MemDevice {
 fn open(flags: u8, raw: &[u8]) {
     let opts = MirrorOptions {
         region_bytes: 1 << 20,
-        rebuild_min_bytes_per_s: 1 << 40,
-        rebuild_max_bytes_per_s: 1 << 40,
+        tunables: superdisk::mirror::Tunables {
+            rebuild_min_bytes_per_s: 1 << 40,
+            rebuild_max_bytes_per_s: 1 << 40,
+            ..Default::default()
+        },
         metadata_interval_ms: 3_600_000,
         take_over_foreign_cache: flags & 2 != 0,
         ..MirrorOptions::default()

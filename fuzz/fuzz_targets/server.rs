@@ -194,8 +194,11 @@ fuzz_target!(|data: &[u8]| {
         let backing = backing().await;
         if s.mirror {
             let opts = MirrorOptions {
-                rebuild_min_bytes_per_s: 1 << 40,
-                rebuild_max_bytes_per_s: 1 << 40,
+                tunables: superdisk::mirror::Tunables {
+                    rebuild_min_bytes_per_s: 1 << 40,
+                    rebuild_max_bytes_per_s: 1 << 40,
+                    ..Default::default()
+                },
                 metadata_interval_ms: 3_600_000,
                 ..MirrorOptions::default()
             };

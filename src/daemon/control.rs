@@ -88,7 +88,7 @@ impl Node {
                 let min_bps = parse_rate(min).map_err(|e| format!("rebuild rate MIN: {e}"))?;
                 let max_bps = match args.get(2) {
                     Some(max) => parse_rate(max).map_err(|e| format!("rebuild rate MAX: {e}"))?,
-                    None => m.rebuild_rates().1.max(min_bps),
+                    None => m.tunables().rebuild_max_bytes_per_s.max(min_bps),
                 };
                 if min_bps == 0 || min_bps == u64::MAX {
                     return Err("rebuild rate MIN must be a positive rate such as 100M".into());
@@ -96,10 +96,11 @@ impl Node {
                 if max_bps < min_bps {
                     return Err(format!("rebuild rate MAX ({max_bps}) is below MIN ({min_bps})"));
                 }
-                m.set_rebuild_rates(min_bps, max_bps);
-                let mut cfg = self.cfg.lock().expect("config poisoned");
-                cfg.rebuild_min_bytes_per_s = min_bps;
-                cfg.rebuild_max_bytes_per_s = max_bps;
+                let mut t = m.tunables();
+                (t.rebuild_min_bytes_per_s, t.rebuild_max_bytes_per_s) = (min_bps, max_bps);
+                t.validate().map_err(|r| format!("rebuild rate: {}", r.reason))?;
+                m.set_tunables(t.clone());
+                self.cfg.lock().expect("config poisoned").tunables = t;
                 tracing::info!(min_bytes_per_s = min_bps, max_bytes_per_s = max_bps, "rebuild rate changed");
                 Ok(format!(
                     "rebuild rate: min {}/s, max {}",

@@ -207,6 +207,7 @@ impl Node {
             None => (None, None, None),
             Some(m) => {
                 let st = m.stats();
+                let tunables = m.tunables();
                 let (from_cache, from_backing) =
                     (st.read_bytes_cache.load(Relaxed), st.read_bytes_backing.load(Relaxed));
                 let total = from_cache + from_backing;
@@ -217,22 +218,22 @@ impl Node {
                     repairs_total: st.repairs.load(Relaxed),
                     errors_total: st.cache_errors.load(Relaxed),
                     failures_total: st.cache_failures.load(Relaxed),
-                    read_error_budget: m.read_error_budget(),
+                    read_error_budget: tunables.read_error_budget,
                     hedge: HedgeStatus {
-                        enabled: m.hedge_policy().enabled,
+                        enabled: tunables.hedge.enabled,
                         threshold_us: st.hedge.threshold_us.load(Relaxed),
                         hedged_total: st.hedge.hedged.load(Relaxed),
                         backing_won_total: st.hedge.backing_won.load(Relaxed),
                         over_budget_total: st.hedge.over_budget.load(Relaxed),
-                        max_percent: m.hedge_policy().max_percent,
+                        max_percent: tunables.hedge.max_percent,
                     },
                     timeout: CacheTimeoutStatus {
-                        timeout_ms: m.cache_timeout().as_millis() as u64,
+                        timeout_ms: tunables.cache_timeout.as_millis() as u64,
                         timed_out_total: st.cache_io.timed_out.load(Relaxed),
                         abandoned_now: st.cache_io.abandoned_now.load(Relaxed),
                     },
                 };
-                let (min, max) = m.rebuild_rates();
+                let (min, max) = (tunables.rebuild_min_bytes_per_s, tunables.rebuild_max_bytes_per_s);
                 let done = st.rebuild_done_bytes.load(Relaxed);
                 let total = st.rebuild_total_bytes.load(Relaxed);
                 let rate = st.rebuild_rate_bytes_per_s.load(Relaxed);
@@ -356,7 +357,7 @@ impl Node {
             tracing::info!("SIGHUP: configuration reloaded; nothing changed");
             return;
         }
-        let (live, restart): (Vec<&str>, Vec<&str>) = changed.iter().partition(|k| ServeConfig::LIVE_KEYS.contains(k));
+        let (live, restart): (Vec<&str>, Vec<&str>) = changed.iter().partition(|k| ServeConfig::is_live(k));
         let applied = live.join(", ");
         let restart = restart.join(", ");
         // Said before the level changes, so a quieter level does not swallow the news of itself.
@@ -371,19 +372,9 @@ impl Node {
             cur.log_level = new.log_level.clone();
         }
         if let Some(m) = &self.mirror {
-            m.set_rebuild_rates(new.rebuild_min_bytes_per_s, new.rebuild_max_bytes_per_s);
-            m.set_read_error_budget(new.read_error_budget);
-            m.set_hedge_policy(new.hedge_policy());
-            m.set_cache_timeout(Duration::from_millis(new.cache_timeout_ms));
+            m.set_tunables(new.tunables.clone());
         }
-        cur.rebuild_min_bytes_per_s = new.rebuild_min_bytes_per_s;
-        cur.rebuild_max_bytes_per_s = new.rebuild_max_bytes_per_s;
-        cur.read_error_budget = new.read_error_budget;
-        cur.hedge_reads = new.hedge_reads;
-        cur.hedge_min_us = new.hedge_min_us;
-        cur.hedge_max_us = new.hedge_max_us;
-        cur.hedge_max_percent = new.hedge_max_percent;
-        cur.cache_timeout_ms = new.cache_timeout_ms;
+        cur.tunables = new.tunables.clone();
     }
 }
 
@@ -448,7 +439,7 @@ pub async fn serve_with(
         })
     };
     if cfg.cache.is_empty() {
-        let volume = PlainVolume::open_with_policy(dev, cfg.read_only, cfg.backing_io_policy())
+        let volume = PlainVolume::open_with_policy(dev, cfg.read_only, cfg.backing_io.clone())
             .await
             .map_err(|e| format!("{}: {e}", cfg.backing.display()))?;
         if volume.recovered_from_crash {
@@ -467,14 +458,10 @@ pub async fn serve_with(
         }
     };
     let opts = MirrorOptions {
-        read_error_budget: cfg.read_error_budget,
-        rebuild_min_bytes_per_s: cfg.rebuild_min_bytes_per_s,
-        rebuild_max_bytes_per_s: cfg.rebuild_max_bytes_per_s,
+        tunables: cfg.tunables.clone(),
         take_over_foreign_cache: cfg.take_over_foreign_cache,
         metadata_interval_ms: cfg.metadata_interval_ms,
-        backing_io: cfg.backing_io_policy(),
-        hedge: cfg.hedge_policy(),
-        cache_timeout: Duration::from_millis(cfg.cache_timeout_ms),
+        backing_io: cfg.backing_io.clone(),
         ..MirrorOptions::default()
     };
     let volume =
@@ -540,7 +527,7 @@ async fn run<V: Volume>(
         zero_copy_reads: cfg.zero_copy_reads,
         idle_poll: Duration::from_micros(cfg.idle_poll_us),
         stats: node.server.clone(),
-        policy: server::Policy::from_config(cfg)?,
+        policy: cfg.policy()?,
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     // Install the handlers now, before READY=1: a SIGTERM that arrives between READY and the

@@ -309,11 +309,11 @@ async fn a_mutation_is_registered_once_whatever_its_length() {
     for _ in 0..100 {
         tokio::task::yield_now().await;
     }
-    let registered = v.inner.journal.registrations();
+    let registered = v.inner.intents.registrations();
     assert!((1..=10).contains(&registered), "{registered} registrations for 10 TRIMs of {} regions", v.regions());
     faults.resume();
     for t in trims {
         t.await.unwrap().unwrap();
     }
-    assert_eq!(v.inner.journal.registrations(), 0);
+    assert_eq!(v.inner.intents.registrations(), 0);
 }

@@ -102,6 +102,16 @@ fn ns(d: Duration) -> u64 {
 }
 
 impl Hedger {
+    #[cfg(test)]
+    pub(crate) fn policy(&self) -> HedgePolicy {
+        HedgePolicy {
+            enabled: self.enabled.load(Relaxed),
+            min: Duration::from_nanos(self.min_ns.load(Relaxed)),
+            max: Duration::from_nanos(self.max_ns.load(Relaxed)),
+            max_percent: self.max_percent.load(Relaxed) as u32,
+        }
+    }
+
     pub(crate) fn new(policy: HedgePolicy, stats: std::sync::Arc<HedgeStats>) -> Self {
         let now = Instant::now();
         let h = Hedger {
@@ -137,15 +147,6 @@ impl Hedger {
         self.threshold_ns.store(t, Relaxed);
         self.enabled.store(p.enabled, Relaxed);
         self.publish_threshold();
-    }
-
-    pub(crate) fn policy(&self) -> HedgePolicy {
-        HedgePolicy {
-            enabled: self.enabled.load(Relaxed),
-            min: Duration::from_nanos(self.min_ns.load(Relaxed)),
-            max: Duration::from_nanos(self.max_ns.load(Relaxed)),
-            max_percent: self.max_percent.load(Relaxed) as u32,
-        }
     }
 
     fn publish_threshold(&self) {

@@ -87,7 +87,8 @@ enum CopyError {
 
 pub(crate) async fn rebuild_loop<B: BlockDevice, C: BlockDevice>(inner: Arc<Inner<B, C>>) {
     let rates = || {
-        (inner.rebuild_min_bytes_per_s.load(Ordering::Relaxed), inner.rebuild_max_bytes_per_s.load(Ordering::Relaxed))
+        let t = inner.tunables();
+        (t.rebuild_min_bytes_per_s, t.rebuild_max_bytes_per_s)
     };
     let mut limits = rates();
     let mut limiter = RateLimiter::new(limits.0, limits.1);

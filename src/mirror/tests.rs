@@ -8,6 +8,7 @@ use crate::device::sim::mem::MemDevice;
 use crate::device::IoPolicy;
 use crate::meta::store::{new_backing_superblock, update_superblock, write_superblock};
 use crate::meta::{meta_bytes, BitmapKind, DiskBitmap, MetaLayout};
+use std::time::Instant;
 
 pub(super) const REGION: u32 = 64 << 10;
 pub(super) const DATA: u64 = 4 << 20; // 64 regions
@@ -437,7 +438,7 @@ async fn cache_read_errors_are_repaired_and_past_the_budget_the_cache_is_failed(
     let cache = FaultDevice::new(new_cache(), 6);
     let mut model = vec![0u8; DATA as usize];
     let mut o = opts();
-    o.read_error_budget = 3;
+    o.tunables.read_error_budget = 3;
     let v = FVol::open(backing.clone(), vec![cache.clone()], o).await.unwrap();
     write(&v, &mut model, 0, 12, DATA as usize).await;
     v.wait_rebuilt().await;
@@ -543,8 +544,8 @@ async fn reads_spanning_valid_and_invalid_regions_are_split() {
     let cache = FaultDevice::new(new_cache(), 1);
     let mut model = vec![0u8; DATA as usize];
     let mut o = opts();
-    o.rebuild_min_bytes_per_s = 1 << 20;
-    o.rebuild_max_bytes_per_s = 1 << 20;
+    o.tunables.rebuild_min_bytes_per_s = 1 << 20;
+    o.tunables.rebuild_max_bytes_per_s = 1 << 20;
     let v = FVol::open(backing.clone(), vec![cache.clone()], o).await.unwrap();
     // Regions 1 and 3 become valid by full-region writes; 0, 2, 4 stay invalid (the rebuild is
     // slow and the cache refuses its copies into them).
@@ -888,18 +889,22 @@ async fn random_backing_stalls_lose_no_acknowledged_write_and_serve_no_stale_dat
     .await;
 }
 
-/// journal::INTENT_AHEAD_REGIONS.
+/// intent::INTENT_AHEAD_REGIONS.
 const INTENT_AHEAD: u64 = 16;
 
 fn hedging(min_us: u64, max_percent: u32) -> MirrorOptions {
+    let o = opts();
     MirrorOptions {
-        hedge: HedgePolicy {
-            enabled: true,
-            min: Duration::from_micros(min_us),
-            max: Duration::from_micros(min_us),
-            max_percent,
+        tunables: Tunables {
+            hedge: HedgePolicy {
+                enabled: true,
+                min: Duration::from_micros(min_us),
+                max: Duration::from_micros(min_us),
+                max_percent,
+            },
+            ..o.tunables.clone()
         },
-        ..opts()
+        ..o
     }
 }
 
@@ -949,7 +954,9 @@ async fn stalled_cache_reads_are_answered_by_the_backing_within_the_hedge_budget
     assert_eq!(v.mode(), Mode::Healthy, "a stall is not an error");
     assert_eq!(stats.cache_errors.load(Ordering::Relaxed), 0);
     // Switched off live: a stalled read waits for the cache.
-    v.set_hedge_policy(HedgePolicy { enabled: false, ..v.hedge_policy() });
+    let mut t = v.tunables();
+    t.hedge.enabled = false;
+    v.set_tunables(t);
     cache.handle().hang(&[FaultOp::Read]);
     let t = spawn_read(99);
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -1041,10 +1048,14 @@ async fn a_sequential_writer_shares_intent_commits_with_the_regions_ahead() {
 }
 
 fn time_limited(ms: u64) -> MirrorOptions {
+    let o = opts();
     MirrorOptions {
-        cache_timeout: Duration::from_millis(ms),
-        hedge: HedgePolicy { enabled: false, ..HedgePolicy::default() },
-        ..opts()
+        tunables: Tunables {
+            cache_timeout: Duration::from_millis(ms),
+            hedge: HedgePolicy { enabled: false, ..HedgePolicy::default() },
+            ..o.tunables.clone()
+        },
+        ..o
     }
 }
 

@@ -1,7 +1,7 @@
 //! Verify (scrub): compare the cache with the backing for every region the cache calls valid.
 
 use super::cacheset::{classify, Found};
-use super::journal::{effective_pairing, load_bitmaps};
+use super::intent::{effective_pairing, load_bitmaps};
 use super::region::RegionState;
 use super::{reusable_valid, Inner, MirrorStats};
 use crate::device::layer::striped::Striped;

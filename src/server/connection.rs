@@ -2,7 +2,7 @@
 
 use super::tls::Joined;
 use super::zerocopy::{zero_copy_min_bytes, ReplySink};
-use crate::config::ZeroCopyReads;
+use super::ZeroCopyReads;
 use crate::device::{AlignedBuf, FileSlice};
 use crate::nbd::consts::*;
 use crate::nbd::handshake::{self, Handshake, Next, TlsMode, MAX_OPTION_DATA_BYTES};

@@ -2,8 +2,9 @@
 //! finish its in-flight requests.
 
 use super::connection::{serve_connection, ConnLimits, BUDGET_UNIT_BYTES};
+use super::tls::TlsMode;
 use super::Policy;
-use crate::config::{TlsMode, ZeroCopyReads};
+use super::ZeroCopyReads;
 use crate::nbd::ExportParams;
 use crate::server::stats::ServerStats;
 use crate::volume::Volume;

@@ -9,81 +9,35 @@
 
 mod connection;
 mod listen;
+mod policy;
 pub mod stats;
 mod stream;
 pub mod tls;
 mod zerocopy;
 
 pub use listen::{run, ServerConfig};
+pub use policy::{Cidr, Policy};
 pub use stream::{fd_streams, serve_stream, stdio_streams, StreamConfig};
 
-use crate::config::{Cidr, ConfigError, ServeConfig, TlsMode};
 use std::io;
 
-/// Who may connect and what they may hold: TLS, client networks, Unix socket ownership and the
-/// server-wide in-flight budget. Built once at start-up ([`Policy::from_config`] reads the
-/// certificate files); `Policy::default()` is the open, plain-text policy tests start from.
-#[derive(Clone)]
-pub struct Policy {
-    pub tls_mode: TlsMode,
-    /// Present whenever `tls_mode` is not `Off`.
-    pub tls: Option<tokio_rustls::TlsAcceptor>,
-    /// Whether the TLS configuration demands client certificates (for the log).
-    pub client_certificates: bool,
-    /// TCP client networks allowed in; empty allows every address.
-    pub allow: Vec<Cidr>,
-    pub unix_owner: Option<u32>,
-    pub unix_group: Option<u32>,
-    /// Request bytes in flight across all connections together.
-    pub max_inflight_bytes_total: usize,
+/// How large reads are sent from a device file's page cache (`zero_copy_reads`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ZeroCopyReads {
+    /// Read into a buffer, then write the buffer: two copies.
+    Off,
+    /// `send` from a read-only mapping of the file: one copy (page cache → socket buffer).
+    Mapped,
+    /// `sendfile`: no copy on the server; the socket carries the page-cache pages themselves.
+    Sendfile,
 }
 
-impl Default for Policy {
-    fn default() -> Self {
-        Policy {
-            tls_mode: TlsMode::Off,
-            tls: None,
-            client_certificates: false,
-            allow: Vec::new(),
-            unix_owner: None,
-            unix_group: None,
-            max_inflight_bytes_total: 1 << 30,
-        }
-    }
-}
-
-impl std::fmt::Debug for Policy {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Policy")
-            .field("tls_mode", &self.tls_mode)
-            .field("client_certificates", &self.client_certificates)
-            .field("allow", &self.allow)
-            .field("unix_owner", &self.unix_owner)
-            .field("unix_group", &self.unix_group)
-            .field("max_inflight_bytes_total", &self.max_inflight_bytes_total)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Policy {
-    /// Reads the TLS files named by the config; errors name the key at fault.
-    pub fn from_config(cfg: &ServeConfig) -> Result<Policy, ConfigError> {
-        Ok(Policy {
-            tls_mode: cfg.tls,
-            tls: tls::acceptor(cfg)?,
-            client_certificates: cfg.tls != TlsMode::Off && cfg.tls_ca.is_some(),
-            allow: cfg.allow.clone(),
-            unix_owner: cfg.unix_owner,
-            unix_group: cfg.unix_group,
-            max_inflight_bytes_total: cfg.max_inflight_bytes_total,
-        })
-    }
-
-    /// Whether a TCP client at `ip` may connect.
-    pub fn allows(&self, ip: std::net::IpAddr) -> bool {
-        self.allow.is_empty() || self.allow.iter().any(|n| n.contains(ip))
-    }
-}
+/// `idle_poll_us` by default: longer than the gap between a reply and the next request of a
+/// client at queue depth 1 on the same machine (20-40 µs measured), far shorter than a second
+/// poll of a client that has nothing to send (docs/PERFORMANCE.md, "Idle polling").
+pub const DEFAULT_IDLE_POLL_US: u64 = 50;
+/// Beyond this a poll costs more CPU than any sleep it could save.
+pub const MAX_IDLE_POLL_US: u64 = 1000;
 
 /// Applies TCP keepalive so half-open connections (a client VM that vanished) are reaped by the
 /// kernel in about a minute and a half, without an idle timeout that would cut off a quiet but live

@@ -77,7 +77,7 @@ pub async fn serve_stream<R, W, V>(
     let limits = Arc::new(ConnLimits {
         export: cfg.export,
         // Never a plain socket we could send a file into (see `CopyOnly`).
-        zero_copy_reads: crate::config::ZeroCopyReads::Off,
+        zero_copy_reads: super::ZeroCopyReads::Off,
         max_inflight_bytes: cfg.max_inflight_bytes,
         handshake_timeout: cfg.handshake_timeout,
         idle_timeout: cfg.idle_timeout,

@@ -6,22 +6,50 @@
 //! the client must present a certificate chaining to it (mutual TLS); that certificate is the only
 //! client authentication NBD has.
 
-use crate::config::{ConfigError, ServeConfig, TlsMode, TlsVersion};
+pub use crate::nbd::handshake::TlsMode;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::TlsAcceptor;
 
-fn invalid(key: &'static str, reason: String) -> ConfigError {
-    ConfigError::Invalid { key, reason }
+/// The TLS settings (the `tls_*` config keys).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TlsSettings {
+    pub mode: TlsMode,
+    /// PEM certificate chain, server certificate first; required unless `mode` is off.
+    pub cert: Option<PathBuf>,
+    /// PEM private key of `cert`.
+    pub key: Option<PathBuf>,
+    /// PEM CA certificate(s): when set, clients must present a certificate signed by one of them.
+    pub ca: Option<PathBuf>,
+    pub min_version: TlsVersion,
 }
 
-fn certificates(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TlsVersion {
+    #[default]
+    V1_2,
+    V1_3,
+}
+
+/// A TLS file that cannot be used: the setting it came from (`tls_cert`, `tls_key`, `tls_ca`,
+/// `tls_min_version`) and why.
+#[derive(Debug)]
+pub struct TlsError {
+    pub key: &'static str,
+    pub reason: String,
+}
+
+fn invalid(key: &'static str, reason: String) -> TlsError {
+    TlsError { key, reason }
+}
+
+fn certificates(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_file_iter(path)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
         .map_err(|e| invalid(key, format!("{}: {e}", path.display())))?;
@@ -33,25 +61,25 @@ fn certificates(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'st
 
 /// Reads the certificate, key and CA files and builds the acceptor; `None` when `tls` is off.
 /// Every failure names the key whose file is at fault.
-pub fn acceptor(cfg: &ServeConfig) -> Result<Option<TlsAcceptor>, ConfigError> {
-    if cfg.tls == TlsMode::Off {
+pub fn acceptor(cfg: &TlsSettings) -> Result<Option<TlsAcceptor>, TlsError> {
+    if cfg.mode == TlsMode::Off {
         return Ok(None);
     }
-    let (Some(cert_path), Some(key_path)) = (&cfg.tls_cert, &cfg.tls_key) else {
+    let (Some(cert_path), Some(key_path)) = (&cfg.cert, &cfg.key) else {
         return Err(invalid("tls_cert", "and `tls_key` are required when `tls` is on".into()));
     };
     let chain = certificates("tls_cert", cert_path)?;
     let key = PrivateKeyDer::from_pem_file(key_path)
         .map_err(|e| invalid("tls_key", format!("{}: {e}", key_path.display())))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let versions: &[&rustls::SupportedProtocolVersion] = match cfg.tls_min_version {
+    let versions: &[&rustls::SupportedProtocolVersion] = match cfg.min_version {
         TlsVersion::V1_2 => &[&rustls::version::TLS13, &rustls::version::TLS12],
         TlsVersion::V1_3 => &[&rustls::version::TLS13],
     };
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(versions)
         .map_err(|e| invalid("tls_min_version", e.to_string()))?;
-    let builder = match &cfg.tls_ca {
+    let builder = match &cfg.ca {
         None => builder.with_no_client_auth(),
         Some(ca_path) => {
             let mut roots = rustls::RootCertStore::empty();

@@ -19,7 +19,7 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncWrite, Interest};
 
-use crate::config::ZeroCopyReads;
+use super::ZeroCopyReads;
 use crate::device::file::page_cache::Window;
 
 /// Reads at least this long are sent with `sendfile` when they can be: below it the copy saved is
@@ -199,7 +199,7 @@ mod tests {
     use super::super::connection::{serve_connection, ConnLimits, Transport};
     use super::super::testing::{negotiate_export_name, request};
     use super::zero_copy_min_bytes;
-    use crate::config::ZeroCopyReads;
+    use super::ZeroCopyReads;
     use crate::device::{AlignedBuf, Extent, FileSlice, PageCacheFile};
     use crate::nbd::consts::*;
     use crate::nbd::ExportParams;
@@ -512,7 +512,7 @@ mod tests {
         C: IntoBlocking,
     {
         let (_stop_tx, stop_rx) = watch::channel(false);
-        let limits = limits_polling(ZeroCopyReads::Off, Duration::from_micros(crate::config::MAX_IDLE_POLL_US));
+        let limits = limits_polling(ZeroCopyReads::Off, Duration::from_micros(crate::server::MAX_IDLE_POLL_US));
         let stats = limits.stats.clone();
         let server = tokio::spawn(serve_connection(server_side, vol, limits, stop_rx));
         negotiate(&mut client).await;

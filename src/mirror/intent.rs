@@ -1,4 +1,5 @@
-//! The backing device's metadata as the mirror engine keeps it: its superblock, the write-intent
+//! The write-intent and changed-regions store: the backing device's metadata as the mirror
+//! engine keeps it: its superblock, the write-intent
 //! bitmap and the changed-regions bitmap, with group commit.
 //!
 //! * **Write intent**: before the first write into a region its bit is durable on the backing;
@@ -57,7 +58,7 @@ struct JournalIo {
     changed: DiskBitmap,
 }
 
-pub(crate) struct Journal {
+pub(crate) struct IntentStore {
     st: Mutex<JState>,
     io: tokio::sync::Mutex<JournalIo>,
     durable_seq: AtomicU64,
@@ -127,14 +128,14 @@ pub(crate) async fn load_bitmaps<B: BlockDevice>(dev: &B, sb: &Superblock) -> io
     }))
 }
 
-impl Journal {
+impl IntentStore {
     /// Loads (or on first use formats) the bitmaps and marks the backing open. `sb` is the
     /// backing's current superblock.
     pub async fn open<B: BlockDevice>(
         dev: &B,
         mut sb: Superblock,
         stats: Arc<MirrorStats>,
-    ) -> io::Result<(Journal, OpenInfo)> {
+    ) -> io::Result<(IntentStore, OpenInfo)> {
         let regions = crate::meta::regions(sb.data_size_bytes, sb.region_bytes);
         let crashed = sb.flags & FLAG_OPEN != 0;
         let loaded = match load_bitmaps(dev, &sb).await? {
@@ -153,7 +154,7 @@ impl Journal {
             }
         };
         let info = OpenInfo { crashed, intent_regions: loaded.intent.count_ones() };
-        let journal = Journal {
+        let store = IntentStore {
             st: Mutex::new(JState {
                 intent_durable: loaded.intent.clone(),
                 intent: loaded.intent,
@@ -173,12 +174,12 @@ impl Journal {
             stats,
         };
         // Mark the backing open (and the bitmaps formatted) before anything is written to it.
-        journal.update_sb(dev, |sb| sb.flags |= FLAG_OPEN | FLAG_BITMAPS).await?;
-        Ok((journal, info))
+        store.update_sb(dev, |sb| sb.flags |= FLAG_OPEN | FLAG_BITMAPS).await?;
+        Ok((store, info))
     }
 
     fn state(&self) -> MutexGuard<'_, JState> {
-        self.st.lock().expect("journal state poisoned")
+        self.st.lock().expect("intent state poisoned")
     }
 
     pub fn sb(&self) -> Superblock {
@@ -251,7 +252,7 @@ impl Journal {
             (seq, under_lock(recording), id)
         };
         // The guard exists before the await, so a failed or cancelled commit unregisters the write.
-        let guard = MarkGuard { journal: self, id };
+        let guard = MarkGuard { store: self, id };
         if let Some(seq) = need {
             self.commit_until(dev, seq).await?;
         }
@@ -328,7 +329,7 @@ impl Journal {
     }
 
     /// Cleaner, first half: the regions whose intent bit may be cleared if they stay idle until
-    /// [`Journal::clear_idle`] (set, no write in flight, none started since the last pass). Starts
+    /// [`IntentStore::clear_idle`] (set, no write in flight, none started since the last pass). Starts
     /// a new pass: every region counts as untouched from now on.
     pub fn clean_candidates(&self) -> Vec<u64> {
         let mut st = self.state();
@@ -485,13 +486,13 @@ fn busy_regions(inflight: &BTreeMap<u64, Range<u64>>) -> BusyRegions {
 
 /// Ends a mutation's registration.
 pub(crate) struct MarkGuard<'a> {
-    journal: &'a Journal,
+    store: &'a IntentStore,
     id: u64,
 }
 
 impl Drop for MarkGuard<'_> {
     fn drop(&mut self) {
-        let removed = self.journal.state().inflight.remove(&self.id);
+        let removed = self.store.state().inflight.remove(&self.id);
         debug_assert!(removed.is_some(), "mutation {} was not registered", self.id);
     }
 }
