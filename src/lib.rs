@@ -1,7 +1,6 @@
 //! superdisk: a block-device daemon that serves a virtual disk over NBD, reads from a local-SSD
 //! mirror and writes through to a durable network disk. See docs/ARCHITECTURE.md.
 
-pub mod admin;
 pub mod config;
 pub mod daemon;
 pub mod device;
@@ -9,6 +8,5 @@ pub mod meta;
 pub mod mirror;
 pub mod nbd;
 pub mod server;
-pub mod service;
 pub mod telemetry;
 pub mod volume;

@@ -2,29 +2,28 @@
 //! mirror), and runs the NBD server, the admin socket, the metrics endpoint and the service-manager
 //! notifications around it until SIGTERM. [`Node`] is the state they share.
 
-pub mod control;
+pub mod admin;
+mod commands;
 pub mod logging;
 pub mod metrics;
+mod node;
+pub mod notify;
+mod report;
 pub mod status;
+
+pub use node::Node;
 
 use crate::config::ServeConfig;
 use crate::device::layer::injected_stall::{ReadStall, Stalled};
-use crate::device::layer::instrumented::{DevOp, DeviceStats, Instrumented};
+use crate::device::layer::instrumented::{DeviceStats, Instrumented};
 use crate::device::{FileDevice, OpenOptions};
-use crate::mirror::{MirrorOptions, MirrorVolume, Mode};
+use crate::mirror::{MirrorOptions, MirrorVolume};
 use crate::nbd::ExportParams;
-use crate::server::stats::{ReqOp, ServerStats};
+use crate::server::stats::ServerStats;
 use crate::server::{self, ServerConfig};
-use crate::service::Notifier;
-use crate::telemetry::OpSnapshot;
 use crate::volume::{PlainVolume, Volume};
-use status::{
-    op_status, BackingIoStatus, CacheStatus, CacheTimeoutStatus, ConnectionStatus, DeviceStatus, ExportStatus,
-    HedgeStatus, RebuildStatus, Status, VerifyOutcome, VerifyStatus,
-};
-use std::collections::VecDeque;
-use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex};
+use notify::Notifier;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub type AnyError = Box<dyn std::error::Error + Send + Sync>;
@@ -34,43 +33,6 @@ pub type Mirror = MirrorVolume<Dev, Dev>;
 pub type Plain = PlainVolume<Dev>;
 /// Re-reads the configuration (file plus the command line's overrides) for SIGHUP.
 pub type Reloader = Box<dyn Fn() -> Result<ServeConfig, AnyError> + Send + Sync>;
-
-/// How far back status rates and percentiles look.
-const WINDOW: Duration = Duration::from_secs(10);
-const SAMPLE_EVERY: Duration = Duration::from_secs(1);
-
-struct Sample {
-    at: Instant,
-    /// (device name, path) → its counters then.
-    devices: Vec<((String, String), [OpSnapshot; 4])>,
-    requests: Vec<OpSnapshot>,
-}
-
-struct LastVerify {
-    outcome: Result<Vec<(u64, u64)>, String>,
-    repair: bool,
-    finished: Instant,
-}
-
-/// What the daemon's control paths (admin socket, metrics, SIGHUP, mode monitor) share.
-pub struct Node {
-    started: Instant,
-    cfg: Mutex<ServeConfig>,
-    export_size_bytes: u64,
-    pub backing: Arc<DeviceStats>,
-    pub server: Arc<ServerStats>,
-    pub mirror: Option<Arc<Mirror>>,
-    /// The volume when no cache is configured.
-    plain: Option<Arc<Plain>>,
-    /// Timeouts, retries and outages of backing I/O (the guard around the backing).
-    pub backing_io: Arc<crate::device::BackingIoStats>,
-    /// The attached (or last failed) cache set's members; emptied by `cache remove`.
-    caches: Mutex<Vec<Arc<DeviceStats>>>,
-    samples: Mutex<VecDeque<Sample>>,
-    verify_task: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
-    last_verify: Mutex<Option<LastVerify>>,
-    reload: Option<Reloader>,
-}
 
 /// Wraps `dev` in its counters, with the read stall `SUPERDISK_INJECT_READ_STALL` names for it.
 fn instrument(name: &str, dev: FileDevice) -> Result<(Dev, Arc<DeviceStats>), AnyError> {
@@ -89,293 +51,6 @@ fn instrument(name: &str, dev: FileDevice) -> Result<(Dev, Arc<DeviceStats>), An
 fn device_stats(name: &str, dev: &FileDevice) -> Arc<DeviceStats> {
     use crate::device::BlockDevice;
     Arc::new(DeviceStats::new(name, &dev.path().display().to_string(), dev.size_bytes()))
-}
-
-impl Node {
-    pub fn config(&self) -> ServeConfig {
-        self.cfg.lock().expect("config poisoned").clone()
-    }
-
-    pub fn mode_name(&self) -> &'static str {
-        let Some(m) = &self.mirror else {
-            return "plain";
-        };
-        match m.mode() {
-            Mode::Healthy if self.verify_running() => "verifying",
-            Mode::Healthy => "healthy",
-            Mode::Degraded => "degraded",
-            Mode::Rebuilding => "rebuilding",
-        }
-    }
-
-    fn verify_running(&self) -> bool {
-        self.mirror.as_ref().is_some_and(|m| m.stats().verify_running.load(Relaxed) == 1)
-    }
-
-    pub fn cache_members(&self) -> Vec<Arc<DeviceStats>> {
-        self.caches.lock().expect("caches poisoned").clone()
-    }
-
-    fn set_cache_members(&self, members: Vec<Arc<DeviceStats>>) {
-        *self.caches.lock().expect("caches poisoned") = members;
-    }
-
-    /// Every device, backing first.
-    pub fn devices(&self) -> Vec<(Arc<DeviceStats>, &'static str)> {
-        let mut out = vec![(self.backing.clone(), "backing")];
-        out.extend(self.cache_members().into_iter().map(|d| (d, "cache")));
-        out
-    }
-
-    fn take_sample(&self) -> Sample {
-        Sample {
-            at: Instant::now(),
-            devices: self.devices().iter().map(|(d, _)| ((d.name.clone(), d.path.clone()), d.snapshot())).collect(),
-            requests: ReqOp::ALL.iter().map(|op| self.server.request(*op).snapshot()).collect(),
-        }
-    }
-
-    fn record_sample(&self) {
-        let s = self.take_sample();
-        let mut q = self.samples.lock().expect("samples poisoned");
-        q.push_back(s);
-        while q.len() > 2 && q[1].at.elapsed() >= WINDOW {
-            q.pop_front();
-        }
-    }
-
-    pub fn health_of_cache(&self) -> &'static str {
-        match self.mirror.as_ref().map(|m| m.mode()) {
-            Some(Mode::Healthy) => "in-sync",
-            Some(Mode::Rebuilding) => "rebuilding",
-            _ => "failed",
-        }
-    }
-
-    pub fn status(&self) -> Status {
-        let now = self.take_sample();
-        let (then_at, then_devices, then_requests) = {
-            let q = self.samples.lock().expect("samples poisoned");
-            match q.front() {
-                Some(s) => (s.at, s.devices.clone(), s.requests.clone()),
-                None => (self.started, Vec::new(), Vec::new()),
-            }
-        };
-        let secs = now.at.duration_since(then_at).as_secs_f64();
-        let zero = OpSnapshot::default();
-        let cfg = self.config();
-        let mut devices = Vec::new();
-        for (d, role) in self.devices() {
-            let key = (d.name.clone(), d.path.clone());
-            let before = then_devices.iter().find(|(k, _)| *k == key).map(|(_, s)| s.clone());
-            let after = d.snapshot();
-            let ops = DevOp::ALL
-                .iter()
-                .map(|op| {
-                    let i = *op as usize;
-                    op_status(op.name(), &after[i], before.as_ref().map_or(&zero, |b| &b[i]), secs)
-                })
-                .collect::<Vec<_>>();
-            let health = if role == "backing" {
-                // Errors within the window say the backing is in trouble now, not once.
-                let errors_then = before.as_ref().map_or(0, |b| b.iter().map(|s| s.errors).sum::<u64>());
-                if self.backing_io.in_outage.load(Relaxed) == 1 {
-                    "stalled"
-                } else if after.iter().map(|s| s.errors).sum::<u64>() > errors_then {
-                    "erroring"
-                } else {
-                    "ok"
-                }
-            } else {
-                self.health_of_cache()
-            };
-            devices.push(DeviceStatus {
-                name: d.name.clone(),
-                role: role.into(),
-                path: d.path.clone(),
-                size_bytes: d.size_bytes,
-                health: health.into(),
-                ops,
-            });
-        }
-        let requests = ReqOp::ALL
-            .iter()
-            .enumerate()
-            .map(|(i, op)| op_status(op.name(), &now.requests[i], then_requests.get(i).unwrap_or(&zero), secs))
-            .collect();
-        let (cache, rebuild, verify) = match &self.mirror {
-            None => (None, None, None),
-            Some(m) => {
-                let st = m.stats();
-                let tunables = m.tunables();
-                let (from_cache, from_backing) =
-                    (st.read_bytes_cache.load(Relaxed), st.read_bytes_backing.load(Relaxed));
-                let total = from_cache + from_backing;
-                let cache = CacheStatus {
-                    reads_from_cache_total: st.reads_cache.load(Relaxed),
-                    reads_from_backing_total: st.reads_backing.load(Relaxed),
-                    cache_read_share: if total == 0 { 1.0 } else { from_cache as f64 / total as f64 },
-                    repairs_total: st.repairs.load(Relaxed),
-                    errors_total: st.cache_errors.load(Relaxed),
-                    failures_total: st.cache_failures.load(Relaxed),
-                    read_error_budget: tunables.read_error_budget,
-                    hedge: HedgeStatus {
-                        enabled: tunables.hedge.enabled,
-                        threshold_us: st.hedge.threshold_us.load(Relaxed),
-                        hedged_total: st.hedge.hedged.load(Relaxed),
-                        backing_won_total: st.hedge.backing_won.load(Relaxed),
-                        over_budget_total: st.hedge.over_budget.load(Relaxed),
-                        max_percent: tunables.hedge.max_percent,
-                    },
-                    timeout: CacheTimeoutStatus {
-                        timeout_ms: tunables.cache_timeout.as_millis() as u64,
-                        timed_out_total: st.cache_io.timed_out.load(Relaxed),
-                        abandoned_now: st.cache_io.abandoned_now.load(Relaxed),
-                    },
-                };
-                let (min, max) = (tunables.rebuild_min_bytes_per_s, tunables.rebuild_max_bytes_per_s);
-                let done = st.rebuild_done_bytes.load(Relaxed);
-                let total = st.rebuild_total_bytes.load(Relaxed);
-                let rate = st.rebuild_rate_bytes_per_s.load(Relaxed);
-                let invalid = st.invalid_regions.load(Relaxed);
-                let left = invalid * m.region_bytes();
-                let rebuild = RebuildStatus {
-                    done_bytes: done,
-                    total_bytes: total,
-                    rate_bytes_per_s: rate,
-                    eta_secs: (rate > 0 && left > 0).then(|| left.div_ceil(rate)).or((left == 0).then_some(0)),
-                    paused: m.rebuild_paused(),
-                    min_bytes_per_s: min,
-                    max_bytes_per_s: (max != u64::MAX).then_some(max),
-                    invalid_regions: invalid,
-                    region_bytes: m.region_bytes(),
-                };
-                let last = self.last_verify.lock().expect("verify poisoned").as_ref().map(|l| VerifyOutcome {
-                    repair: l.repair,
-                    mismatches: l.outcome.as_ref().map_or(0, |v| v.len() as u64),
-                    error: l.outcome.as_ref().err().cloned(),
-                    finished_secs_ago: l.finished.elapsed().as_secs(),
-                });
-                let verify = VerifyStatus {
-                    running: self.verify_running(),
-                    done_regions: st.verify_done_regions.load(Relaxed),
-                    total_regions: st.verify_total_regions.load(Relaxed),
-                    last,
-                };
-                (Some(cache), Some(rebuild), Some(verify))
-            }
-        };
-        Status {
-            version: env!("CARGO_PKG_VERSION").into(),
-            pid: std::process::id(),
-            uptime_secs: self.started.elapsed().as_secs(),
-            mode: self.mode_name().into(),
-            export: ExportStatus {
-                name: cfg.export.clone(),
-                size_bytes: self.export_size_bytes,
-                read_only: cfg.read_only,
-            },
-            window_secs: secs,
-            devices,
-            cache,
-            rebuild,
-            verify,
-            connections: ConnectionStatus {
-                active: self.server.connections_active.load(Relaxed),
-                accepted_total: self.server.connections_accepted.load(Relaxed),
-                refused_total: self.server.connections_refused.load(Relaxed),
-            },
-            requests,
-            backing_io: BackingIoStatus {
-                in_outage: self.backing_io.in_outage.load(Relaxed) == 1,
-                stalled_ops: self.backing_io.stalled_ops.load(Relaxed),
-                outages_total: self.backing_io.outages.load(Relaxed),
-                timeouts_total: self.backing_io.timeouts.load(Relaxed),
-                read_retries_total: self.backing_io.retries.load(Relaxed),
-                deadline_errors_total: self.backing_io.deadline_errors.load(Relaxed),
-                flush_failures_total: self.backing_io.durability.failures(),
-                durability_lost: self.backing_io.durability.loss(),
-            },
-        }
-    }
-
-    /// The operator's `clear-flush-error` (see `device::guard::Durability`).
-    pub async fn clear_flush_error(&self) -> Result<String, String> {
-        let Some(loss) = self.backing_io.durability.loss() else {
-            return Ok("no flush error to clear: the backing has kept every flush".into());
-        };
-        let r = match (&self.mirror, &self.plain) {
-            (Some(m), _) => m.clear_durability_loss().await,
-            (None, Some(p)) => p.clear_durability_loss().await,
-            (None, None) => return Err("no volume".into()),
-        };
-        r.map_err(|e| format!("cannot clear the flush error: {e}"))?;
-        Ok(format!("flush error cleared ({}); FLUSH and FUA writes succeed again", loss.cause))
-    }
-
-    /// The STATUS= line for the service manager.
-    fn service_status(&self) -> String {
-        if self.backing_io.durability.is_lost() {
-            return "FLUSH FAILING: a backing flush failed, data may be lost; see `superdisk status`, then \
-                    `superdisk clear-flush-error`"
-                .into();
-        }
-        let mode = self.mode_name();
-        if let (Some(m), "rebuilding") = (&self.mirror, mode) {
-            let st = m.stats();
-            let left = st.invalid_regions.load(Relaxed) * m.region_bytes();
-            let total = st.rebuild_total_bytes.load(Relaxed).max(left);
-            let rate = st.rebuild_rate_bytes_per_s.load(Relaxed);
-            let pct = if total == 0 { 100.0 } else { 100.0 * (total - left) as f64 / total as f64 };
-            let eta = if rate > 0 { status::human_duration(left.div_ceil(rate)) } else { "unknown".into() };
-            return format!(
-                "serving, rebuilding {pct:.1}% ({} left, {}/s, ETA {eta}){}",
-                status::human_bytes(left as f64),
-                status::human_bytes(rate as f64),
-                if m.rebuild_paused() { ", paused" } else { "" }
-            );
-        }
-        format!("serving, mode {mode}")
-    }
-
-    /// SIGHUP: re-reads the configuration and applies what can change while serving.
-    pub fn reload(&self) {
-        let Some(reload) = &self.reload else {
-            tracing::warn!("SIGHUP: no configuration file to reload (started without --config)");
-            return;
-        };
-        let new = match reload() {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(error = %e, "SIGHUP: the configuration has an error; nothing changed");
-                return;
-            }
-        };
-        let mut cur = self.cfg.lock().expect("config poisoned");
-        let changed = cur.changed_keys(&new);
-        if changed.is_empty() {
-            tracing::info!("SIGHUP: configuration reloaded; nothing changed");
-            return;
-        }
-        let (live, restart): (Vec<&str>, Vec<&str>) = changed.iter().partition(|k| ServeConfig::is_live(k));
-        let applied = live.join(", ");
-        let restart = restart.join(", ");
-        // Said before the level changes, so a quieter level does not swallow the news of itself.
-        if !applied.is_empty() {
-            tracing::info!(applied = %applied, "SIGHUP: configuration reloaded");
-        }
-        if !restart.is_empty() {
-            tracing::warn!(keys = %restart, "SIGHUP: these changed keys take effect only after a restart");
-        }
-        if live.contains(&"log_level") {
-            logging::set_level(&new.log_level);
-            cur.log_level = new.log_level.clone();
-        }
-        if let Some(m) = &self.mirror {
-            m.set_tunables(new.tunables.clone());
-        }
-        cur.tunables = new.tunables.clone();
-    }
 }
 
 /// Opens the devices, builds the volume and serves until SIGTERM/SIGINT. `on_ready` runs once
@@ -416,27 +91,9 @@ pub async fn serve_with(
     let rotational = dev.rotational();
     let (dev, backing_stats) = instrument("backing", dev)?;
     let server_stats = Arc::new(ServerStats::default());
-    let node = |mirror: Option<Arc<Mirror>>,
-                plain: Option<Arc<Plain>>,
-                caches: Vec<Arc<DeviceStats>>,
-                backing_io: Arc<crate::device::BackingIoStats>,
-                size: u64,
-                cfg: &ServeConfig| {
-        Arc::new(Node {
-            backing_io,
-            started: Instant::now(),
-            cfg: Mutex::new(cfg.clone()),
-            export_size_bytes: size,
-            backing: backing_stats.clone(),
-            server: server_stats.clone(),
-            mirror,
-            plain,
-            caches: Mutex::new(caches),
-            samples: Mutex::new(VecDeque::new()),
-            verify_task: tokio::sync::Mutex::new(None),
-            last_verify: Mutex::new(None),
-            reload,
-        })
+    let node = |volume: node::VolumeRef, caches: Vec<Arc<DeviceStats>>, size: u64, cfg: &ServeConfig| {
+        let parts = node::Parts { backing: backing_stats.clone(), server: server_stats.clone(), caches };
+        Arc::new(Node::new(volume, parts, size, cfg.clone(), reload))
     };
     if cfg.cache.is_empty() {
         let volume = PlainVolume::open_with_policy(dev, cfg.read_only, cfg.backing_io.clone())
@@ -446,7 +103,7 @@ pub async fn serve_with(
             tracing::warn!("the previous run did not shut down cleanly");
         }
         let volume = Arc::new(volume);
-        let node = node(None, Some(volume.clone()), Vec::new(), volume.io_stats(), volume.size_bytes(), &cfg);
+        let node = node(node::VolumeRef::Plain(volume.clone()), Vec::new(), volume.size_bytes(), &cfg);
         return run(volume, node, &cfg, rotational, stdio, on_ready).await;
     }
     let (caches, members) = match open_caches(&cfg.cache, &cfg) {
@@ -466,7 +123,7 @@ pub async fn serve_with(
     };
     let volume =
         Arc::new(MirrorVolume::open(dev, caches, opts).await.map_err(|e| format!("{}: {e}", cfg.backing.display()))?);
-    let node = node(Some(volume.clone()), None, members, volume.stats().backing_io.clone(), volume.size_bytes(), &cfg);
+    let node = node(node::VolumeRef::Mirror(volume.clone()), members, volume.size_bytes(), &cfg);
     run(volume, node, &cfg, rotational, stdio, on_ready).await
 }
 
@@ -556,8 +213,8 @@ async fn run<V: Volume>(
     });
     spawn_monitor(node.clone(), notifier.clone(), stop_rx.clone());
     if let Some(path) = cfg.admin_socket.clone() {
-        let listener = crate::admin::bind(&path)?;
-        let admin_task = crate::admin::serve_admin(listener, path, node.clone(), stop_rx.clone());
+        let listener = admin::bind(&path)?;
+        let admin_task = admin::serve_admin(listener, path, node.clone(), stop_rx.clone());
         tokio::spawn(async move {
             if let Err(e) = admin_task.await {
                 tracing::error!(error = %e, "admin socket failed");
@@ -608,7 +265,7 @@ fn spawn_monitor(node: Arc<Node>, n: Arc<Notifier>, mut stop: tokio::sync::watch
     tokio::spawn(async move {
         let mut last_mode: Option<&'static str> = None;
         let mut last_status = String::new();
-        let mut last_sample = Instant::now() - SAMPLE_EVERY;
+        let mut last_sample = Instant::now() - node::SAMPLE_EVERY;
         // The watchdog keep-alive comes from this task, so a wedged runtime stops it and systemd
         // restarts the daemon.
         let watchdog = Notifier::watchdog_interval();
@@ -632,7 +289,7 @@ fn spawn_monitor(node: Arc<Node>, n: Arc<Notifier>, mut stop: tokio::sync::watch
             if watchdog.is_some() {
                 n.notify("WATCHDOG=1");
             }
-            if last_sample.elapsed() >= SAMPLE_EVERY {
+            if last_sample.elapsed() >= node::SAMPLE_EVERY {
                 node.record_sample();
                 last_sample = Instant::now();
             }

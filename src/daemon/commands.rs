@@ -12,9 +12,10 @@
 //! | `verify [repair] [wait]` | compares cache and backing in the background; `wait` streams progress |
 //! | `clear-flush-error` | after a backing flush failed: resync what it may have lost, let FLUSH succeed again |
 
+use super::admin::{AdminOps, BoxFuture};
+use super::node::LastVerify;
 use super::status::human_bytes;
-use super::{open_caches, LastVerify, Node};
-use crate::admin::{AdminOps, BoxFuture};
+use super::{open_caches, Node};
 use crate::config::parse_size;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;

@@ -49,7 +49,7 @@ impl Target {
 /// Sends a command and returns the text after `ok`; `error …` becomes Err.
 async fn call(target: &Target, args: &[&str], on_line: impl FnMut(&str)) -> Result<String, AnyError> {
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    let last = superdisk::admin::request(&target.socket()?, &args, on_line).await?;
+    let last = superdisk::daemon::admin::request(&target.socket()?, &args, on_line).await?;
     match last.strip_prefix("error ") {
         Some(e) => Err(format!("daemon: {e}").into()),
         None => Ok(last.trim_start_matches("ok").trim().to_string()),

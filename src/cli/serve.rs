@@ -1,0 +1,216 @@
+//! `superdisk serve` (its flags, merged over the config file, where the command line wins) and
+//! `superdisk demo` (images of its own, served with the embedded defaults).
+
+use super::create::{create, Geometry};
+use super::{init_logging, runtime};
+use std::path::PathBuf;
+use superdisk::config::{parse_size, BoolOrWord, ByteSize, FileConfig, ServeConfig};
+use superdisk::daemon::{self, AnyError};
+
+#[derive(clap::Args, Default, Clone)]
+pub struct ServeArgs {
+    /// TOML configuration file; flags given here override its keys.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    backing: Option<PathBuf>,
+    /// TCP address (HOST:PORT; "" disables TCP). Default 127.0.0.1:10809.
+    #[arg(long)]
+    listen: Option<String>,
+    /// Also listen on this Unix socket.
+    #[arg(long)]
+    unix: Option<PathBuf>,
+    /// Export name (the empty name also selects it).
+    #[arg(long)]
+    export: Option<String>,
+    #[arg(long)]
+    read_only: bool,
+    /// I/O engine: uring (default, falls back to psync) or psync.
+    #[arg(long)]
+    io_engine: Option<String>,
+    /// Memory registered with io_uring as fixed buffers, e.g. 36M; 0 turns them off (config key
+    /// registered_buffer_bytes).
+    #[arg(long, value_parser = parse_size)]
+    registered_buffer_bytes: Option<u64>,
+    /// O_DIRECT on the backing (default: on for block devices, off for files).
+    #[arg(long)]
+    direct: Option<bool>,
+    /// O_DIRECT on the cache devices (config key cache_direct; default: on for block devices).
+    #[arg(long)]
+    cache_direct: Option<bool>,
+    /// Send large reads from the page cache: auto, mapped, sendfile (or true) or false (config
+    /// key zero_copy_reads; default auto: sendfile with 4 or more CPUs, else mapped; docs/CONFIG.md).
+    #[arg(long)]
+    zero_copy_reads: Option<String>,
+    /// Microseconds a connection polls for the next request after its last reply, 0 for never
+    /// (config key idle_poll_us; default 50).
+    #[arg(long)]
+    idle_poll_us: Option<u64>,
+    #[arg(long)]
+    log_level: Option<String>,
+    /// A local SSD holding the mirror; repeat to stripe several.
+    #[arg(long)]
+    cache: Vec<PathBuf>,
+    /// Format a cache that belongs to another superdisk (or holds unknown data) and rebuild it.
+    #[arg(long)]
+    take_over_cache: bool,
+    /// Local control socket (mode 0600) for `superdisk status`, `cache`, `rebuild`, `verify`.
+    #[arg(long)]
+    admin_socket: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://[HOST:]PORT/metrics (loopback without a host).
+    #[arg(long, value_name = "[HOST:]PORT")]
+    metrics: Option<String>,
+    /// Serve one client on stdin/stdout, then exit (as `nbdkit -s`: for a parent that hands us one
+    /// end of a socketpair, e.g. libnbd's nbd_connect_command). Logs stay on stderr.
+    #[arg(long, conflicts_with_all = ["listen", "unix"])]
+    stdio: bool,
+    /// Allow TCP clients from this network only (CIDR, e.g. 10.0.0.0/8); repeat for several.
+    #[arg(long, value_name = "CIDR")]
+    allow: Vec<String>,
+    // Boxed: `Command` holds ServeArgs inline, and clippy limits how much larger one variant may be.
+    #[command(flatten)]
+    tls: Box<TlsArgs>,
+}
+
+#[derive(clap::Args, Default, Clone)]
+pub struct TlsArgs {
+    /// TLS: off (default), on (clients may use STARTTLS) or require.
+    #[arg(long = "tls", value_name = "off|on|require")]
+    mode: Option<String>,
+    /// PEM certificate chain for TLS (server certificate first).
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s): clients must present a certificate signed by one (mutual TLS).
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+}
+
+pub fn serve_cmd(args: ServeArgs) -> Result<(), AnyError> {
+    let cfg_of = |args: &ServeArgs| -> Result<ServeConfig, AnyError> {
+        let f = match &args.config {
+            Some(p) => FileConfig::load(p)?,
+            None => FileConfig::default(),
+        };
+        Ok(ServeConfig::from_file_config(merge_flags(f, args))?)
+    };
+    let cfg = cfg_of(&args)?;
+    let stdio = args.stdio;
+    // SIGHUP re-reads the file; the command line still wins over it.
+    let reload: Option<daemon::Reloader> = match args.config.is_some() {
+        true => Some(Box::new(move || cfg_of(&args))),
+        false => None,
+    };
+    init_logging(&cfg.log_level);
+    runtime()?.block_on(daemon::serve_with(cfg, reload, stdio, |_| {}))
+}
+
+/// Writes the flags given on the command line over the file's keys.
+fn merge_flags(mut f: FileConfig, args: &ServeArgs) -> FileConfig {
+    let args = args.clone();
+    if args.backing.is_some() {
+        f.backing = args.backing;
+    }
+    if args.listen.is_some() {
+        f.listen = args.listen;
+    }
+    if args.unix.is_some() {
+        f.unix = args.unix;
+    }
+    if args.export.is_some() {
+        f.export = args.export;
+    }
+    if args.read_only {
+        f.read_only = Some(true);
+    }
+    if args.io_engine.is_some() {
+        f.io_engine = args.io_engine;
+    }
+    if let Some(v) = args.registered_buffer_bytes {
+        f.registered_buffer_bytes = Some(ByteSize(v));
+    }
+    if args.direct.is_some() {
+        f.direct = args.direct;
+    }
+    if args.cache_direct.is_some() {
+        f.cache_direct = args.cache_direct;
+    }
+    if let Some(v) = args.zero_copy_reads {
+        f.zero_copy_reads = Some(BoolOrWord::Word(v));
+    }
+    if args.idle_poll_us.is_some() {
+        f.idle_poll_us = args.idle_poll_us;
+    }
+    if args.log_level.is_some() {
+        f.log_level = args.log_level;
+    }
+    if !args.cache.is_empty() {
+        f.cache = Some(args.cache);
+    }
+    if args.take_over_cache {
+        f.take_over_foreign_cache = Some(true);
+    }
+    if args.admin_socket.is_some() {
+        f.admin_socket = args.admin_socket;
+    }
+    if args.metrics.is_some() {
+        f.metrics = args.metrics;
+    }
+    let tls = *args.tls;
+    if tls.mode.is_some() {
+        f.tls = tls.mode;
+    }
+    if tls.tls_cert.is_some() {
+        f.tls_cert = tls.tls_cert;
+    }
+    if tls.tls_key.is_some() {
+        f.tls_key = tls.tls_key;
+    }
+    if tls.tls_ca.is_some() {
+        f.tls_ca = tls.tls_ca;
+    }
+    if !args.allow.is_empty() {
+        f.allow = Some(args.allow);
+    }
+    f
+}
+
+pub fn demo(dir: Option<PathBuf>, listen: String, size: u64, no_cache: bool) -> Result<(), AnyError> {
+    init_logging("info");
+    let dir = dir.unwrap_or_else(|| PathBuf::from("superdisk-demo"));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let backing = dir.join("backing.img");
+    let cache = dir.join("cache.img");
+    let caches = if no_cache { vec![] } else { vec![cache.clone()] };
+    if !no_cache && !cache.exists() {
+        // The cache needs room for the export plus its own metadata; a sparse file costs nothing.
+        let f = std::fs::OpenOptions::new().write(true).create_new(true).open(&cache)?;
+        f.set_len(size + 2 * superdisk::meta::meta_bytes(size, superdisk::meta::DEFAULT_REGION_BYTES))?;
+    }
+    let rt = runtime()?;
+    let geo = Geometry {
+        region_size: superdisk::meta::DEFAULT_REGION_BYTES.into(),
+        stripe_size: 512 << 10,
+        take_over_cache: false,
+    };
+    rt.block_on(create(&backing, if backing.exists() { None } else { Some(size) }, false, &caches, &geo))?;
+    let cfg = ServeConfig::from_file_config(FileConfig {
+        backing: Some(backing.clone()),
+        listen: Some(listen),
+        cache: Some(caches),
+        ..Default::default()
+    })?;
+    rt.block_on(daemon::serve(cfg, None, |endpoints| {
+        let uri = endpoints.first().cloned().unwrap_or_default();
+        println!("\nsuperdisk demo is serving {} — try, from another terminal:", dir.display());
+        println!("  nbdinfo {uri}");
+        println!("  nbdinfo --map {uri}");
+        println!("  mkdir -p /tmp/sd && nbdfuse /tmp/sd/disk {uri} &   # then: losetup -f --show /tmp/sd/disk");
+        println!(
+            "  fio --name=demo --ioengine=nbd --uri={uri} --rw=randrw --bs=4k --iodepth=16 --size=64M --verify=crc32c"
+        );
+        println!("Stop with Ctrl-C (SIGINT) or SIGTERM; it drains, flushes and exits 0.\n");
+    }))
+}
