@@ -651,6 +651,7 @@ impl ServeConfig {
 /// A user name or numeric uid, resolved to a uid that exists.
 fn lookup_user(name: &str) -> Result<u32, String> {
     lookup_id(name, "user", |n, buf| {
+        // SAFETY: passwd is a plain C struct; all zeroes is a valid value of it.
         let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
         let mut found: *mut libc::passwd = std::ptr::null_mut();
         // SAFETY: getpwnam_r with a NUL-terminated name, a zeroed passwd struct, and a scratch
@@ -663,6 +664,7 @@ fn lookup_user(name: &str) -> Result<u32, String> {
 /// A group name or numeric gid, resolved to a gid that exists.
 fn lookup_group(name: &str) -> Result<u32, String> {
     lookup_id(name, "group", |n, buf| {
+        // SAFETY: group is a plain C struct; all zeroes is a valid value of it.
         let mut gr: libc::group = unsafe { std::mem::zeroed() };
         let mut found: *mut libc::group = std::ptr::null_mut();
         // SAFETY: as in lookup_user, for getgrnam_r.

@@ -262,6 +262,7 @@ fn rebuild_pause_resume_and_rate_and_sighup_reload() {
     // A broken config changes nothing and the daemon keeps serving.
     let mark = d.log_mark();
     write_config("log_level = \"loud\"\n");
+    // SAFETY: signalling our own child.
     unsafe { libc::kill(d.pid() as i32, libc::SIGHUP) };
     let log = d.wait_log(mark, "nothing changed", Duration::from_secs(10));
     assert!(log.contains("log_level"), "the error names the key: {log}");

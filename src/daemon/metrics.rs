@@ -3,8 +3,9 @@
 //! name (`_seconds`, `_bytes`), `_total` on counters, base units, one histogram family per latency
 //! with `device` and `op` labels.
 
-use super::Node;
+use super::{Mirror, Node};
 use crate::device::layer::instrumented::DevOp;
+use crate::mirror::MirrorStats;
 use crate::server::stats::ReqOp;
 use crate::telemetry::HistSnapshot;
 use std::fmt::Write;
@@ -57,6 +58,22 @@ impl Out {
 /// The whole exposition.
 pub fn render(node: &Node) -> String {
     let mut o = Out(String::with_capacity(64 * 1024));
+    render_identity(&mut o, node);
+    render_devices(&mut o, node);
+    render_requests(&mut o, node);
+    render_server(&mut o, node);
+    render_backing(&mut o, node);
+    if let Some(m) = &node.mirror {
+        let st = m.stats();
+        render_mirror_reads(&mut o, &st);
+        render_hedging(&mut o, &st);
+        render_mirror_state(&mut o, m, &st);
+    }
+    o.0
+}
+
+/// What this daemon is and what it exports.
+fn render_identity(o: &mut Out, node: &Node) {
     let cfg = node.config();
     o.family("superdisk_build_info", "gauge", "Always 1; the labels say which superdisk this is.");
     o.sample("superdisk_build_info", &[("version", env!("CARGO_PKG_VERSION"))], 1);
@@ -77,7 +94,10 @@ pub fn render(node: &Node) -> String {
     }
     o.family("superdisk_degraded", "gauge", "1 while no cache set serves reads (reads go to the backing).");
     o.sample("superdisk_degraded", &[], u8::from(mode == "degraded"));
+}
 
+/// Each device's role, size, operations, bytes, errors and latency.
+fn render_devices(o: &mut Out, node: &Node) {
     let devices = node.devices();
     o.family("superdisk_device_info", "gauge", "Always 1; names each device's role, path and health.");
     for (d, role) in &devices {
@@ -125,7 +145,10 @@ pub fn render(node: &Node) -> String {
             );
         }
     }
+}
 
+/// What clients asked for, end to end.
+fn render_requests(o: &mut Out, node: &Node) {
     let reqs: Vec<_> = ReqOp::ALL.iter().map(|op| (op.name(), node.server.request(*op).snapshot())).collect();
     o.family("superdisk_requests_total", "counter", "NBD requests answered, by kind.");
     for (op, s) in &reqs {
@@ -143,6 +166,10 @@ pub fn render(node: &Node) -> String {
     for (op, s) in &reqs {
         o.histogram("superdisk_request_latency_seconds", &[("op", op)], &s.latency);
     }
+}
+
+/// Connections, page-cache sends, idle polling, registered buffers.
+fn render_server(o: &mut Out, node: &Node) {
     o.family("superdisk_connections", "gauge", "NBD connections open now.");
     o.sample("superdisk_connections", &[], node.server.connections_active.load(Relaxed));
     o.family("superdisk_connections_accepted_total", "counter", "NBD connections accepted.");
@@ -183,7 +210,10 @@ pub fn render(node: &Node) -> String {
         "I/O buffers taken from ordinary memory because their size class of registered buffers was in use.",
     );
     o.sample("superdisk_registered_buffer_misses_total", &[], arena_misses);
+}
 
+/// The backing's stalls and durability.
+fn render_backing(o: &mut Out, node: &Node) {
     let io = &node.backing_io;
     o.family("superdisk_backing_timeouts_total", "counter", "Backing operations that ran past backing_timeout_ms.");
     o.sample("superdisk_backing_timeouts_total", &[], io.timeouts.load(Relaxed));
@@ -209,99 +239,94 @@ pub fn render(node: &Node) -> String {
         "1 while a backing flush failure is uncleared: FLUSH and FUA writes fail (superdisk clear-flush-error).",
     );
     o.sample("superdisk_backing_durability_lost", &[], u64::from(io.durability.is_lost()));
+}
 
-    if let Some(m) = &node.mirror {
-        let st = m.stats();
-        let (cache_bytes, backing_bytes) = (st.read_bytes_cache.load(Relaxed), st.read_bytes_backing.load(Relaxed));
-        o.family("superdisk_read_bytes_total", "counter", "Bytes of client reads, by the device that served them.");
-        o.sample("superdisk_read_bytes_total", &[("source", "cache")], cache_bytes);
-        o.sample("superdisk_read_bytes_total", &[("source", "backing")], backing_bytes);
-        o.family(
-            "superdisk_reads_total",
-            "counter",
-            "Client reads (or parts of them), by the device that served them.",
-        );
-        o.sample("superdisk_reads_total", &[("source", "cache")], st.reads_cache.load(Relaxed));
-        o.sample("superdisk_reads_total", &[("source", "backing")], st.reads_backing.load(Relaxed));
-        o.family(
-            "superdisk_cache_read_ratio",
-            "gauge",
-            "Share of read bytes served by the cache since start (1 before any read); rate() the \
-             read_bytes_total counters for a recent figure.",
-        );
-        let total = cache_bytes + backing_bytes;
-        o.sample("superdisk_cache_read_ratio", &[], if total == 0 { 1.0 } else { cache_bytes as f64 / total as f64 });
-        o.family(
-            "superdisk_cache_repairs_total",
-            "counter",
-            "Cache ranges rewritten from the backing after a read error.",
-        );
-        o.sample("superdisk_cache_repairs_total", &[], st.repairs.load(Relaxed));
-        let h = &st.hedge;
-        o.family(
-            "superdisk_hedged_reads_total",
-            "counter",
-            "Cache reads slower than the hedging threshold that were also sent to the backing.",
-        );
-        o.sample("superdisk_hedged_reads_total", &[], h.hedged.load(Relaxed));
-        o.family(
-            "superdisk_hedged_reads_backing_won_total",
-            "counter",
-            "Hedged reads answered by the backing before the cache.",
-        );
-        o.sample("superdisk_hedged_reads_backing_won_total", &[], h.backing_won.load(Relaxed));
-        o.family(
-            "superdisk_hedged_reads_over_budget_total",
-            "counter",
-            "Slow cache reads not hedged because hedge_max_percent was spent.",
-        );
-        o.sample("superdisk_hedged_reads_over_budget_total", &[], h.over_budget.load(Relaxed));
-        o.family(
-            "superdisk_hedge_threshold_seconds",
-            "gauge",
-            "Cache read time after which a read is hedged (0: hedging off).",
-        );
-        o.sample("superdisk_hedge_threshold_seconds", &[], h.threshold_us.load(Relaxed) as f64 / 1e6);
-        o.family(
-            "superdisk_cache_timeouts_total",
-            "counter",
-            "Cache operations that ran past cache_timeout_ms (each failed its cache set).",
-        );
-        o.sample("superdisk_cache_timeouts_total", &[], st.cache_io.timed_out.load(Relaxed));
-        o.family(
-            "superdisk_cache_abandoned_ops",
-            "gauge",
-            "Cache operations given up on that their device has not answered yet.",
-        );
-        o.sample("superdisk_cache_abandoned_ops", &[], st.cache_io.abandoned_now.load(Relaxed));
-        o.family("superdisk_cache_errors_total", "counter", "Cache I/O errors absorbed (never seen by clients).");
-        o.sample("superdisk_cache_errors_total", &[], st.cache_errors.load(Relaxed));
-        o.family("superdisk_cache_failures_total", "counter", "Times a cache set was dropped (errors or operator).");
-        o.sample("superdisk_cache_failures_total", &[], st.cache_failures.load(Relaxed));
-        o.family("superdisk_backing_errors_total", "counter", "Backing I/O errors (these reach clients).");
-        o.sample("superdisk_backing_errors_total", &[], st.backing_errors.load(Relaxed));
-        o.family("superdisk_rebuild_done_bytes", "gauge", "Bytes the current rebuild has copied.");
-        o.sample("superdisk_rebuild_done_bytes", &[], st.rebuild_done_bytes.load(Relaxed));
-        o.family("superdisk_rebuild_total_bytes", "gauge", "Bytes the current rebuild has had to copy.");
-        o.sample("superdisk_rebuild_total_bytes", &[], st.rebuild_total_bytes.load(Relaxed));
-        o.family("superdisk_rebuild_remaining_bytes", "gauge", "Bytes not yet valid in the cache set.");
-        o.sample("superdisk_rebuild_remaining_bytes", &[], st.invalid_regions.load(Relaxed) * m.region_bytes());
-        o.family("superdisk_rebuild_rate_bytes_per_second", "gauge", "Recent rebuild copy rate.");
-        o.sample("superdisk_rebuild_rate_bytes_per_second", &[], st.rebuild_rate_bytes_per_s.load(Relaxed));
-        o.family("superdisk_rebuild_paused", "gauge", "1 while an operator has paused the rebuild.");
-        o.sample("superdisk_rebuild_paused", &[], u8::from(m.rebuild_paused()));
-        o.family("superdisk_write_intent_commits_total", "counter", "Write-intent bitmap commits to the backing.");
-        o.sample("superdisk_write_intent_commits_total", &[], st.intent_commits.load(Relaxed));
-        o.family(
-            "superdisk_verify_mismatches_total",
-            "counter",
-            "Cache ranges verify found differing from the backing.",
-        );
-        o.sample("superdisk_verify_mismatches_total", &[], st.verify_mismatches.load(Relaxed));
-        o.family("superdisk_verify_running", "gauge", "1 while a verify runs.");
-        o.sample("superdisk_verify_running", &[], st.verify_running.load(Relaxed));
-    }
-    o.0
+/// Which device served the reads, and the cache's repairs.
+fn render_mirror_reads(o: &mut Out, st: &MirrorStats) {
+    let (cache_bytes, backing_bytes) = (st.read_bytes_cache.load(Relaxed), st.read_bytes_backing.load(Relaxed));
+    o.family("superdisk_read_bytes_total", "counter", "Bytes of client reads, by the device that served them.");
+    o.sample("superdisk_read_bytes_total", &[("source", "cache")], cache_bytes);
+    o.sample("superdisk_read_bytes_total", &[("source", "backing")], backing_bytes);
+    o.family("superdisk_reads_total", "counter", "Client reads (or parts of them), by the device that served them.");
+    o.sample("superdisk_reads_total", &[("source", "cache")], st.reads_cache.load(Relaxed));
+    o.sample("superdisk_reads_total", &[("source", "backing")], st.reads_backing.load(Relaxed));
+    o.family(
+        "superdisk_cache_read_ratio",
+        "gauge",
+        "Share of read bytes served by the cache since start (1 before any read); rate() the \
+         read_bytes_total counters for a recent figure.",
+    );
+    let total = cache_bytes + backing_bytes;
+    o.sample("superdisk_cache_read_ratio", &[], if total == 0 { 1.0 } else { cache_bytes as f64 / total as f64 });
+    o.family("superdisk_cache_repairs_total", "counter", "Cache ranges rewritten from the backing after a read error.");
+    o.sample("superdisk_cache_repairs_total", &[], st.repairs.load(Relaxed));
+}
+
+/// Hedged cache reads.
+fn render_hedging(o: &mut Out, st: &MirrorStats) {
+    let h = &st.hedge;
+    o.family(
+        "superdisk_hedged_reads_total",
+        "counter",
+        "Cache reads slower than the hedging threshold that were also sent to the backing.",
+    );
+    o.sample("superdisk_hedged_reads_total", &[], h.hedged.load(Relaxed));
+    o.family(
+        "superdisk_hedged_reads_backing_won_total",
+        "counter",
+        "Hedged reads answered by the backing before the cache.",
+    );
+    o.sample("superdisk_hedged_reads_backing_won_total", &[], h.backing_won.load(Relaxed));
+    o.family(
+        "superdisk_hedged_reads_over_budget_total",
+        "counter",
+        "Slow cache reads not hedged because hedge_max_percent was spent.",
+    );
+    o.sample("superdisk_hedged_reads_over_budget_total", &[], h.over_budget.load(Relaxed));
+    o.family(
+        "superdisk_hedge_threshold_seconds",
+        "gauge",
+        "Cache read time after which a read is hedged (0: hedging off).",
+    );
+    o.sample("superdisk_hedge_threshold_seconds", &[], h.threshold_us.load(Relaxed) as f64 / 1e6);
+}
+
+/// The cache time limit, errors and failures, the rebuild, write intents and verify.
+fn render_mirror_state(o: &mut Out, m: &Mirror, st: &MirrorStats) {
+    o.family(
+        "superdisk_cache_timeouts_total",
+        "counter",
+        "Cache operations that ran past cache_timeout_ms (each failed its cache set).",
+    );
+    o.sample("superdisk_cache_timeouts_total", &[], st.cache_io.timed_out.load(Relaxed));
+    o.family(
+        "superdisk_cache_abandoned_ops",
+        "gauge",
+        "Cache operations given up on that their device has not answered yet.",
+    );
+    o.sample("superdisk_cache_abandoned_ops", &[], st.cache_io.abandoned_now.load(Relaxed));
+    o.family("superdisk_cache_errors_total", "counter", "Cache I/O errors absorbed (never seen by clients).");
+    o.sample("superdisk_cache_errors_total", &[], st.cache_errors.load(Relaxed));
+    o.family("superdisk_cache_failures_total", "counter", "Times a cache set was dropped (errors or operator).");
+    o.sample("superdisk_cache_failures_total", &[], st.cache_failures.load(Relaxed));
+    o.family("superdisk_backing_errors_total", "counter", "Backing I/O errors (these reach clients).");
+    o.sample("superdisk_backing_errors_total", &[], st.backing_errors.load(Relaxed));
+    o.family("superdisk_rebuild_done_bytes", "gauge", "Bytes the current rebuild has copied.");
+    o.sample("superdisk_rebuild_done_bytes", &[], st.rebuild_done_bytes.load(Relaxed));
+    o.family("superdisk_rebuild_total_bytes", "gauge", "Bytes the current rebuild has had to copy.");
+    o.sample("superdisk_rebuild_total_bytes", &[], st.rebuild_total_bytes.load(Relaxed));
+    o.family("superdisk_rebuild_remaining_bytes", "gauge", "Bytes not yet valid in the cache set.");
+    o.sample("superdisk_rebuild_remaining_bytes", &[], st.invalid_regions.load(Relaxed) * m.region_bytes());
+    o.family("superdisk_rebuild_rate_bytes_per_second", "gauge", "Recent rebuild copy rate.");
+    o.sample("superdisk_rebuild_rate_bytes_per_second", &[], st.rebuild_rate_bytes_per_s.load(Relaxed));
+    o.family("superdisk_rebuild_paused", "gauge", "1 while an operator has paused the rebuild.");
+    o.sample("superdisk_rebuild_paused", &[], u8::from(m.rebuild_paused()));
+    o.family("superdisk_write_intent_commits_total", "counter", "Write-intent bitmap commits to the backing.");
+    o.sample("superdisk_write_intent_commits_total", &[], st.intent_commits.load(Relaxed));
+    o.family("superdisk_verify_mismatches_total", "counter", "Cache ranges verify found differing from the backing.");
+    o.sample("superdisk_verify_mismatches_total", &[], st.verify_mismatches.load(Relaxed));
+    o.family("superdisk_verify_running", "gauge", "1 while a verify runs.");
+    o.sample("superdisk_verify_running", &[], st.verify_running.load(Relaxed));
 }
 
 const MAX_REQUEST_HEAD_BYTES: usize = 8192;

@@ -25,6 +25,7 @@ use crate::volume::{PlainVolume, Volume};
 use notify::Notifier;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::sync::watch;
 
 pub type AnyError = Box<dyn std::error::Error + Send + Sync>;
 /// Every device the daemon opens is counted (and may have read stalls injected, for benchmarks).
@@ -161,6 +162,42 @@ async fn run<V: Volume>(
     stdio: bool,
     on_ready: impl FnOnce(&[String]),
 ) -> Result<(), AnyError> {
+    let server_cfg = server_config(cfg, &*volume, &node, rotational)?;
+    let notifier = Arc::new(Notifier::from_env());
+    let stop_rx = spawn_signal_handlers(&node, &notifier)?;
+    spawn_monitor(node.clone(), notifier.clone(), stop_rx.clone());
+    spawn_control(cfg, &node, &stop_rx).await?;
+    let ready = |endpoints: &[String]| {
+        // READY only now: recovery (superblock, bitmaps) is done and every listener is bound.
+        notifier.notify(&format!("READY=1\nSTATUS={} on {}", node.service_status(), endpoints.join(", ")));
+        on_ready(endpoints)
+    };
+    if stdio {
+        // One client on stdin/stdout (as `nbdkit -s`), then shut down as on SIGTERM.
+        let (r, w) = server::stdio_streams().map_err(|e| format!("--stdio: {e}"))?;
+        tracing::info!("serving one client on stdin/stdout");
+        ready(&["stdio".to_owned()]);
+        server::serve_stream(r, w, volume.clone(), server::StreamConfig::from(&server_cfg), stop_rx).await;
+    } else {
+        server::run(volume.clone(), server_cfg, stop_rx, ready).await?;
+    }
+    if let Some(path) = &cfg.admin_socket {
+        // The admin task also removes it, but the process may exit before that task runs.
+        let _ = std::fs::remove_file(path);
+    }
+    notifier.notify("STOPPING=1\nSTATUS=flushing the devices");
+    volume.shutdown().await.map_err(|e| format!("flush at shutdown failed: {e}"))?;
+    tracing::info!("flushed; clean shutdown recorded");
+    Ok(())
+}
+
+/// What the NBD front end is told: the export as the volume presents it, and the config's limits.
+fn server_config<V: Volume>(
+    cfg: &ServeConfig,
+    volume: &V,
+    node: &Node,
+    rotational: bool,
+) -> Result<ServerConfig, AnyError> {
     let export = ExportParams {
         name: cfg.export.clone(),
         description: cfg.description.clone(),
@@ -172,7 +209,7 @@ async fn run<V: Volume>(
         preferred_block_bytes: 4096,
         max_payload_bytes: 32 << 20,
     };
-    let server_cfg = ServerConfig {
+    Ok(ServerConfig {
         listen: cfg.listen,
         unix: cfg.unix.clone(),
         unix_mode: cfg.unix_mode,
@@ -185,15 +222,18 @@ async fn run<V: Volume>(
         idle_poll: Duration::from_micros(cfg.idle_poll_us),
         stats: node.server.clone(),
         policy: cfg.policy()?,
-    };
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    // Install the handlers now, before READY=1: a SIGTERM that arrives between READY and the
-    // first poll of a spawned task must still drain, not kill the process.
+    })
+}
+
+/// SIGTERM/SIGINT turn the returned watch true (drain and stop); SIGHUP reloads the config.
+/// Installed before READY=1: a SIGTERM that arrives between READY and the first poll of a spawned
+/// task must still drain, not kill the process.
+fn spawn_signal_handlers(node: &Arc<Node>, notifier: &Arc<Notifier>) -> Result<watch::Receiver<bool>, AnyError> {
     use tokio::signal::unix::{signal, SignalKind};
+    let (stop_tx, stop_rx) = watch::channel(false);
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
-    let notifier = Arc::new(Notifier::from_env());
     let stop_notifier = notifier.clone();
     tokio::spawn(async move {
         let name = tokio::select! { _ = term.recv() => "SIGTERM", _ = int.recv() => "SIGINT" };
@@ -202,8 +242,7 @@ async fn run<V: Volume>(
         stop_notifier.notify("STOPPING=1\nSTATUS=draining: finishing in-flight requests");
         let _ = stop_tx.send(true);
     });
-    let hup_node = node.clone();
-    let hup_notifier = notifier.clone();
+    let (hup_node, hup_notifier) = (node.clone(), notifier.clone());
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
             hup_notifier.notify("RELOADING=1");
@@ -211,10 +250,14 @@ async fn run<V: Volume>(
             hup_notifier.notify("READY=1");
         }
     });
-    spawn_monitor(node.clone(), notifier.clone(), stop_rx.clone());
+    Ok(stop_rx)
+}
+
+/// The admin socket and the metrics endpoint, when configured.
+async fn spawn_control(cfg: &ServeConfig, node: &Arc<Node>, stop: &watch::Receiver<bool>) -> Result<(), AnyError> {
     if let Some(path) = cfg.admin_socket.clone() {
         let listener = admin::bind(&path)?;
-        let admin_task = admin::serve_admin(listener, path, node.clone(), stop_rx.clone());
+        let admin_task = admin::serve_admin(listener, path, node.clone(), stop.clone());
         tokio::spawn(async move {
             if let Err(e) = admin_task.await {
                 tracing::error!(error = %e, "admin socket failed");
@@ -226,42 +269,14 @@ async fn run<V: Volume>(
             .await
             .map_err(|e| format!("config key `metrics`: cannot listen on {addr}: {e}"))?;
         tracing::info!(%addr, "metrics at http://{addr}/metrics");
-        tokio::spawn(metrics::serve(listener, node.clone(), stop_rx.clone()));
+        tokio::spawn(metrics::serve(listener, node.clone(), stop.clone()));
     }
-    let ready_notifier = notifier.clone();
-    let ready_node = node.clone();
-    if stdio {
-        // One client on stdin/stdout (as `nbdkit -s`), then shut down as on SIGTERM.
-        let (r, w) = server::stdio_streams().map_err(|e| format!("--stdio: {e}"))?;
-        tracing::info!("serving one client on stdin/stdout");
-        ready_notifier.notify(&format!("READY=1\nSTATUS={} on stdio", ready_node.service_status()));
-        on_ready(&["stdio".to_owned()]);
-        server::serve_stream(r, w, volume.clone(), server::StreamConfig::from(&server_cfg), stop_rx).await;
-    } else {
-        server::run(volume.clone(), server_cfg, stop_rx, |endpoints| {
-            // READY only now: recovery (superblock, bitmaps) is done and every listener is bound.
-            ready_notifier.notify(&format!(
-                "READY=1\nSTATUS={} on {}",
-                ready_node.service_status(),
-                endpoints.join(", ")
-            ));
-            on_ready(endpoints)
-        })
-        .await?;
-    }
-    if let Some(path) = &cfg.admin_socket {
-        // The admin task also removes it, but the process may exit before that task runs.
-        let _ = std::fs::remove_file(path);
-    }
-    notifier.notify("STOPPING=1\nSTATUS=flushing the devices");
-    volume.shutdown().await.map_err(|e| format!("flush at shutdown failed: {e}"))?;
-    tracing::info!("flushed; clean shutdown recorded");
     Ok(())
 }
 
 /// Logs mode changes, keeps the service manager's STATUS= line current, sends watchdog
 /// keep-alives and samples the counters for status rates.
-fn spawn_monitor(node: Arc<Node>, n: Arc<Notifier>, mut stop: tokio::sync::watch::Receiver<bool>) {
+fn spawn_monitor(node: Arc<Node>, n: Arc<Notifier>, mut stop: watch::Receiver<bool>) {
     tokio::spawn(async move {
         let mut last_mode: Option<&'static str> = None;
         let mut last_status = String::new();

@@ -52,9 +52,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("notify.sock");
         let listener = UnixDatagram::bind(&path).unwrap();
-        // SAFETY (test-only env mutation): no other thread of this test reads NOTIFY_SOCKET.
+        // SAFETY: test-only env mutation; no other thread of this test reads NOTIFY_SOCKET.
         unsafe { std::env::set_var("NOTIFY_SOCKET", &path) };
         let n = Notifier::from_env();
+        // SAFETY: as above.
         unsafe { std::env::remove_var("NOTIFY_SOCKET") };
         n.notify("READY=1\nSTATUS=serving");
         let mut buf = [0u8; 64];

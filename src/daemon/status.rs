@@ -215,6 +215,22 @@ pub fn human_duration(secs: u64) -> String {
 /// The table `superdisk status` prints.
 pub fn render(s: &Status) -> String {
     let mut o = String::new();
+    render_head(&mut o, s);
+    if let Some(r) = &s.rebuild {
+        render_rebuild(&mut o, r);
+    }
+    if let Some(v) = &s.verify {
+        render_verify(&mut o, v);
+    }
+    render_backing(&mut o, &s.backing_io);
+    if let Some(c) = &s.cache {
+        render_cache(&mut o, c);
+    }
+    render_table(&mut o, s);
+    o
+}
+
+fn render_head(o: &mut String, s: &Status) {
     let _ = writeln!(
         o,
         "superdisk {} (pid {}, up {}): {}",
@@ -233,47 +249,51 @@ pub fn render(s: &Status) -> String {
         s.connections.accepted_total,
         s.connections.refused_total
     );
-    if let Some(r) = &s.rebuild {
-        if r.total_bytes > 0 && (r.done_bytes < r.total_bytes || r.invalid_regions > 0) {
-            let pct = 100.0 * r.done_bytes as f64 / r.total_bytes as f64;
-            let _ = writeln!(
-                o,
-                "rebuild: {:.1}% ({} of {}), {}/s, ETA {}{}",
-                pct,
-                human_bytes(r.done_bytes as f64),
-                human_bytes(r.total_bytes as f64),
-                human_bytes(r.rate_bytes_per_s as f64),
-                r.eta_secs.map_or("unknown".into(), human_duration),
-                if r.paused { " — PAUSED" } else { "" }
-            );
-        } else if r.paused {
-            let _ = writeln!(o, "rebuild: paused (nothing to copy)");
-        }
+}
+
+fn render_rebuild(o: &mut String, r: &RebuildStatus) {
+    if r.total_bytes > 0 && (r.done_bytes < r.total_bytes || r.invalid_regions > 0) {
+        let pct = 100.0 * r.done_bytes as f64 / r.total_bytes as f64;
         let _ = writeln!(
             o,
-            "rebuild limits: min {}/s, max {}",
-            human_bytes(r.min_bytes_per_s as f64),
-            r.max_bytes_per_s.map_or("unlimited".into(), |m| format!("{}/s", human_bytes(m as f64)))
+            "rebuild: {:.1}% ({} of {}), {}/s, ETA {}{}",
+            pct,
+            human_bytes(r.done_bytes as f64),
+            human_bytes(r.total_bytes as f64),
+            human_bytes(r.rate_bytes_per_s as f64),
+            r.eta_secs.map_or("unknown".into(), human_duration),
+            if r.paused { " — PAUSED" } else { "" }
         );
+    } else if r.paused {
+        let _ = writeln!(o, "rebuild: paused (nothing to copy)");
     }
-    if let Some(v) = &s.verify {
-        if v.running {
-            let _ = writeln!(o, "verify: running, {} of {} regions", v.done_regions, v.total_regions);
-        }
-        if let Some(l) = &v.last {
-            let _ = match &l.error {
-                Some(e) => writeln!(o, "last verify: failed: {e} ({} ago)", human_duration(l.finished_secs_ago)),
-                None => writeln!(
-                    o,
-                    "last verify: {} mismatches{} ({} ago)",
-                    l.mismatches,
-                    if l.repair { ", repaired" } else { "" },
-                    human_duration(l.finished_secs_ago)
-                ),
-            };
-        }
+    let _ = writeln!(
+        o,
+        "rebuild limits: min {}/s, max {}",
+        human_bytes(r.min_bytes_per_s as f64),
+        r.max_bytes_per_s.map_or("unlimited".into(), |m| format!("{}/s", human_bytes(m as f64)))
+    );
+}
+
+fn render_verify(o: &mut String, v: &VerifyStatus) {
+    if v.running {
+        let _ = writeln!(o, "verify: running, {} of {} regions", v.done_regions, v.total_regions);
     }
-    let io = &s.backing_io;
+    if let Some(l) = &v.last {
+        let _ = match &l.error {
+            Some(e) => writeln!(o, "last verify: failed: {e} ({} ago)", human_duration(l.finished_secs_ago)),
+            None => writeln!(
+                o,
+                "last verify: {} mismatches{} ({} ago)",
+                l.mismatches,
+                if l.repair { ", repaired" } else { "" },
+                human_duration(l.finished_secs_ago)
+            ),
+        };
+    }
+}
+
+fn render_backing(o: &mut String, io: &BackingIoStatus) {
     if let Some(l) = &io.durability_lost {
         let _ = writeln!(
             o,
@@ -293,38 +313,43 @@ pub fn render(s: &Status) -> String {
             io.deadline_errors_total
         );
     }
-    if let Some(c) = &s.cache {
-        let _ = writeln!(
+}
+
+fn render_cache(o: &mut String, c: &CacheStatus) {
+    let _ = writeln!(
+        o,
+        "cache reads: {:.1}% of read bytes from the cache; {} repairs, {} errors (budget {}), {} failures",
+        100.0 * c.cache_read_share,
+        c.repairs_total,
+        c.errors_total,
+        c.read_error_budget,
+        c.failures_total
+    );
+    let h = &c.hedge;
+    let _ = if h.enabled {
+        writeln!(
             o,
-            "cache reads: {:.1}% of read bytes from the cache; {} repairs, {} errors (budget {}), {} failures",
-            100.0 * c.cache_read_share,
-            c.repairs_total,
-            c.errors_total,
-            c.read_error_budget,
-            c.failures_total
-        );
-        let h = &c.hedge;
-        let _ = if h.enabled {
-            writeln!(
-                o,
-                "hedged reads: after {}; {} hedged, {} answered by the backing, {} over budget ({}%)",
-                human_us(h.threshold_us as f64),
-                h.hedged_total,
-                h.backing_won_total,
-                h.over_budget_total,
-                h.max_percent
-            )
-        } else {
-            writeln!(o, "hedged reads: off")
-        };
-        let t = &c.timeout;
-        let limit = if t.timeout_ms == 0 { "none".to_string() } else { format!("{} ms", t.timeout_ms) };
-        let _ = writeln!(
-            o,
-            "cache time limit: {limit}; {} timed out, {} given up and not yet answered",
-            t.timed_out_total, t.abandoned_now
-        );
-    }
+            "hedged reads: after {}; {} hedged, {} answered by the backing, {} over budget ({}%)",
+            human_us(h.threshold_us as f64),
+            h.hedged_total,
+            h.backing_won_total,
+            h.over_budget_total,
+            h.max_percent
+        )
+    } else {
+        writeln!(o, "hedged reads: off")
+    };
+    let t = &c.timeout;
+    let limit = if t.timeout_ms == 0 { "none".to_string() } else { format!("{} ms", t.timeout_ms) };
+    let _ = writeln!(
+        o,
+        "cache time limit: {limit}; {} timed out, {} given up and not yet answered",
+        t.timed_out_total, t.abandoned_now
+    );
+}
+
+/// Rates and latencies per request kind and device, then each device's health.
+fn render_table(o: &mut String, s: &Status) {
     let _ = writeln!(o, "\nlast {:.0}s:", s.window_secs);
     let _ = writeln!(
         o,
@@ -365,5 +390,4 @@ pub fn render(s: &Status) -> String {
     for d in &s.devices {
         let _ = writeln!(o, "{:<10} {:<10} {:>10}  {}", d.name, d.health, human_bytes(d.size_bytes as f64), d.path);
     }
-    o
 }

@@ -18,6 +18,7 @@ pub struct AlignedBuf {
 
 // SAFETY: the buffer is plain owned memory, like a Vec<u8>.
 unsafe impl Send for AlignedBuf {}
+// SAFETY: shared access is read-only through &self, as for a Vec<u8>.
 unsafe impl Sync for AlignedBuf {}
 
 impl AlignedBuf {
@@ -190,6 +191,7 @@ pub(crate) struct Arena {
 // SAFETY: the memory is owned by the arena for the life of the process; each slot pointer is
 // handed to one owner at a time, like the pool's.
 unsafe impl Sync for Arena {}
+// SAFETY: as for Sync: the arena's memory is not tied to the thread that mapped it.
 unsafe impl Send for Arena {}
 
 impl Arena {

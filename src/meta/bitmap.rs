@@ -210,7 +210,7 @@ impl Bits {
 
     /// Byte `i` of the little-endian byte image (bits 8i .. 8i+7, LSB first).
     pub fn byte(&self, i: u64) -> u8 {
-        self.words.get((i / 8) as usize).map_or(0, |w| (w >> (8 * (i % 8))) as u8)
+        self.words.get(super::to_usize(i / 8)).map_or(0, |w| w.to_le_bytes()[super::to_usize(i % 8)])
     }
 
     pub fn set_byte(&mut self, i: u64, v: u8) {
@@ -340,7 +340,7 @@ pub struct Loaded {
 impl DiskBitmap {
     fn blank(kind: BitmapKind, owner: [u8; 16], layout: MetaLayout, total_bits: u64) -> Self {
         assert_eq!(pages_for(total_bits), layout.pages, "bitmap size disagrees with the metadata layout");
-        DiskBitmap { kind, owner, layout, total_bits, generations: vec![0; layout.pages as usize] }
+        DiskBitmap { kind, owner, layout, total_bits, generations: vec![0; super::to_usize(layout.pages)] }
     }
 
     pub fn kind(&self) -> BitmapKind {
@@ -360,10 +360,10 @@ impl DiskBitmap {
         let area = kind.area();
         // Both slots are adjacent: one read covers the whole bitmap.
         let len = 2 * layout.bitmap_bytes;
-        let (buf, r) = dev.read(layout.page_offset(area, 0, 0), AlignedBuf::zeroed(len as usize)).await;
+        let (buf, r) = dev.read(layout.page_offset(area, 0, 0), AlignedBuf::zeroed(super::to_usize(len))).await;
         r?;
         for page in 0..layout.pages {
-            let at = |slot: u64| (slot * layout.bitmap_bytes + page * PAGE_BYTES as u64) as usize;
+            let at = |slot: u64| super::to_usize(slot * layout.bitmap_bytes + page * PAGE_BYTES as u64);
             let copies = [0u64, 1].map(|slot| {
                 let b = &buf[at(slot)..at(slot) + PAGE_BYTES];
                 // A copy is only believed in the slot its generation selects, so a misdirected or
@@ -380,7 +380,7 @@ impl DiskBitmap {
                 Some((slot, generation)) => {
                     let o = at(slot);
                     bits.load_page_payload(page, &buf[o + PAGE_HEADER_BYTES..o + PAGE_CRC_OFFSET]);
-                    disk.generations[page as usize] = generation;
+                    disk.generations[super::to_usize(page)] = generation;
                 }
                 None => missing_pages.push(page),
             }
@@ -413,7 +413,7 @@ impl DiskBitmap {
     pub async fn store<D: BlockDevice>(&mut self, dev: &D, pages: &[u64], bits: &Bits) -> io::Result<()> {
         assert_eq!(bits.len(), self.total_bits);
         for &page in pages {
-            let generation = self.generations[page as usize] + 1;
+            let generation = self.generations[super::to_usize(page)] + 1;
             let buf = encode_page(self.kind, &self.owner, page, generation, bits);
             self.write_page(dev, page, generation, buf).await?;
         }
@@ -424,7 +424,7 @@ impl DiskBitmap {
     /// [`Bits::page_payload_vec`]), so the caller need not hold the bitmap during the I/O.
     pub async fn store_payload<D: BlockDevice>(&mut self, dev: &D, page: u64, payload: &[u8]) -> io::Result<()> {
         assert_eq!(payload.len(), PAGE_PAYLOAD_BYTES);
-        let generation = self.generations[page as usize] + 1;
+        let generation = self.generations[super::to_usize(page)] + 1;
         let buf = encode_page_payload(self.kind, &self.owner, page, generation, self.total_bits, payload);
         self.write_page(dev, page, generation, buf).await
     }
@@ -439,7 +439,7 @@ impl DiskBitmap {
         let slot = (generation % 2) as usize;
         let (_, r) = dev.write(self.layout.page_offset(self.kind.area(), slot, page), buf, true).await;
         r?;
-        self.generations[page as usize] = generation;
+        self.generations[super::to_usize(page)] = generation;
         Ok(())
     }
 
@@ -449,6 +449,8 @@ impl DiskBitmap {
 }
 
 #[cfg(test)]
+// Tests build small, known values; a lossy cast there is not a wire or disk bug.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 mod tests {
     use super::*;
     use crate::device::sim::mem::MemDevice;

@@ -12,12 +12,20 @@
 //! The two superblock slots are written alternately (slot = generation % 2), so a torn write of
 //! one leaves the other intact; the reader takes the valid slot with the higher generation.
 
+#![deny(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+
 pub mod bitmap;
 pub mod store;
 pub mod superblock;
 
 pub use bitmap::{BitmapKind, Bits, DiskBitmap, MetaLayout, BITS_PER_PAGE};
 pub use superblock::{Superblock, SuperblockError, SUPERBLOCK_BYTES};
+
+/// An in-memory index or length from an on-disk count. Metadata sizes are bounded by the device
+/// (and checked when decoded), and superdisk runs on 64-bit targets only, where this never fails.
+pub(crate) fn to_usize(v: u64) -> usize {
+    usize::try_from(v).expect("metadata sizes fit in memory")
+}
 
 /// Alignment and granularity of the metadata area.
 pub const META_ALIGN_BYTES: u64 = 1 << 20;
@@ -53,6 +61,8 @@ pub fn data_size_for_device(device_bytes: u64, region_bytes: u32) -> Option<u64>
 }
 
 #[cfg(test)]
+// Tests build small, known values; a lossy cast there is not a wire or disk bug.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 mod tests {
     use super::*;
 

@@ -53,7 +53,7 @@ pub async fn inspect_tail<D: BlockDevice>(dev: &D, region_bytes: u32) -> io::Res
     let chunk = 1u64 << 20;
     let mut pos = size - tail;
     while pos < size {
-        let n = chunk.min(size - pos) as usize;
+        let n = super::to_usize(chunk.min(size - pos));
         let (buf, r) = dev.read(pos, AlignedBuf::zeroed(n)).await;
         r?;
         if !is_zero(&buf) {

@@ -180,54 +180,60 @@ impl Superblock {
             stripe_bytes: r.u32(),
         };
         debug_assert_eq!(r.pos, ENCODED_FIELDS_BYTES);
+        sb.check()?;
+        Ok(sb)
+    }
+
+    /// What a decoded superblock must satisfy before anything is built on it.
+    fn check(&self) -> Result<(), SuperblockError> {
         // Counters this high cannot come from counting (2^63 updates); only corruption or a crafted
         // device gets there, and believing them would overflow the next update.
         for (field, value) in [
-            ("generation", sb.generation),
-            ("epoch", sb.epoch),
-            ("changed_since_epoch", sb.changed_since_epoch),
-            ("mirror_generation", sb.mirror_generation),
+            ("generation", self.generation),
+            ("epoch", self.epoch),
+            ("changed_since_epoch", self.changed_since_epoch),
+            ("mirror_generation", self.mirror_generation),
         ] {
             if value >= crate::meta::bitmap::MAX_COUNTER {
                 return Err(SuperblockError::Invalid { field, reason: format!("{value} is beyond any real count") });
             }
         }
-        if sb.flags & !KNOWN_FLAGS != 0 {
+        if self.flags & !KNOWN_FLAGS != 0 {
             return Err(SuperblockError::Invalid {
                 field: "flags",
-                reason: format!("unknown flags {:#x} (written by a newer superdisk?)", sb.flags & !KNOWN_FLAGS),
+                reason: format!("unknown flags {:#x} (written by a newer superdisk?)", self.flags & !KNOWN_FLAGS),
             });
         }
-        if sb.role == DeviceRole::Cache {
-            if sb.member_count == 0 || sb.member_index >= sb.member_count {
+        if self.role == DeviceRole::Cache {
+            if self.member_count == 0 || self.member_index >= self.member_count {
                 return Err(SuperblockError::Invalid {
                     field: "member_index",
-                    reason: format!("member {} of {}", sb.member_index, sb.member_count),
+                    reason: format!("member {} of {}", self.member_index, self.member_count),
                 });
             }
-            if sb.member_count > 1 && (!sb.stripe_bytes.is_power_of_two() || sb.stripe_bytes < 4096) {
+            if self.member_count > 1 && (!self.stripe_bytes.is_power_of_two() || self.stripe_bytes < 4096) {
                 return Err(SuperblockError::Invalid {
                     field: "stripe_bytes",
-                    reason: format!("{} is not a power of two ≥ 4096", sb.stripe_bytes),
+                    reason: format!("{} is not a power of two ≥ 4096", self.stripe_bytes),
                 });
             }
-            if sb.array_data_bytes == 0 {
+            if self.array_data_bytes == 0 {
                 return Err(SuperblockError::Invalid { field: "array_data_bytes", reason: "zero".into() });
             }
         }
-        if !sb.region_bytes.is_power_of_two() || sb.region_bytes < 4096 {
+        if !self.region_bytes.is_power_of_two() || self.region_bytes < 4096 {
             return Err(SuperblockError::Invalid {
                 field: "region_bytes",
-                reason: format!("{} is not a power of two ≥ 4096", sb.region_bytes),
+                reason: format!("{} is not a power of two ≥ 4096", self.region_bytes),
             });
         }
-        if sb.data_size_bytes.checked_add(sb.meta_bytes).is_none_or(|end| end > sb.device_size_bytes) {
+        if self.data_size_bytes.checked_add(self.meta_bytes).is_none_or(|end| end > self.device_size_bytes) {
             return Err(SuperblockError::Invalid {
                 field: "data_size_bytes",
                 reason: "data and metadata do not fit the recorded device size".into(),
             });
         }
-        Ok(sb)
+        Ok(())
     }
 
     /// Offsets of the two slots on a device of `device_bytes`.
@@ -281,6 +287,8 @@ impl Reader<'_> {
 }
 
 #[cfg(test)]
+// Tests build small, known values; a lossy cast there is not a wire or disk bug.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 mod tests {
     use super::*;
     use proptest::prelude::*;

@@ -12,6 +12,9 @@ use std::sync::Arc;
 
 /// Why a cache set could not be attached: refused (the operator must act) or an I/O error (the
 /// engine degrades and serves).
+/// Members to format as a new set: the devices, their superblock generations, and why.
+type Formatting<C> = (Vec<Timed<C>>, Vec<u64>, String);
+
 pub(super) enum AttachError {
     Refused(io::Error),
     Io(io::Error),
@@ -104,20 +107,7 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
 
     pub(super) async fn attach(&self, members: Vec<C>, take_over: bool) -> Result<(), AttachError> {
         let _t = self.transition.lock().await;
-        // A write given up on a device that hung may still land on it; attached and resynced
-        // before that, the late write would put old bytes under a region marked valid.
-        for m in &members {
-            let n = self.stats.cache_io.outstanding_after(m.identity(), REATTACH_GRACE).await;
-            if n > 0 {
-                return Err(AttachError::Refused(io::Error::new(
-                    io::ErrorKind::ResourceBusy,
-                    format!(
-                        "{n} operation(s) given up on this device when it stopped answering are still outstanding; \
-                         it can be attached again once it has answered them"
-                    ),
-                )));
-            }
-        }
+        self.refuse_outstanding(&members).await?;
         let wire = Arc::new(Tripwire::default());
         let members: Vec<Timed<C>> =
             members.into_iter().map(|m| Timed::new(m, self.stats.cache_io.clone(), wire.clone())).collect();
@@ -139,46 +129,94 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
         let bsb = self.intents.sb();
         let (members, generations, reason) = match found {
             Found::Existing { members, sbs, bitmaps, valid } => {
-                let set_uuid = sbs[0].cache_set_uuid;
-                let set_epoch = sbs[0].epoch;
-                let generations: Vec<u64> = sbs.iter().map(|s| s.generation).collect();
-                let mut parts = Some((members, sbs, bitmaps, valid));
-                let installed = self.intents.stop_recording_if(|intent, changed, recording| {
-                    let (_, _, _, persisted) = parts.as_ref().expect("parts present");
-                    let trusted = reusable_valid(&bsb, set_uuid, set_epoch, persisted, intent, changed, recording)?;
-                    let (members, sbs, bitmaps, persisted) = parts.take().expect("parts present");
-                    let set = Arc::new(CacheSet::existing(members, sbs, bitmaps, persisted, &trusted, wire.clone()));
-                    *self.cache.write().expect("cache pointer poisoned") = Some(set.clone());
-                    Some(set)
-                });
-                if let Some(set) = installed {
-                    // Outside the journal lock: a wire tripped already fails the set at once, and
-                    // failing detaches, which takes that lock. A trip in between is seen here.
-                    self.arm_wire(&set);
-                    return self.finish_reattach(set, &bsb, set_epoch).await.map_err(AttachError::Io);
+                match self.reattach(members, sbs, bitmaps, valid, &bsb, &wire).await? {
+                    None => return Ok(()),
+                    Some(format) => format,
                 }
-                let (members, _, _, _) = parts.take().expect("parts present");
-                let why = if bsb.cache_set_uuid == [0; 16] {
-                    "the backing has no cache set paired with it yet (first use, or it was served without its cache)"
-                } else if set_uuid != bsb.cache_set_uuid {
-                    "the cache set is not the one paired with this backing"
-                } else {
-                    "the cache set missed writes and the record of them is gone"
-                };
-                (members, generations, why.to_string())
             }
             Found::Format { members, generations, reason } => (members, generations, reason),
         };
+        self.format_and_pair(members, &generations, &reason, &bsb, wire).await
+    }
+
+    /// A write given up on a device that hung may still land on it; attached and resynced before
+    /// that, the late write would put old bytes under a region marked valid.
+    async fn refuse_outstanding(&self, members: &[C]) -> Result<(), AttachError> {
+        for m in members {
+            let n = self.stats.cache_io.outstanding_after(m.identity(), REATTACH_GRACE).await;
+            if n > 0 {
+                return Err(AttachError::Refused(io::Error::new(
+                    io::ErrorKind::ResourceBusy,
+                    format!(
+                        "{n} operation(s) given up on this device when it stopped answering are still outstanding; \
+                         it can be attached again once it has answered them"
+                    ),
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Installs an existing set with the regions it can be trusted for, if it can be trusted at
+    /// all; otherwise gives its members back, with why, to be formatted.
+    async fn reattach(
+        &self,
+        members: Vec<Timed<C>>,
+        sbs: Vec<Superblock>,
+        bitmaps: Vec<crate::meta::DiskBitmap>,
+        valid: Bits,
+        bsb: &Superblock,
+        wire: &Arc<Tripwire>,
+    ) -> Result<Option<Formatting<C>>, AttachError> {
+        let set_uuid = sbs[0].cache_set_uuid;
+        let set_epoch = sbs[0].epoch;
+        let generations: Vec<u64> = sbs.iter().map(|s| s.generation).collect();
+        let mut parts = Some((members, sbs, bitmaps, valid));
+        let installed = self.intents.stop_recording_if(|intent, changed, recording| {
+            let (_, _, _, persisted) = parts.as_ref().expect("parts present");
+            let trusted = reusable_valid(bsb, set_uuid, set_epoch, persisted, intent, changed, recording)?;
+            let (members, sbs, bitmaps, persisted) = parts.take().expect("parts present");
+            let set = Arc::new(CacheSet::existing(members, sbs, bitmaps, persisted, &trusted, wire.clone()));
+            *self.cache.write().expect("cache pointer poisoned") = Some(set.clone());
+            Some(set)
+        });
+        if let Some(set) = installed {
+            // Outside the intent store's lock: a wire tripped already fails the set at once, and
+            // failing detaches, which takes that lock. A trip in between is seen here.
+            self.arm_wire(&set);
+            self.finish_reattach(set, bsb, set_epoch).await.map_err(AttachError::Io)?;
+            return Ok(None);
+        }
+        let (members, _, _, _) = parts.take().expect("parts present");
+        let why = if bsb.cache_set_uuid == [0; 16] {
+            "the backing has no cache set paired with it yet (first use, or it was served without its cache)"
+        } else if set_uuid != bsb.cache_set_uuid {
+            "the cache set is not the one paired with this backing"
+        } else {
+            "the cache set missed writes and the record of them is gone"
+        };
+        Ok(Some((members, generations, why.to_string())))
+    }
+
+    /// Formats the members as a new set, pairs the backing with it and starts its full rebuild.
+    async fn format_and_pair(
+        &self,
+        members: Vec<Timed<C>>,
+        generations: &[u64],
+        reason: &str,
+        bsb: &Superblock,
+        wire: Arc<Tripwire>,
+    ) -> Result<(), AttachError> {
         tracing::info!(reason = %reason, "formatting the cache set; full rebuild");
-        let set = CacheSet::format(members, &generations, &bsb, self.opts.stripe_bytes, bsb.epoch, wire)
-            .await
-            .map_err(|e| {
+        let set = CacheSet::format(members, generations, bsb, self.opts.stripe_bytes, bsb.epoch, wire).await.map_err(
+            |e| {
                 if e.kind() == io::ErrorKind::InvalidInput {
                     AttachError::Refused(e)
                 } else {
                     AttachError::Io(e)
                 }
-            })?;
+            },
+        )?;
         let set = Arc::new(set);
         self.arm_wire(&set);
         // Pair the backing with the new set; the changed record now starts from this epoch. Any

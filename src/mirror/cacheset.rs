@@ -117,57 +117,11 @@ pub(crate) async fn classify<C: BlockDevice>(
     let mut generations = Vec::with_capacity(n);
     let mut format_reason: Option<String> = None;
     for (i, m) in members.iter().enumerate() {
-        let found = read_superblock(m).await?;
-        match found {
-            Ok(sb) if sb.role == DeviceRole::Backing => {
-                return Err(invalid_data(format!(
-                    "cache device #{i} is a superdisk backing device, not a cache; refusing to overwrite it"
-                )));
-            }
-            Ok(sb) if sb.array_uuid != bsb.array_uuid => {
-                if !take_over {
-                    return Err(invalid_data(format!(
-                        "cache device #{i} belongs to another superdisk (array {}); refusing to take it over \
-                         (allow it with take_over_foreign_cache / --take-over-cache)",
-                        uuid::Uuid::from_bytes(sb.array_uuid)
-                    )));
-                }
-                tracing::warn!(member = i, "taking over a cache of another superdisk");
-                generations.push(sb.generation);
-                format_reason.get_or_insert_with(|| format!("cache device #{i} belonged to another array"));
-                sbs.push(None);
-            }
-            Ok(sb) => {
-                generations.push(sb.generation);
-                sbs.push(Some(sb));
-            }
-            Err(SuperblockError::NoMagic) => {
-                // No superblock: format only a blank device (a new SSD), never one holding
-                // something unknown — unless told to.
-                let blank = matches!(inspect_tail(m, bsb.region_bytes).await?, TailState::Blank);
-                if !blank && !take_over {
-                    return Err(invalid_data(format!(
-                        "cache device #{i} is not blank and holds no superdisk metadata; it may hold data. Refusing to \
-                         overwrite it (allow it with take_over_foreign_cache / --take-over-cache)"
-                    )));
-                }
-                generations.push(0);
-                format_reason.get_or_insert_with(|| format!("cache device #{i} is blank"));
-                sbs.push(None);
-            }
-            Err(SuperblockError::UnsupportedVersion(v)) if !take_over => {
-                return Err(invalid_data(format!(
-                    "cache device #{i} has superdisk metadata version {v}, which this version does not know; refusing to \
-                     overwrite it (allow it with take_over_foreign_cache / --take-over-cache)"
-                )));
-            }
-            Err(e) => {
-                // Our magic but a damaged superblock: the cache is disposable, rebuild it.
-                tracing::warn!(member = i, error = %e, "cache superblock damaged; reformatting the cache");
-                generations.push(0);
-                format_reason.get_or_insert_with(|| format!("cache device #{i} has a damaged superblock ({e})"));
-                sbs.push(None);
-            }
+        let (sb, generation, reason) = look_at_member(i, m, bsb, take_over).await?;
+        sbs.push(sb);
+        generations.push(generation);
+        if let Some(r) = reason {
+            format_reason.get_or_insert(r);
         }
     }
     if let Some(reason) = format_reason {
@@ -183,15 +137,76 @@ pub(crate) async fn classify<C: BlockDevice>(
     let mut slots: Vec<Option<C>> = members.into_iter().map(Some).collect();
     let members: Vec<C> = order.iter().map(|&i| slots[i].take().expect("each member once")).collect();
     let sbs: Vec<Superblock> = order.iter().map(|&i| sbs[i].clone()).collect();
+    let (bitmaps, valid) = load_valid(&members, &sbs, bsb).await?;
+    Ok(Found::Existing { members, sbs, bitmaps, valid })
+}
+
+/// One member: its superblock if it is a usable member of this array's set, its generation, and
+/// why the set must be formatted if it must; Err for a device that must not be overwritten.
+async fn look_at_member<C: BlockDevice>(
+    i: usize,
+    m: &C,
+    bsb: &Superblock,
+    take_over: bool,
+) -> io::Result<(Option<Superblock>, u64, Option<String>)> {
+    match read_superblock(m).await? {
+        Ok(sb) if sb.role == DeviceRole::Backing => Err(invalid_data(format!(
+            "cache device #{i} is a superdisk backing device, not a cache; refusing to overwrite it"
+        ))),
+        Ok(sb) if sb.array_uuid != bsb.array_uuid => {
+            if !take_over {
+                return Err(invalid_data(format!(
+                    "cache device #{i} belongs to another superdisk (array {}); refusing to take it over \
+                     (allow it with take_over_foreign_cache / --take-over-cache)",
+                    uuid::Uuid::from_bytes(sb.array_uuid)
+                )));
+            }
+            tracing::warn!(member = i, "taking over a cache of another superdisk");
+            Ok((None, sb.generation, Some(format!("cache device #{i} belonged to another array"))))
+        }
+        Ok(sb) => {
+            let generation = sb.generation;
+            Ok((Some(sb), generation, None))
+        }
+        Err(SuperblockError::NoMagic) => {
+            // No superblock: format only a blank device (a new SSD), never one holding something
+            // unknown — unless told to.
+            let blank = matches!(inspect_tail(m, bsb.region_bytes).await?, TailState::Blank);
+            if !blank && !take_over {
+                return Err(invalid_data(format!(
+                    "cache device #{i} is not blank and holds no superdisk metadata; it may hold data. Refusing to \
+                     overwrite it (allow it with take_over_foreign_cache / --take-over-cache)"
+                )));
+            }
+            Ok((None, 0, Some(format!("cache device #{i} is blank"))))
+        }
+        Err(SuperblockError::UnsupportedVersion(v)) if !take_over => Err(invalid_data(format!(
+            "cache device #{i} has superdisk metadata version {v}, which this version does not know; refusing to \
+             overwrite it (allow it with take_over_foreign_cache / --take-over-cache)"
+        ))),
+        Err(e) => {
+            // Our magic but a damaged superblock: the cache is disposable, rebuild it.
+            tracing::warn!(member = i, error = %e, "cache superblock damaged; reformatting the cache");
+            Ok((None, 0, Some(format!("cache device #{i} has a damaged superblock ({e})"))))
+        }
+    }
+}
+
+/// The members' valid bitmaps, and the regions every one of them calls valid (an unreadable
+/// page's regions are not).
+async fn load_valid<C: BlockDevice>(
+    members: &[C],
+    sbs: &[Superblock],
+    bsb: &Superblock,
+) -> io::Result<(Vec<DiskBitmap>, Bits)> {
     let regions = crate::meta::regions(bsb.data_size_bytes, bsb.region_bytes);
     let mut valid = Bits::new(regions);
     valid.set_all();
-    let mut bitmaps = Vec::with_capacity(n);
-    for (m, sb) in members.iter().zip(&sbs) {
+    let mut bitmaps = Vec::with_capacity(members.len());
+    for (m, sb) in members.iter().zip(sbs) {
         let layout = MetaLayout::new(m.size_bytes(), bsb.data_size_bytes, bsb.region_bytes);
         let mut l = DiskBitmap::load(m, layout, BitmapKind::Valid, sb.device_uuid, regions).await?;
         for &p in &l.missing_pages {
-            // An unreadable page: none of its regions can be trusted.
             let mut page = Bits::new(regions);
             page.set_page(p);
             l.bits.and_not(&page);
@@ -199,7 +214,7 @@ pub(crate) async fn classify<C: BlockDevice>(
         valid.and_with(&l.bits);
         bitmaps.push(l.disk);
     }
-    Ok(Found::Existing { members, sbs, bitmaps, valid })
+    Ok((bitmaps, valid))
 }
 
 /// Why a group of our own cache superblocks is not one complete, usable set (None if it is).

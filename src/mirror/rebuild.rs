@@ -85,16 +85,32 @@ enum CopyError {
     Cache(io::Error),
 }
 
+/// The rebuild task's own state across batches.
+struct Rebuild {
+    limits: (u64, u64),
+    limiter: RateLimiter,
+    cursor: u64,
+    last_persist: Instant,
+    backoff: Duration,
+}
+
+/// What one batch of copies did.
+struct Batch {
+    copied: Vec<u64>,
+    attempted: usize,
+    backing_failed: bool,
+}
+
 pub(crate) async fn rebuild_loop<B: BlockDevice, C: BlockDevice>(inner: Arc<Inner<B, C>>) {
-    let rates = || {
-        let t = inner.tunables();
-        (t.rebuild_min_bytes_per_s, t.rebuild_max_bytes_per_s)
+    let t = inner.tunables();
+    let limits = (t.rebuild_min_bytes_per_s, t.rebuild_max_bytes_per_s);
+    let mut rb = Rebuild {
+        limits,
+        limiter: RateLimiter::new(limits.0, limits.1),
+        cursor: 0,
+        last_persist: Instant::now(),
+        backoff: MIN_BACKOFF,
     };
-    let mut limits = rates();
-    let mut limiter = RateLimiter::new(limits.0, limits.1);
-    let mut cursor = 0u64;
-    let mut last_persist = Instant::now();
-    let mut backoff = MIN_BACKOFF;
     loop {
         if inner.closed.load(Ordering::Acquire) {
             return;
@@ -109,130 +125,155 @@ pub(crate) async fn rebuild_loop<B: BlockDevice, C: BlockDevice>(inner: Arc<Inne
         let set = match inner.cache_now() {
             Some(s) if !s.is_failed() && s.table.not_valid() > 0 => s,
             other => {
-                // Nothing to do: make the progress durable, tell waiters, sleep until woken.
-                if let Some(s) = other {
-                    if let Err(e) = s.persist_valid().await {
-                        inner.cache_meta_failed(&s, &e);
-                    }
-                }
-                inner.stats.rebuild_rate_bytes_per_s.store(0, Ordering::Relaxed);
-                inner.rebuild_idle.store(true, Ordering::Release);
-                inner.settled.notify_waiters();
+                settle(&inner, other).await;
                 notified.await;
                 continue;
             }
         };
         inner.rebuild_idle.store(false, Ordering::Release);
-        if rates() != limits {
-            // The operator changed the limits (SIGHUP or the admin socket): they apply from now.
-            limits = rates();
-            limiter = RateLimiter::new(limits.0, limits.1);
-        }
+        rb.follow_limits(&inner);
         let started = Instant::now();
-        let mut copied = Vec::with_capacity(FLUSH_EVERY_REGIONS);
-        let mut attempted = 0;
-        let mut backing_failed = false;
-        // A few regions at a time, picked afresh each time, so a region a client starts reading
-        // jumps the queue within one chunk.
-        while attempted < FLUSH_EVERY_REGIONS && !set.is_failed() {
-            let chunk = pick(&inner, &set, &mut cursor, COPY_PARALLEL);
-            if chunk.is_empty() {
-                break;
-            }
-            attempted += chunk.len();
-            let bytes: u64 = chunk.iter().map(|&r| inner.region_bounds(r).1).sum();
-            let wait = limiter.delay(bytes, inner.fg_ops.load(Ordering::Relaxed), Instant::now());
-            if !wait.is_zero() {
-                tokio::time::sleep(wait).await;
-            }
-            let results =
-                crate::device::join::join_all(chunk.iter().map(|&r| copy_region(&inner, &set, r)).collect()).await;
-            for (&r, res) in chunk.iter().zip(results) {
-                match res {
-                    Ok(true) => copied.push(r),
-                    Ok(false) => {}
-                    Err(CopyError::Backing(e)) => {
-                        if guard::is_deadline_error(&e) || inner.backing.in_outage() {
-                            // The stall itself is logged once by the guard.
-                            tracing::debug!(region = r, error = %e, "rebuild: backing stalled; will retry later");
-                        } else {
-                            tracing::warn!(region = r, error = %e, "rebuild: backing read failed; will retry later");
-                        }
-                        backing_failed = true;
-                    }
-                    Err(CopyError::Cache(e)) => {
-                        tracing::warn!(region = r, error = %e, "rebuild: cache write failed");
-                        inner.cache_error(&set);
-                    }
-                }
-            }
-            if backing_failed {
-                // The next chunk would only fail the same way: stop and back off below.
-                break;
-            }
-        }
-        if attempted == 0 {
+        let mut batch = copy_batch(&inner, &set, &mut rb).await;
+        if batch.attempted == 0 {
             // Every not-valid region is being copied already (cannot happen: only this task
             // copies) or the table changed under us; look again shortly.
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         }
-        // Valid only once the copies are durable on the cache, and what they were copied from is
-        // durable on the backing.
-        let (rb, rc) = tokio::join!(inner.backing.flush(), set.dev.flush());
-        if let Err(e) = &rb {
-            tracing::warn!(error = %e, "rebuild: backing flush failed; the copied regions stay invalid");
-            for &r in &copied {
-                set.table.transition(r, RegionState::Copying, RegionState::Invalid);
-            }
-            copied.clear();
-            backing_failed = true;
-        }
-        match rc {
-            Ok(()) => {
-                let mut bytes = 0;
-                for &r in &copied {
-                    if set.table.transition(r, RegionState::Copying, RegionState::Valid) {
-                        let (start, len) = inner.region_bounds(r);
-                        bytes += len;
-                        // Flushed, so clean: a cache file keeps no large folios from the copy
-                        // (see FileDevice::drop_cached).
-                        set.dev.drop_cached(start, len);
-                    }
-                }
-                inner.stats.rebuild_done_bytes.fetch_add(bytes, Ordering::Relaxed);
-                let secs = started.elapsed().as_secs_f64().max(1e-6);
-                inner.stats.rebuild_rate_bytes_per_s.store((bytes as f64 / secs) as u64, Ordering::Relaxed);
-            }
-            Err(e) => {
-                for &r in &copied {
-                    set.table.transition(r, RegionState::Copying, RegionState::Invalid);
-                }
-                inner.cache_meta_failed(&set, &e);
-            }
-        }
-        inner.update_invalid_gauge();
-        if last_persist.elapsed() >= PERSIST_EVERY && !set.is_failed() {
+        validate_batch(&inner, &set, &mut batch, started).await;
+        if rb.last_persist.elapsed() >= PERSIST_EVERY && !set.is_failed() {
             if let Err(e) = set.persist_valid().await {
                 inner.cache_meta_failed(&set, &e);
             }
-            last_persist = Instant::now();
+            rb.last_persist = Instant::now();
         }
-        if backing_failed {
-            // Don't spin on a backing that fails or stalls; reads of those regions report its
-            // errors. A stall ends when the guard sees every stalled operation answered: resume
-            // then rather than at the end of the backoff. Otherwise the next chunk is a probe (a
-            // single lost request can keep the guard's stall count up for good).
-            if inner.backing.in_outage() {
-                inner.backing.wait_answering(backoff).await;
-            } else {
-                tokio::time::sleep(backoff).await;
-            }
-            backoff = (backoff * 2).min(MAX_BACKOFF);
-        } else {
-            backoff = MIN_BACKOFF;
+        rb.back_off(&inner, batch.backing_failed).await;
+    }
+}
+
+/// Nothing to copy: make the progress durable and tell the waiters.
+async fn settle<B: BlockDevice, C: BlockDevice>(inner: &Inner<B, C>, set: Option<Arc<Set<C>>>) {
+    if let Some(s) = set {
+        if let Err(e) = s.persist_valid().await {
+            inner.cache_meta_failed(&s, &e);
         }
     }
+    inner.stats.rebuild_rate_bytes_per_s.store(0, Ordering::Relaxed);
+    inner.rebuild_idle.store(true, Ordering::Release);
+    inner.settled.notify_waiters();
+}
+
+impl Rebuild {
+    /// The operator changed the limits (SIGHUP or the admin socket): they apply from now.
+    fn follow_limits<B: BlockDevice, C: BlockDevice>(&mut self, inner: &Inner<B, C>) {
+        let t = inner.tunables();
+        let now = (t.rebuild_min_bytes_per_s, t.rebuild_max_bytes_per_s);
+        if now != self.limits {
+            self.limits = now;
+            self.limiter = RateLimiter::new(now.0, now.1);
+        }
+    }
+
+    /// Don't spin on a backing that fails or stalls; reads of those regions report its errors. A
+    /// stall ends when the guard sees every stalled operation answered: resume then rather than
+    /// at the end of the backoff. Otherwise the next chunk is a probe (a single lost request can
+    /// keep the guard's stall count up for good).
+    async fn back_off<B: BlockDevice, C: BlockDevice>(&mut self, inner: &Inner<B, C>, backing_failed: bool) {
+        if !backing_failed {
+            self.backoff = MIN_BACKOFF;
+            return;
+        }
+        if inner.backing.in_outage() {
+            inner.backing.wait_answering(self.backoff).await;
+        } else {
+            tokio::time::sleep(self.backoff).await;
+        }
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Copies up to [`FLUSH_EVERY_REGIONS`] regions, a few at a time, picked afresh each time, so a
+/// region a client starts reading jumps the queue within one chunk.
+async fn copy_batch<B: BlockDevice, C: BlockDevice>(inner: &Inner<B, C>, set: &Arc<Set<C>>, rb: &mut Rebuild) -> Batch {
+    let mut batch = Batch { copied: Vec::with_capacity(FLUSH_EVERY_REGIONS), attempted: 0, backing_failed: false };
+    while batch.attempted < FLUSH_EVERY_REGIONS && !set.is_failed() {
+        let chunk = pick(inner, set, &mut rb.cursor, COPY_PARALLEL);
+        if chunk.is_empty() {
+            break;
+        }
+        batch.attempted += chunk.len();
+        let bytes: u64 = chunk.iter().map(|&r| inner.region_bounds(r).1).sum();
+        let wait = rb.limiter.delay(bytes, inner.fg_ops.load(Ordering::Relaxed), Instant::now());
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        let results = crate::device::join::join_all(chunk.iter().map(|&r| copy_region(inner, set, r)).collect()).await;
+        for (&r, res) in chunk.iter().zip(results) {
+            match res {
+                Ok(true) => batch.copied.push(r),
+                Ok(false) => {}
+                Err(CopyError::Backing(e)) => {
+                    if guard::is_deadline_error(&e) || inner.backing.in_outage() {
+                        // The stall itself is logged once by the guard.
+                        tracing::debug!(region = r, error = %e, "rebuild: backing stalled; will retry later");
+                    } else {
+                        tracing::warn!(region = r, error = %e, "rebuild: backing read failed; will retry later");
+                    }
+                    batch.backing_failed = true;
+                }
+                Err(CopyError::Cache(e)) => {
+                    tracing::warn!(region = r, error = %e, "rebuild: cache write failed");
+                    inner.cache_error(set);
+                }
+            }
+        }
+        if batch.backing_failed {
+            // The next chunk would only fail the same way: stop and back off.
+            break;
+        }
+    }
+    batch
+}
+
+/// Valid only once the copies are durable on the cache, and what they were copied from is
+/// durable on the backing (see the module docs).
+async fn validate_batch<B: BlockDevice, C: BlockDevice>(
+    inner: &Inner<B, C>,
+    set: &Arc<Set<C>>,
+    batch: &mut Batch,
+    started: Instant,
+) {
+    let (rb, rc) = tokio::join!(inner.backing.flush(), set.dev.flush());
+    if let Err(e) = &rb {
+        tracing::warn!(error = %e, "rebuild: backing flush failed; the copied regions stay invalid");
+        for &r in &batch.copied {
+            set.table.transition(r, RegionState::Copying, RegionState::Invalid);
+        }
+        batch.copied.clear();
+        batch.backing_failed = true;
+    }
+    if let Err(e) = rc {
+        for &r in &batch.copied {
+            set.table.transition(r, RegionState::Copying, RegionState::Invalid);
+        }
+        inner.cache_meta_failed(set, &e);
+        inner.update_invalid_gauge();
+        return;
+    }
+    let mut bytes = 0;
+    for &r in &batch.copied {
+        if set.table.transition(r, RegionState::Copying, RegionState::Valid) {
+            let (start, len) = inner.region_bounds(r);
+            bytes += len;
+            // Flushed, so clean: a cache file keeps no large folios from the copy (see
+            // FileDevice::drop_cached).
+            set.dev.drop_cached(start, len);
+        }
+    }
+    inner.stats.rebuild_done_bytes.fetch_add(bytes, Ordering::Relaxed);
+    let secs = started.elapsed().as_secs_f64().max(1e-6);
+    inner.stats.rebuild_rate_bytes_per_s.store((bytes as f64 / secs) as u64, Ordering::Relaxed);
+    inner.update_invalid_gauge();
 }
 
 /// Up to `max` Invalid regions, hot ones (recently read) first, then in address order from the

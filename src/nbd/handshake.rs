@@ -390,6 +390,8 @@ impl<'a> Handshake<'a> {
 }
 
 #[cfg(test)]
+// Tests build small, known values; a lossy cast there is not a wire or disk bug.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 mod tests {
     use super::*;
     use proptest::prelude::*;

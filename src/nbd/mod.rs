@@ -11,6 +11,8 @@
 //!   socket bytes ◄── reply::* encoders ◄───────────── result / error ◄────┘
 //! ```
 
+#![deny(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+
 pub mod consts;
 pub mod handshake;
 pub mod reply;

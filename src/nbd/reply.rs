@@ -87,6 +87,8 @@ pub(crate) fn truncate_utf8(s: &str, max_bytes: usize) -> &str {
 }
 
 #[cfg(test)]
+// Tests build small, known values; a lossy cast there is not a wire or disk bug.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 mod tests {
     use super::*;
 

@@ -180,6 +180,8 @@ pub fn validate(h: &RequestHeader, export: &ExportParams, session: &Session) -> 
 }
 
 #[cfg(test)]
+// Tests build small, known values; a lossy cast there is not a wire or disk bug.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 mod tests {
     use super::*;
     use proptest::prelude::*;

@@ -46,7 +46,7 @@ pub struct ServerConfig {
 pub async fn run<V: Volume>(
     volume: Arc<V>,
     cfg: ServerConfig,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     ready: impl FnOnce(&[String]),
 ) -> io::Result<()> {
     let tcp = match cfg.listen {
@@ -58,34 +58,48 @@ pub async fn run<V: Volume>(
         None => None,
     };
     let unix = match &cfg.unix {
-        Some(path) => {
-            // A stale socket from a killed daemon would make bind fail; only remove sockets.
-            if std::fs::symlink_metadata(path).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
-            {
-                let _ = std::fs::remove_file(path);
-            }
-            let l = UnixListener::bind(path)
-                .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {}: {e}", path.display())))?;
-            use std::os::unix::fs::PermissionsExt;
-            // Mode first, owner second: between the two steps the socket is at most as open as
-            // the configured mode for its original owner (root), never wider.
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(cfg.unix_mode))?;
-            let (owner, group) = (cfg.policy.unix_owner, cfg.policy.unix_group);
-            if owner.is_some() || group.is_some() {
-                std::os::unix::fs::chown(path, owner, group).map_err(|e| {
-                    let key = if owner.is_some() { "unix_owner" } else { "unix_group" };
-                    io::Error::new(
-                        e.kind(),
-                        format!("config key `{key}`: cannot give {} to {owner:?}:{group:?}: {e}", path.display()),
-                    )
-                })?;
-            }
-            Some(l)
-        }
+        Some(path) => Some(bind_unix(path, &cfg)?),
         None => None,
     };
+    let endpoints = announce(&cfg, &tcp)?;
+    ready(&endpoints);
+    let listeners = Listeners { tcp, unix };
+    accept_loop(volume, &cfg, &listeners, shutdown).await;
+    if let Some(p) = &cfg.unix {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(())
+}
+
+/// Binds the Unix socket (replacing a stale one) with the configured mode, then owner.
+fn bind_unix(path: &std::path::Path, cfg: &ServerConfig) -> io::Result<UnixListener> {
+    // A stale socket from a killed daemon would make bind fail; only remove sockets.
+    if std::fs::symlink_metadata(path).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())) {
+        let _ = std::fs::remove_file(path);
+    }
+    let l = UnixListener::bind(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {}: {e}", path.display())))?;
+    use std::os::unix::fs::PermissionsExt;
+    // Mode first, owner second: between the two steps the socket is at most as open as the
+    // configured mode for its original owner (root), never wider.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(cfg.unix_mode))?;
+    let (owner, group) = (cfg.policy.unix_owner, cfg.policy.unix_group);
+    if owner.is_some() || group.is_some() {
+        std::os::unix::fs::chown(path, owner, group).map_err(|e| {
+            let key = if owner.is_some() { "unix_owner" } else { "unix_group" };
+            io::Error::new(
+                e.kind(),
+                format!("config key `{key}`: cannot give {} to {owner:?}:{group:?}: {e}", path.display()),
+            )
+        })?;
+    }
+    Ok(l)
+}
+
+/// The endpoints clients connect to (as URIs), logged with what applies to them.
+fn announce(cfg: &ServerConfig, tcp: &Option<TcpListener>) -> io::Result<Vec<String>> {
     let mut endpoints = Vec::new();
-    if let Some(l) = &tcp {
+    if let Some(l) = tcp {
         endpoints.push(format!("nbd://{}", l.local_addr()?));
     }
     if let Some(p) = &cfg.unix {
@@ -97,7 +111,8 @@ pub async fn run<V: Volume>(
             "nothing to listen on: give a TCP address or a Unix socket",
         ));
     }
-    if cfg.policy.tls_mode != TlsMode::Off {
+    let tls = cfg.policy.tls_mode != TlsMode::Off;
+    if tls {
         // libnbd and qemu name TLS endpoints nbds:// and nbds+unix://.
         for e in &mut endpoints {
             *e = e.replacen("nbd", "nbds", 1);
@@ -106,7 +121,7 @@ pub async fn run<V: Volume>(
     for e in &endpoints {
         tracing::info!(endpoint = %e, export = %cfg.export.name, size_bytes = cfg.export.size_bytes, "listening");
     }
-    if cfg.policy.tls_mode != TlsMode::Off {
+    if tls {
         tracing::info!(
             mode = if cfg.policy.tls_mode == TlsMode::Required { "require" } else { "on" },
             client_certificates = if cfg.policy.client_certificates { "required" } else { "not requested" },
@@ -126,12 +141,14 @@ pub async fn run<V: Volume>(
         ),
         ZeroCopyReads::Off => {}
     }
-    ready(&endpoints);
+    Ok(endpoints)
+}
 
+fn conn_limits(cfg: &ServerConfig) -> Arc<ConnLimits> {
     // The largest single request must fit in the total too, or it would wait forever.
     let max_request_units = (cfg.export.max_payload_bytes as usize).div_ceil(BUDGET_UNIT_BYTES) + 1;
     let total_units = (cfg.policy.max_inflight_bytes_total / BUDGET_UNIT_BYTES).max(max_request_units);
-    let limits = Arc::new(ConnLimits {
+    Arc::new(ConnLimits {
         export: cfg.export.clone(),
         max_inflight_bytes: cfg.max_inflight_bytes_per_connection,
         handshake_timeout: cfg.handshake_timeout,
@@ -142,7 +159,22 @@ pub async fn run<V: Volume>(
         tls_mode: cfg.policy.tls_mode,
         tls: cfg.policy.tls.clone(),
         total_budget: Arc::new(Semaphore::new(total_units)),
-    });
+    })
+}
+
+struct Listeners {
+    tcp: Option<TcpListener>,
+    unix: Option<UnixListener>,
+}
+
+/// Accepts until shutdown, then waits for every connection to finish its requests.
+async fn accept_loop<V: Volume>(
+    volume: Arc<V>,
+    cfg: &ServerConfig,
+    l: &Listeners,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let limits = conn_limits(cfg);
     let slots = Arc::new(Semaphore::new(cfg.max_connections));
     let mut conns = JoinSet::new();
     let mut next_id: u64 = 0;
@@ -151,8 +183,8 @@ pub async fn run<V: Volume>(
         while conns.try_join_next().is_some() {}
         let accepted = tokio::select! {
             _ = shutdown.changed() => break,
-            r = accept_tcp(&tcp) => r.map(Accepted::Tcp),
-            r = accept_unix(&unix) => r.map(Accepted::Unix),
+            r = accept_tcp(&l.tcp) => r.map(Accepted::Tcp),
+            r = accept_unix(&l.unix) => r.map(Accepted::Unix),
         };
         let conn = match accepted {
             Ok(c) => c,
@@ -176,35 +208,40 @@ pub async fn run<V: Volume>(
             continue; // dropping the stream closes it
         };
         next_id += 1;
-        let (volume, limits, shutdown, id) = (volume.clone(), limits.clone(), shutdown.clone(), next_id);
-        let span = tracing::info_span!("conn", id, peer = tracing::field::Empty);
+        let serve = serve_accepted(conn, volume.clone(), limits.clone(), shutdown.clone());
+        let span = tracing::info_span!("conn", id = next_id, peer = tracing::field::Empty);
         conns.spawn(
             async move {
                 let _permit = permit;
-                let _active = ActiveGuard::new(&limits.stats);
-                match conn {
-                    Accepted::Tcp((s, peer)) => {
-                        tracing::Span::current().record("peer", tracing::field::display(peer));
-                        if let Err(e) = super::tune_tcp(&s) {
-                            tracing::warn!(error = %e, "cannot set TCP options");
-                        }
-                        serve_connection(s, volume, limits, shutdown).await
-                    }
-                    Accepted::Unix(s) => {
-                        tracing::Span::current().record("peer", "unix");
-                        serve_connection(s, volume, limits, shutdown).await
-                    }
-                }
+                serve.await
             }
             .instrument(span),
         );
     }
     tracing::info!(connections = conns.len(), "stopped accepting; draining connections");
     while conns.join_next().await.is_some() {}
-    if let Some(p) = &cfg.unix {
-        let _ = std::fs::remove_file(p);
+}
+
+async fn serve_accepted<V: Volume>(
+    conn: Accepted,
+    volume: Arc<V>,
+    limits: Arc<ConnLimits>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let _active = ActiveGuard::new(&limits.stats);
+    match conn {
+        Accepted::Tcp((s, peer)) => {
+            tracing::Span::current().record("peer", tracing::field::display(peer));
+            if let Err(e) = super::tune_tcp(&s) {
+                tracing::warn!(error = %e, "cannot set TCP options");
+            }
+            serve_connection(s, volume, limits, shutdown).await
+        }
+        Accepted::Unix(s) => {
+            tracing::Span::current().record("peer", "unix");
+            serve_connection(s, volume, limits, shutdown).await
+        }
     }
-    Ok(())
 }
 
 enum Accepted {

@@ -147,6 +147,7 @@ enum FdKind {
 fn kind_of(fd: &OwnedFd) -> io::Result<FdKind> {
     // SAFETY: fstat writes into a zeroed stat of the right size for a valid descriptor.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: the struct is ours and of the size fstat writes; the descriptor is live.
     if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } < 0 {
         return Err(io::Error::last_os_error());
     }

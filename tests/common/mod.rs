@@ -422,6 +422,7 @@ impl Daemon {
             // SAFETY: flock on a file descriptor we own; released at once.
             let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
             if r == 0 {
+                // SAFETY: as above.
                 unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_UN) };
                 return;
             }

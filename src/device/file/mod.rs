@@ -83,6 +83,42 @@ const BLKSSZGET: libc::c_ulong = 0x1268;
 const BLKROTATIONAL: libc::c_ulong = 0x127e;
 const LOCK_RETRY: std::time::Duration = std::time::Duration::from_secs(3);
 
+/// An exclusive advisory lock: two daemons writing one device would corrupt it silently. A daemon
+/// that was just SIGKILLed with io_uring requests in flight releases its files a moment after it is
+/// reaped, so a restart retries briefly before calling the device busy.
+fn lock_exclusive(path: &Path, raw: std::os::fd::RawFd) -> io::Result<()> {
+    let deadline = std::time::Instant::now() + LOCK_RETRY;
+    // SAFETY: plain syscall on our descriptor.
+    while unsafe { libc::flock(raw, libc::LOCK_EX | libc::LOCK_NB) } < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) || std::time::Instant::now() >= deadline {
+            return Err(annotate(path, "already in use by another process (flock)", e));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// Size and logical block size: the kernel's for a block device; for a file, its length, and
+/// 4096 under O_DIRECT (the filesystem's alignment; 4096 satisfies every common one).
+fn geometry(path: &Path, raw: std::os::fd::RawFd, meta: &std::fs::Metadata, direct: bool) -> io::Result<(u64, u32)> {
+    if !meta.file_type().is_block_device() {
+        return Ok((meta.len(), if direct { 4096 } else { 1 }));
+    }
+    let mut size: u64 = 0;
+    let mut ssz: libc::c_int = 0;
+    // SAFETY: ioctls that write one integer into the pointed-to variable.
+    unsafe {
+        if libc::ioctl(raw, BLKGETSIZE64, &mut size) < 0 {
+            return Err(annotate(path, "BLKGETSIZE64", io::Error::last_os_error()));
+        }
+        if libc::ioctl(raw, BLKSSZGET, &mut ssz) < 0 {
+            return Err(annotate(path, "BLKSSZGET", io::Error::last_os_error()));
+        }
+    }
+    Ok((size, u32::try_from(ssz).unwrap_or(512).max(512)))
+}
+
 fn annotate(path: &Path, what: &str, e: io::Error) -> io::Error {
     io::Error::new(e.kind(), format!("{}: {what}: {e}", path.display()))
 }
@@ -111,35 +147,8 @@ impl FileDevice {
             .map_err(|e| annotate(path, "cannot open", e))?;
         let fd: OwnedFd = file.into();
         let raw = fd.as_raw_fd();
-        // An exclusive advisory lock: two daemons writing one device would corrupt it silently.
-        // A daemon that was just SIGKILLed with io_uring requests in flight releases its files a
-        // moment after it is reaped, so a restart retries briefly before calling the device busy.
-        let deadline = std::time::Instant::now() + LOCK_RETRY;
-        // SAFETY: plain syscall on our descriptor.
-        while unsafe { libc::flock(raw, libc::LOCK_EX | libc::LOCK_NB) } < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EWOULDBLOCK) || std::time::Instant::now() >= deadline {
-                return Err(annotate(path, "already in use by another process (flock)", e));
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        let (size_bytes, logical_block_bytes) = if is_block_device {
-            let mut size: u64 = 0;
-            let mut ssz: libc::c_int = 0;
-            // SAFETY: ioctls that write one integer into the pointed-to variable.
-            unsafe {
-                if libc::ioctl(raw, BLKGETSIZE64, &mut size) < 0 {
-                    return Err(annotate(path, "BLKGETSIZE64", io::Error::last_os_error()));
-                }
-                if libc::ioctl(raw, BLKSSZGET, &mut ssz) < 0 {
-                    return Err(annotate(path, "BLKSSZGET", io::Error::last_os_error()));
-                }
-            }
-            (size, u32::try_from(ssz).unwrap_or(512).max(512))
-        } else {
-            // For files, O_DIRECT alignment is the filesystem's; 4096 satisfies every common one.
-            (meta.len(), if direct { 4096 } else { 1 })
-        };
+        lock_exclusive(path, raw)?;
+        let (size_bytes, logical_block_bytes) = geometry(path, raw, &meta, direct)?;
         let remote_fs = !is_block_device && on_remote_filesystem(raw);
         let engine = match opts.engine {
             EngineKind::Psync => Engine::Sync,

@@ -79,6 +79,7 @@ pub(super) fn on_remote_filesystem(fd: i32) -> bool {
     ];
     // SAFETY: fstatfs fills the zeroed struct we pass.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: the struct is ours and of the size fstatfs writes.
     if unsafe { libc::fstatfs(fd, &mut st) } < 0 {
         return false;
     }

@@ -214,8 +214,9 @@ fn write_sqe(
 ) -> io_uring::squeue::Entry {
     let len = u32::try_from(buf.len() - done).expect("I/O sizes fit in u32");
     let flags = if dsync { libc::RWF_DSYNC } else { 0 };
-    // SAFETY (for the kernel's use of the pointer): the buffer is held by the pending operation,
-    // which stays in the slab until its completion arrives.
+    // SAFETY: `done` < the buffer's length, so the pointer stays inside it. (The kernel's use of
+    // it is safe because the buffer is held by the pending operation, which stays in the slab
+    // until its completion arrives.)
     let ptr = unsafe { buf.as_ptr().add(done) };
     let at = offset + done as u64;
     if registered(shared, buf) {
@@ -233,8 +234,9 @@ fn sqe_for(p: &mut Pending, key: u64, shared: &Shared) -> io_uring::squeue::Entr
             let len = u32::try_from(buf.len() - d).expect("I/O sizes fit in u32");
             let at = *offset + d as u64;
             let reg = registered(shared, buf);
-            // SAFETY (for the kernel's use of the pointer): the buffer lives in `p`, which stays in
-            // the slab until its completion arrives.
+            // SAFETY: `d` < the buffer's length, so the pointer stays inside it. (The kernel's use
+            // of it is safe because the buffer lives in `p`, which stays in the slab until its
+            // completion arrives.)
             let ptr = unsafe { buf.as_mut_ptr().add(d) };
             if reg {
                 with_target!(fd, fixed, |t| opcode::ReadFixed::new(t, ptr, len, 0).offset(at).build())
@@ -256,84 +258,128 @@ fn sqe_for(p: &mut Pending, key: u64, shared: &Shared) -> io_uring::squeue::Entr
 }
 
 fn ring_thread(ring: IoUring, rx: mpsc::Receiver<Pending>, wake: Arc<OwnedFd>, shared: Arc<Shared>) {
-    let mut slab: Vec<Option<Pending>> = Vec::new();
-    let mut free: Vec<usize> = Vec::new();
-    let mut in_flight = 0usize;
-    let mut queued: std::collections::VecDeque<Pending> = Default::default();
+    // `efd_buf` is declared before the ring so it is dropped after it: the kernel may still own
+    // the eventfd read into it until the ring is gone.
     let mut efd_buf = Box::new(0u64);
-    // Declared after efd_buf so it is dropped first: the kernel may still own the eventfd read.
-    let mut ring = ring;
-    let mut efd_armed = false;
+    let mut t = RingThread {
+        ring,
+        slab: Vec::new(),
+        free: Vec::new(),
+        in_flight: 0,
+        queued: Default::default(),
+        efd_armed: false,
+        shared,
+    };
     loop {
-        if !efd_armed {
-            let e = opcode::Read::new(types::Fd(wake.as_raw_fd()), (&mut *efd_buf as *mut u64).cast(), 8)
-                .build()
-                .user_data(EVENTFD_TAG);
-            // SAFETY: efd_buf outlives the ring (see its declaration), so the kernel never writes
-            // into freed memory.
-            if unsafe { ring.submission().push(&e) }.is_ok() {
-                efd_armed = true;
-            }
-        }
+        t.arm_eventfd(&wake, &mut efd_buf);
         while let Ok(p) = rx.try_recv() {
-            queued.push_back(p);
+            t.queued.push_back(p);
         }
-        while let Some(mut p) = queued.pop_front() {
-            let key = free.pop().unwrap_or_else(|| {
-                slab.push(None);
-                slab.len() - 1
+        t.submit_queued();
+        if t.shared.stopping.load(Ordering::Acquire) && t.in_flight == 0 && t.queued.is_empty() {
+            return;
+        }
+        if let Err(e) = t.park_and_wait(&rx) {
+            tracing::error!(error = %e, "io_uring_enter failed; failing queued I/O");
+            t.fail_everything();
+            return;
+        }
+        t.reap();
+    }
+}
+
+/// The ring thread's state: the ring, operations in flight (a slab keyed by `user_data`), and
+/// those waiting for a free submission slot.
+struct RingThread {
+    ring: IoUring,
+    slab: Vec<Option<Pending>>,
+    free: Vec<usize>,
+    in_flight: usize,
+    queued: std::collections::VecDeque<Pending>,
+    efd_armed: bool,
+    shared: Arc<Shared>,
+}
+
+impl RingThread {
+    /// Keeps one read of the wake-up eventfd in the ring, so a submitter can end the wait.
+    fn arm_eventfd(&mut self, wake: &OwnedFd, efd_buf: &mut u64) {
+        if self.efd_armed {
+            return;
+        }
+        let e = opcode::Read::new(types::Fd(wake.as_raw_fd()), (efd_buf as *mut u64).cast(), 8)
+            .build()
+            .user_data(EVENTFD_TAG);
+        // SAFETY: efd_buf outlives the ring (see ring_thread), so the kernel never writes into
+        // freed memory.
+        if unsafe { self.ring.submission().push(&e) }.is_ok() {
+            self.efd_armed = true;
+        }
+    }
+
+    /// Moves queued operations into the submission queue while it has room.
+    fn submit_queued(&mut self) {
+        while let Some(mut p) = self.queued.pop_front() {
+            let key = self.free.pop().unwrap_or_else(|| {
+                self.slab.push(None);
+                self.slab.len() - 1
             });
-            let sqe = sqe_for(&mut p, key as u64, &shared);
-            // SAFETY: the buffer the SQE points into is owned by `p`, moved into the slab below and
-            // kept there until the completion for `key` is reaped.
-            if unsafe { ring.submission().push(&sqe) }.is_err() {
-                free.push(key);
-                queued.push_front(p);
+            let sqe = sqe_for(&mut p, key as u64, &self.shared);
+            // SAFETY: the buffer the SQE points into is owned by `p`, moved into the slab below
+            // and kept there until the completion for `key` is reaped.
+            if unsafe { self.ring.submission().push(&sqe) }.is_err() {
+                self.free.push(key);
+                self.queued.push_front(p);
                 break;
             }
             if matches!(sqe.get_opcode() as u8, opcode::ReadFixed::CODE | opcode::WriteFixed::CODE) {
-                shared.fixed_buffer_ops.fetch_add(1, Ordering::Relaxed);
+                self.shared.fixed_buffer_ops.fetch_add(1, Ordering::Relaxed);
             }
-            slab[key] = Some(p);
-            in_flight += 1;
+            self.slab[key] = Some(p);
+            self.in_flight += 1;
         }
-        if shared.stopping.load(Ordering::Acquire) && in_flight == 0 && queued.is_empty() {
-            return;
-        }
-        // Park: announce it, then look at the channel once more (pairs with the submitter's
-        // fence), so an operation sent meanwhile is either seen here or followed by a wake-up.
-        shared.parked.store(true, Ordering::Release);
+    }
+
+    /// Submits and waits for a completion. Parks first: announces it, then looks at the channel
+    /// once more (pairs with the submitter's fence), so an operation sent meanwhile is either
+    /// seen here or followed by a wake-up.
+    fn park_and_wait(&mut self, rx: &mpsc::Receiver<Pending>) -> io::Result<()> {
+        self.shared.parked.store(true, Ordering::Release);
         fence(Ordering::SeqCst);
         let mut wait_for = 1;
         while let Ok(p) = rx.try_recv() {
-            queued.push_back(p);
+            self.queued.push_back(p);
         }
-        if !queued.is_empty() || !ring.completion().is_empty() {
-            shared.parked.store(false, Ordering::Release);
+        if !self.queued.is_empty() || !self.ring.completion().is_empty() {
+            self.shared.parked.store(false, Ordering::Release);
             // Submit what is already in the SQ without blocking; the loop comes back for the rest.
             wait_for = 0;
         }
-        let r = ring.submit_and_wait(wait_for);
-        shared.parked.store(false, Ordering::Release);
-        if let Err(e) = r {
-            if e.raw_os_error() != Some(libc::EINTR) && e.raw_os_error() != Some(libc::EBUSY) {
-                tracing::error!(error = %e, "io_uring_enter failed; failing queued I/O");
-                for p in slab.iter_mut().filter_map(Option::take).chain(queued.drain(..)) {
-                    let _ = p.reply.send((buf_of(p.op), Err(io::Error::other("io_uring failed"))));
-                }
-                return;
-            }
+        let r = self.ring.submit_and_wait(wait_for);
+        self.shared.parked.store(false, Ordering::Release);
+        match r {
+            Err(e) if e.raw_os_error() != Some(libc::EINTR) && e.raw_os_error() != Some(libc::EBUSY) => Err(e),
+            _ => Ok(()),
         }
-        let completions: Vec<(u64, i32)> = ring.completion().map(|c| (c.user_data(), c.result())).collect();
+    }
+
+    fn fail_everything(&mut self) {
+        for p in self.slab.iter_mut().filter_map(Option::take).chain(self.queued.drain(..)) {
+            let _ = p.reply.send((buf_of(p.op), Err(io::Error::other("io_uring failed"))));
+        }
+    }
+
+    /// Completes every reaped operation; a short transfer is queued again for its remainder.
+    fn reap(&mut self) {
+        let completions: Vec<(u64, i32)> = self.ring.completion().map(|c| (c.user_data(), c.result())).collect();
         for (key, res) in completions {
             if key == EVENTFD_TAG {
-                efd_armed = false;
+                self.efd_armed = false;
                 continue;
             }
             let key = key as usize;
-            let mut p = slab[key].take().expect("completion for a live slot");
-            free.push(key);
-            in_flight -= 1;
+            let mut p = self.slab[key].take().expect("completion for a live slot");
+            self.free.push(key);
+            self.in_flight -= 1;
             if res < 0 {
                 let _ = p.reply.send((buf_of(p.op), Err(io::Error::from_raw_os_error(-res))));
                 continue;
@@ -348,7 +394,7 @@ fn ring_thread(ring: IoUring, rx: mpsc::Receiver<Pending>, wake: Arc<OwnedFd>, s
                 if res == 0 {
                     let _ = p.reply.send((buf_of(p.op), Err(io::Error::from(io::ErrorKind::UnexpectedEof))));
                 } else {
-                    queued.push_back(p);
+                    self.queued.push_back(p);
                 }
                 continue;
             }
