@@ -34,6 +34,9 @@
 //! `SUPERDISK_LOG=debug` for the engine's log), and `SUPERDISK_SEEDS=N` runs N seeds instead of
 //! the default.
 
+mod model;
+
+use model::{apply, buf_of, pattern, random_range, seeds, send, Reads, Req, SeedGuard};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -58,121 +61,18 @@ const STEP_LIMIT: Duration = Duration::from_secs(60);
 type Dev = FaultDevice<MemDevice>;
 type Mirror = MirrorVolume<Dev, Dev>;
 
-fn seeds() -> Vec<u64> {
-    if let Ok(s) = std::env::var("SUPERDISK_SEED") {
-        return vec![s.trim().parse().expect("SUPERDISK_SEED must be an integer")];
-    }
-    let n =
-        std::env::var("SUPERDISK_SEEDS").map_or(DEFAULT_SEEDS, |s| s.trim().parse().expect("SUPERDISK_SEEDS: integer"));
-    (0..n).collect()
-}
-
-/// The bytes write number `id` puts at `offset`: depend on both, so a write that lands at the
-/// wrong place or a stale copy of an older write never reads back as the expected value.
-fn pattern(id: u64, offset: u64, len: usize) -> Vec<u8> {
-    let mut data = vec![0u8; len];
-    SimRng::new(id.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ offset).fill(&mut data);
-    data
-}
-
-fn buf_of(data: &[u8]) -> AlignedBuf {
-    let mut b = AlignedBuf::zeroed(data.len());
-    b.copy_from_slice(data);
-    b
-}
-
-/// A random request range, in the shapes real clients send: tiny unaligned, sector-aligned,
-/// page-aligned, and arbitrary up to 32 KiB.
-fn random_range(rng: &mut SimRng, size: u64) -> (u64, u64) {
-    let (align, len) = match rng.below(4) {
-        0 => (1, rng.in_range(1..65)),
-        1 => (512, 512 * rng.in_range(1..17)),
-        2 => (4096, 4096 * rng.in_range(1..9)),
-        _ => (1, rng.in_range(1..(32 << 10) + 1)),
-    };
-    let len = len.min(size);
-    let off = rng.below(size - len + 1) / align * align;
-    (off, len)
-}
-
-#[derive(Debug)]
-enum Req {
-    Read { off: u64, len: u64 },
-    Write { off: u64, data: Vec<u8>, fua: bool },
-    Zero { off: u64, len: u64, fua: bool, trim: bool },
-    Flush,
-}
-
-impl Req {
-    fn write_range(&self) -> Option<(u64, u64)> {
-        match self {
-            Req::Write { off, data, .. } => Some((*off, data.len() as u64)),
-            Req::Zero { off, len, .. } => Some((*off, *len)),
-            _ => None,
-        }
-    }
-
-    fn describe(&self) -> String {
-        match self {
-            Req::Read { off, len } => format!("read [{off}, +{len})"),
-            Req::Write { off, data, fua } => format!("write [{off}, +{}) fua={fua}", data.len()),
-            Req::Zero { off, len, fua, trim } => {
-                format!("{} [{off}, +{len}) fua={fua}", if *trim { "trim" } else { "write_zeroes" })
-            }
-            Req::Flush => "flush".into(),
-        }
-    }
-}
-
-/// What a zero-copy read would send.
-fn file_bytes(slice: &superdisk::device::FileSlice) -> Vec<u8> {
-    let mut out = vec![0u8; slice.len];
-    let file = std::fs::File::from(slice.file.fd().try_clone_to_owned().expect("dup the slice's descriptor"));
-    std::os::unix::fs::FileExt::read_exact_at(&file, &mut out, slice.offset).expect("read the zero-copy source");
-    out
-}
-
 /// Sends one request; a read returns its data. Any error fails the test: with a healthy backing
-/// no client request may fail, whatever the cache does.
+/// no client request may fail, whatever the cache does. Every other 4 KiB-aligned read goes the
+/// zero-copy way when it can (see `model::Reads`).
 async fn submit<V: Volume>(vol: &V, req: &Req, may_unmap: bool) -> Result<Option<Vec<u8>>, String> {
-    let r = match req {
-        // Every other 4 KiB-aligned start goes the way a large NBD read does when it can: its
-        // bytes sent straight from a device file (see `Volume::read_zero_copy`), checked against
-        // the model like any read, so a zero-copy source holding stale data fails the test.
-        Req::Read { off, len } => match (off / 4096 % 2 == 1).then(|| vol.read_zero_copy(*off, *len)).flatten() {
-            Some(slice) => {
+    match send(vol, req, may_unmap, Reads::SomeZeroCopy).await {
+        Ok((data, zero_copy)) => {
+            if zero_copy {
                 ZERO_COPY_READS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                Ok(Some(file_bytes(&slice)))
             }
-            None => {
-                let (buf, r) = vol.read(*off, AlignedBuf::zeroed(*len as usize)).await;
-                r.map(|()| Some(buf.to_vec()))
-            }
-        },
-        Req::Write { off, data, fua } => vol.write(*off, buf_of(data), *fua).await.1.map(|()| None),
-        Req::Zero { off, len, fua, trim: true } => vol.trim(*off, *len, *fua).await.map(|()| None),
-        Req::Zero { off, len, fua, trim: false } => vol.write_zeroes(*off, *len, may_unmap, *fua).await.map(|()| None),
-        Req::Flush => vol.flush().await.map(|()| None),
-    };
-    r.map_err(|e| format!("client saw an error: {} failed: {e}", req.describe()))
-}
-
-/// The model's side of a completed request.
-fn apply(model: &mut ShadowDisk, req: &Req, read: Option<Vec<u8>>) -> Result<(), String> {
-    match req {
-        Req::Read { off, .. } => model.check_read(*off, &read.expect("read data")),
-        Req::Write { off, data, fua } => {
-            model.write(*off, data, *fua);
-            Ok(())
+            Ok(data)
         }
-        Req::Zero { off, len, fua, .. } => {
-            model.write_zeroes(*off, *len, *fua);
-            Ok(())
-        }
-        Req::Flush => {
-            model.flush();
-            Ok(())
-        }
+        Err(e) => Err(format!("client saw an error: {} failed: {e}", req.describe())),
     }
 }
 
@@ -1070,17 +970,6 @@ fn panicked() -> bool {
     PANICKED.load(std::sync::atomic::Ordering::SeqCst)
 }
 
-/// Prints the seed if the test panics inside a seed (an unwrap in the code under test).
-struct SeedGuard(u64);
-
-impl Drop for SeedGuard {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("panicked in seed {0}; replay: SUPERDISK_SEED={0} cargo test --test mirror_model", self.0);
-        }
-    }
-}
-
 #[test]
 fn mirror_survives_crashes_and_cache_loss_without_losing_or_staling_data() {
     catch_task_panics();
@@ -1092,10 +981,10 @@ fn mirror_survives_crashes_and_cache_loss_without_losing_or_staling_data() {
             .init();
     }
     let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
-    let seeds = seeds();
+    let seeds = seeds(DEFAULT_SEEDS);
     let mut coverage = Coverage::default();
     for &seed in &seeds {
-        let _guard = SeedGuard(seed);
+        let _guard = SeedGuard { seed, test: "mirror_model" };
         if let Err(e) = rt.block_on(run_seed(seed, &mut coverage)) {
             panic!("seed {seed} failed: {e}\nreplay: SUPERDISK_SEED={seed} cargo test --test mirror_model");
         }

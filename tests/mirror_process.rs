@@ -475,16 +475,11 @@ fn a_cache_of_another_backing_is_refused_unless_taken_over() {
 // ------------------------------------------------------------------------------------------------
 // Cache faults while running
 
-/// A cache file that can be made to fail: CACHE.img served by nbdkit through its error filter
-/// (every request fails with EIO while the trigger file exists) and presented as a file by nbdfuse.
-/// Killing the nbdkit makes the file's I/O fail for good: the cache vanishes under the daemon.
+/// A cache file that can be made to fail: an image served by nbdkit through its error filter
+/// (requests fail with EIO at the given rates while the trigger file exists) and presented as a
+/// file by nbdfuse. Killing the nbdkit makes the file's I/O fail for good: the cache vanishes.
 struct FaultyCache {
-    dir: tempfile::TempDir,
-    len: u64,
-    /// The error filter's rate parameters.
-    rates: Vec<String>,
-    nbdkit: Option<Child>,
-    fuse: Option<FuseFile>,
+    file: NbdkitFile,
 }
 
 impl FaultyCache {
@@ -496,28 +491,36 @@ impl FaultyCache {
     /// Requests fail at these error-filter rates (e.g. `error-pread-rate=2%`) while the trigger
     /// exists.
     fn with_rates(len: u64, rates: &[&str]) -> FaultyCache {
-        for t in ["nbdkit", "nbdfuse", "fusermount3"] {
-            require_tool(t);
-        }
-        let dir = tempfile::tempdir().unwrap();
-        new_cache_file(&dir.path().join("cache.img"), len);
-        let rates = rates.iter().map(|s| s.to_string()).collect();
-        let mut c = FaultyCache { dir, len, rates, nbdkit: None, fuse: None };
-        c.start();
-        c
+        let mut file = NbdkitFile::new("cache", len);
+        let image = file.dir().join("cache.img");
+        new_cache_file(&image, len);
+        let trigger = file.dir().join("trigger");
+        let mut args: Vec<String> = vec!["--filter=error".into(), "file".into(), image.display().to_string()];
+        args.push("error=EIO".into());
+        args.extend(rates.iter().map(|r| r.to_string()));
+        // Every kind of request obeys the one trigger file.
+        args.extend(
+            ["", "-pread", "-pwrite", "-trim", "-zero", "-extents", "-cache"]
+                .iter()
+                .map(|k| format!("error{k}-file={}", trigger.display())),
+        );
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+        file.set_args(&args, &[]);
+        file.run();
+        FaultyCache { file }
     }
 
     fn trigger(&self) -> PathBuf {
-        self.dir.path().join("trigger")
+        self.file.dir().join("trigger")
     }
 
     /// The path the daemon uses as its cache.
     fn path(&self) -> PathBuf {
-        self.dir.path().join("fuse").join("cache")
+        self.file.path()
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("nbdkit.log")).unwrap_or_default()
+        self.file.log()
     }
 
     /// Requests the error filter has failed so far (it logs each one it injects).
@@ -526,73 +529,19 @@ impl FaultyCache {
     }
 
     fn nbdkit_pid(&self) -> u32 {
-        self.nbdkit.as_ref().expect("nbdkit running").id()
+        self.file.pid()
     }
 
     fn start(&mut self) {
-        let sock = self.dir.path().join("nbdkit.sock");
-        let pidfile = self.dir.path().join("nbdkit.pid");
-        let _ = std::fs::remove_file(&sock);
-        let _ = std::fs::remove_file(&pidfile);
-        let log =
-            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("nbdkit.log")).unwrap();
-        let mut child = Command::new("nbdkit")
-            .args(["-f", "--exit-with-parent", "-U"])
-            .arg(&sock)
-            .arg("-P")
-            .arg(&pidfile)
-            .args(["--filter=error", "file"])
-            .arg(self.dir.path().join("cache.img"))
-            .arg("error=EIO")
-            .args(&self.rates)
-            // Every kind of request obeys the one trigger file.
-            .args(
-                ["", "-pread", "-pwrite", "-trim", "-zero", "-extents", "-cache"]
-                    .map(|k| format!("error{k}-file={}", self.trigger().display())),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn nbdkit");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !pidfile.exists() {
-            if let Some(s) = child.try_wait().unwrap() {
-                panic!(
-                    "nbdkit exited with {s}: {}",
-                    std::fs::read_to_string(self.dir.path().join("nbdkit.log")).unwrap()
-                );
-            }
-            assert!(Instant::now() < deadline, "nbdkit did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        self.nbdkit = Some(child);
-        let uri = format!("nbd+unix:///?socket={}", sock.display());
-        self.fuse = Some(FuseFile::mount(&self.dir.path().join("fuse"), "cache", &uri, self.len));
+        self.file.run();
     }
 
-    /// Takes the file away: unmounts FUSE (lazily: the daemon may hold it) and stops nbdkit.
     fn stop(&mut self) {
-        if let Some(mut f) = self.fuse.take() {
-            f.unmount(true);
-        }
-        if let Some(mut c) = self.nbdkit.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.file.stop();
     }
 
-    /// After the nbdkit behind it was killed from outside (by the workload).
     fn reap_killed_nbdkit(&mut self) {
-        let mut c = self.nbdkit.take().expect("nbdkit was started");
-        let s = wait_child(&mut c, Duration::from_secs(10), "killed nbdkit");
-        assert!(!s.success(), "nbdkit should have been killed, exited with {s}");
-    }
-}
-
-impl Drop for FaultyCache {
-    fn drop(&mut self) {
-        self.stop();
+        self.file.reap_killed();
     }
 }
 

@@ -20,7 +20,7 @@ mod common;
 
 use common::*;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
@@ -32,13 +32,10 @@ const DEADLINE_MS: u64 = 3000;
 const METADATA_INTERVAL_MS: u64 = 2000;
 const WAIT: Duration = Duration::from_secs(60);
 
-/// The backing image behind nbdkit (file plugin) and nbdfuse: `path()` is the file the daemon
-/// uses; `stall()` / `answer()` stop and continue the nbdkit.
+/// The backing image behind nbdkit and nbdfuse: `path()` is the file the daemon uses;
+/// `stall()` / `answer()` stop and continue the nbdkit.
 struct StallableBacking {
-    dir: tempfile::TempDir,
-    nbdkit: Option<Child>,
-    fuse: Option<FuseFile>,
-    stalled: bool,
+    file: NbdkitFile,
 }
 
 /// An nbdkit `sh` plugin serving a file (with `dd`) whose FLUSH fails with EIO while the file
@@ -70,74 +67,24 @@ impl StallableBacking {
     }
 
     fn start_plugin(image: &Path, plugin: &[&std::ffi::OsStr]) -> StallableBacking {
-        for t in ["nbdkit", "nbdfuse", "fusermount3"] {
-            require_tool(t);
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("nbdkit.sock");
-        let pidfile = dir.path().join("nbdkit.pid");
-        let log = std::fs::File::create(dir.path().join("nbdkit.log")).unwrap();
-        let mut child = Command::new("nbdkit")
-            .args(["-f", "--exit-with-parent", "-U"])
-            .arg(&sock)
-            .arg("-P")
-            .arg(&pidfile)
-            .args(plugin)
-            .env("IMG", image)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn nbdkit");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !pidfile.exists() {
-            if let Some(s) = child.try_wait().unwrap() {
-                panic!("nbdkit exited with {s}: {}", std::fs::read_to_string(dir.path().join("nbdkit.log")).unwrap());
-            }
-            assert!(Instant::now() < deadline, "nbdkit did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let mut b = StallableBacking { dir, nbdkit: Some(child), fuse: None, stalled: false };
-        let uri = format!("nbd+unix:///?socket={}", sock.display());
         let len = std::fs::metadata(image).unwrap().len();
-        b.fuse = Some(FuseFile::mount(&b.dir.path().join("fuse"), "backing", &uri, len));
-        b
+        let mut file = NbdkitFile::new("backing", len);
+        file.set_args(plugin, &[("IMG", image.as_os_str())]);
+        file.run();
+        StallableBacking { file }
     }
 
     fn path(&self) -> PathBuf {
-        self.fuse.as_ref().expect("mounted").file.clone()
-    }
-
-    fn signal(&self, sig: i32) {
-        let pid = self.nbdkit.as_ref().expect("nbdkit running").id();
-        // SAFETY: signalling our own child.
-        assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0, "kill({pid}, {sig})");
+        self.file.path()
     }
 
     /// The backing stops answering: every request to the FUSE file hangs.
     fn stall(&mut self) {
-        self.signal(libc::SIGSTOP);
-        self.stalled = true;
+        self.file.stall();
     }
 
     fn answer(&mut self) {
-        self.signal(libc::SIGCONT);
-        self.stalled = false;
-    }
-}
-
-impl Drop for StallableBacking {
-    fn drop(&mut self) {
-        if self.stalled {
-            self.answer();
-        }
-        if let Some(mut f) = self.fuse.take() {
-            f.unmount(true);
-        }
-        if let Some(mut c) = self.nbdkit.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.file.answer();
     }
 }
 

@@ -9,12 +9,15 @@
 //! A failure names its seed; `SUPERDISK_SEED=N cargo test --test plain_model` replays that one
 //! seed, and `SUPERDISK_SEEDS=N` runs N seeds instead of the default.
 
+mod model;
+
+use model::{apply, buf_of, pattern, random_range, seeds, send, Reads, Req, SeedGuard};
 use std::sync::Arc;
 
 use superdisk::device::sim::fault::SimRng;
 use superdisk::device::sim::mem::MemDevice;
 use superdisk::device::sim::shadow::ShadowDisk;
-use superdisk::device::{AlignedBuf, BlockDevice};
+use superdisk::device::BlockDevice;
 use superdisk::meta::store;
 use superdisk::volume::{PlainVolume, Volume};
 
@@ -27,104 +30,10 @@ const RECENT_WRITES: usize = 16;
 /// Steps shown in a failure message.
 const HISTORY_STEPS: usize = 16;
 
-fn seeds() -> Vec<u64> {
-    if let Ok(s) = std::env::var("SUPERDISK_SEED") {
-        return vec![s.trim().parse().expect("SUPERDISK_SEED must be an integer")];
-    }
-    let n =
-        std::env::var("SUPERDISK_SEEDS").map_or(DEFAULT_SEEDS, |s| s.trim().parse().expect("SUPERDISK_SEEDS: integer"));
-    (0..n).collect()
-}
-
-/// The bytes write number `id` puts at `offset`: depend on both, so a write that lands at the
-/// wrong place or a stale copy of an older write never reads back as the expected value.
-fn pattern(id: u64, offset: u64, len: usize) -> Vec<u8> {
-    let mut data = vec![0u8; len];
-    SimRng::new(id.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ offset).fill(&mut data);
-    data
-}
-
-fn buf_of(data: &[u8]) -> AlignedBuf {
-    let mut b = AlignedBuf::zeroed(data.len());
-    b.copy_from_slice(data);
-    b
-}
-
-/// A random request range, in the shapes real clients send: tiny unaligned, sector-aligned,
-/// page-aligned, and arbitrary up to 32 KiB.
-fn random_range(rng: &mut SimRng, size: u64) -> (u64, u64) {
-    let (align, len) = match rng.below(4) {
-        0 => (1, rng.in_range(1..65)),
-        1 => (512, 512 * rng.in_range(1..17)),
-        2 => (4096, 4096 * rng.in_range(1..9)),
-        _ => (1, rng.in_range(1..(32 << 10) + 1)),
-    };
-    let len = len.min(size);
-    let off = rng.below(size - len + 1) / align * align;
-    (off, len)
-}
-
-#[derive(Debug)]
-enum Req {
-    Read { off: u64, len: u64 },
-    Write { off: u64, data: Vec<u8>, fua: bool },
-    Zero { off: u64, len: u64, fua: bool, trim: bool },
-    Flush,
-}
-
-impl Req {
-    fn write_range(&self) -> Option<(u64, u64)> {
-        match self {
-            Req::Write { off, data, .. } => Some((*off, data.len() as u64)),
-            Req::Zero { off, len, .. } => Some((*off, *len)),
-            _ => None,
-        }
-    }
-
-    fn describe(&self) -> String {
-        match self {
-            Req::Read { off, len } => format!("read [{off}, +{len})"),
-            Req::Write { off, data, fua } => format!("write [{off}, +{}) fua={fua}", data.len()),
-            Req::Zero { off, len, fua, trim } => {
-                format!("{} [{off}, +{len}) fua={fua}", if *trim { "trim" } else { "write_zeroes" })
-            }
-            Req::Flush => "flush".into(),
-        }
-    }
-}
-
 /// Sends one request; a read returns its data.
 async fn submit<V: Volume>(vol: &V, req: &Req, may_unmap: bool) -> Result<Option<Vec<u8>>, String> {
-    let r = match req {
-        Req::Read { off, len } => {
-            let (buf, r) = vol.read(*off, AlignedBuf::zeroed(*len as usize)).await;
-            r.map(|()| Some(buf.to_vec()))
-        }
-        Req::Write { off, data, fua } => vol.write(*off, buf_of(data), *fua).await.1.map(|()| None),
-        Req::Zero { off, len, fua, trim: true } => vol.trim(*off, *len, *fua).await.map(|()| None),
-        Req::Zero { off, len, fua, trim: false } => vol.write_zeroes(*off, *len, may_unmap, *fua).await.map(|()| None),
-        Req::Flush => vol.flush().await.map(|()| None),
-    };
-    r.map_err(|e| format!("{} failed: {e}", req.describe()))
-}
-
-/// The model's side of a completed request.
-fn apply(model: &mut ShadowDisk, req: &Req, read: Option<Vec<u8>>) -> Result<(), String> {
-    match req {
-        Req::Read { off, .. } => model.check_read(*off, &read.expect("read data")),
-        Req::Write { off, data, fua } => {
-            model.write(*off, data, *fua);
-            Ok(())
-        }
-        Req::Zero { off, len, fua, .. } => {
-            model.write_zeroes(*off, *len, *fua);
-            Ok(())
-        }
-        Req::Flush => {
-            model.flush();
-            Ok(())
-        }
-    }
+    let r = send(vol, req, may_unmap, Reads::Copied).await;
+    r.map(|(data, _)| data).map_err(|e| format!("{} failed: {e}", req.describe()))
 }
 
 struct World {
@@ -375,22 +284,11 @@ async fn run_seed(seed: u64) -> Result<(), String> {
     end.await.map_err(|e| format!("final check: {e}"))
 }
 
-/// Prints the seed if the test panics inside a seed (an unwrap in the code under test).
-struct SeedGuard(u64);
-
-impl Drop for SeedGuard {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("panicked in seed {0}; replay: SUPERDISK_SEED={0} cargo test --test plain_model", self.0);
-        }
-    }
-}
-
 #[test]
 fn plain_volume_keeps_every_flushed_write_and_never_reads_stale_data() {
     let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
-    for seed in seeds() {
-        let _guard = SeedGuard(seed);
+    for seed in seeds(DEFAULT_SEEDS) {
+        let _guard = SeedGuard { seed, test: "plain_model" };
         if let Err(e) = rt.block_on(run_seed(seed)) {
             panic!("seed {seed} failed: {e}\nreplay: SUPERDISK_SEED={seed} cargo test --test plain_model");
         }

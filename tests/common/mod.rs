@@ -491,16 +491,19 @@ impl FuseFile {
     }
 
     /// Unmounts and waits for nbdfuse to exit; `lazy` detaches even while the file is open.
-    pub fn unmount(&mut self, lazy: bool) {
-        let Some(mut child) = self.child.take() else { return };
+    /// Returns how nbdfuse exited (None if it had to be killed).
+    pub fn unmount(&mut self, lazy: bool) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
         let flag = if lazy { "-uz" } else { "-u" };
         let out = output_within(Command::new("fusermount3").arg(flag).arg(&self.dir), Duration::from_secs(20));
         if !out.status.success() {
             let _ = Command::new("fusermount3").arg("-uz").arg(&self.dir).status();
         }
         let deadline = Instant::now() + Duration::from_secs(10);
-        while child.try_wait().unwrap().is_none() {
-            if Instant::now() > deadline {
+        let mut exited = None;
+        while exited.is_none() {
+            exited = child.try_wait().unwrap();
+            if exited.is_none() && Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
                 break;
@@ -513,6 +516,7 @@ impl FuseFile {
             self.dir.display(),
             String::from_utf8_lossy(&out.stderr)
         );
+        exited
     }
 }
 
@@ -616,7 +620,8 @@ impl XfsStack {
         }
         // fsync through FUSE becomes an NBD flush before FUSE goes away.
         run_ok(&mut Command::new("sync"));
-        self.fuse.take().unwrap().unmount(false);
+        let exited = self.fuse.take().unwrap().unmount(false);
+        assert!(exited.is_some_and(|s| s.success()), "nbdfuse exited with {exited:?} after fusermount3 -u");
     }
 
     /// After the server died under it: the filesystem has shut itself down on I/O errors; take
@@ -648,5 +653,149 @@ impl Drop for XfsStack {
             let _ = Command::new("losetup").args(["-d", &dev]).status();
         }
         // The FuseFile unmounts itself when dropped, after the fields above.
+    }
+}
+
+/// An image served by nbdkit (a plugin, perhaps behind filters) and presented as a file by
+/// nbdfuse: a device the test can make fail (through the filters or the plugin's own rules),
+/// stall (SIGSTOP: every request through the FUSE file hangs in the kernel, a real hang), or take
+/// away (kill nbdkit, or unmount). Dropping it continues, stops and unmounts whatever is up.
+pub struct NbdkitFile {
+    dir: tempfile::TempDir,
+    name: String,
+    len: u64,
+    args: Vec<std::ffi::OsString>,
+    env: Vec<(String, std::ffi::OsString)>,
+    nbdkit: Option<Child>,
+    fuse: Option<FuseFile>,
+    stalled: bool,
+}
+
+impl NbdkitFile {
+    /// A fixture that will serve `len` bytes as `name`; put what nbdkit reads in [`Self::dir`],
+    /// then [`Self::run`] it with its arguments.
+    pub fn new(name: &str, len: u64) -> NbdkitFile {
+        for t in ["nbdkit", "nbdfuse", "fusermount3"] {
+            require_tool(t);
+        }
+        NbdkitFile {
+            dir: tempfile::tempdir().unwrap(),
+            name: name.into(),
+            len,
+            args: Vec::new(),
+            env: Vec::new(),
+            nbdkit: None,
+            fuse: None,
+            stalled: false,
+        }
+    }
+
+    /// nbdkit's arguments (filters, the plugin and its parameters) and environment, for every
+    /// [`Self::run`] from now on.
+    pub fn set_args(&mut self, args: &[&std::ffi::OsStr], env: &[(&str, &std::ffi::OsStr)]) {
+        self.args = args.iter().map(|a| a.to_os_string()).collect();
+        self.env = env.iter().map(|(k, v)| (k.to_string(), v.to_os_string())).collect();
+    }
+
+    /// A directory of the fixture's own, for files its nbdkit reads (images, trigger files).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The file the daemon uses.
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().join("fuse").join(&self.name)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("nbdkit.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.nbdkit.as_ref().expect("nbdkit running").id()
+    }
+
+    /// Starts nbdkit and mounts the file (again, after [`Self::stop`]).
+    pub fn run(&mut self) {
+        let sock = self.dir.path().join("nbdkit.sock");
+        let pidfile = self.dir.path().join("nbdkit.pid");
+        let _ = std::fs::remove_file(&sock);
+        let _ = std::fs::remove_file(&pidfile);
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("nbdkit.log")).unwrap();
+        let mut child = Command::new("nbdkit")
+            .args(["-f", "--exit-with-parent", "-U"])
+            .arg(&sock)
+            .arg("-P")
+            .arg(&pidfile)
+            .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn nbdkit");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !pidfile.exists() {
+            if let Some(s) = child.try_wait().unwrap() {
+                panic!("nbdkit exited with {s}: {}", self.log());
+            }
+            assert!(Instant::now() < deadline, "nbdkit did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.nbdkit = Some(child);
+        let uri = format!("nbd+unix:///?socket={}", sock.display());
+        self.fuse = Some(FuseFile::mount(&self.dir.path().join("fuse"), &self.name, &uri, self.len));
+    }
+
+    fn signal(&self, sig: i32) {
+        let pid = self.pid();
+        // SAFETY: signalling our own child.
+        assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0, "kill({pid}, {sig})");
+    }
+
+    /// The device stops answering: every request to the FUSE file hangs.
+    pub fn stall(&mut self) {
+        self.signal(libc::SIGSTOP);
+        self.stalled = true;
+    }
+
+    pub fn answer(&mut self) {
+        self.signal(libc::SIGCONT);
+        self.stalled = false;
+    }
+
+    /// Takes the file away: unmounts FUSE (lazily: the daemon may hold it) and stops nbdkit.
+    pub fn stop(&mut self) {
+        if self.stalled {
+            self.answer();
+        }
+        if let Some(mut f) = self.fuse.take() {
+            f.unmount(true);
+        }
+        if let Some(mut c) = self.nbdkit.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// After its nbdkit was killed from outside (by the workload).
+    pub fn reap_killed(&mut self) {
+        let mut c = self.nbdkit.take().expect("nbdkit was started");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(s) = c.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "the killed nbdkit did not exit");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(!status.success(), "nbdkit should have been killed, exited with {status}");
+    }
+}
+
+impl Drop for NbdkitFile {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
