@@ -19,8 +19,10 @@
 # /var/tmp/superdisk-bench/ab), BENCH_SIZE (default 1G), BENCH_RUNTIME (seconds per run; default 5).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# shellcheck source=scripts/bench-superdisk.sh
-. scripts/bench-superdisk.sh
+# shellcheck source=scripts/lib/common.sh
+. scripts/lib/common.sh
+# shellcheck source=scripts/lib/superdisk-images.sh
+. scripts/lib/superdisk-images.sh
 
 a_flags="" b_flags="" names="A B" fio_args="--rw=read --bs=1M --iodepth=8" serve_flags=""
 jobs_list="1"
@@ -53,7 +55,7 @@ b_bin="${SUPERDISK_B:-$bin}"
 dir="${BENCH_DIR:-/var/tmp/superdisk-bench/ab}"
 size="${BENCH_SIZE:-1G}"
 runtime="${BENCH_RUNTIME:-5}"
-command -v fio >/dev/null || { echo "fio is needed (apt-get install fio)" >&2; exit 1; }
+need fio "apt-get install fio"
 mkdir -p "$dir"
 img="$dir/backing.img"
 cache_img="$dir/cache.img"
@@ -92,7 +94,7 @@ run() {
     local ready=listening
     [ "$cache" = 1 ] && ready="mode=healthy"
     for _ in $(seq 6000); do grep -q "$ready" "$dir/serve.log" && break; sleep 0.1; done
-    grep -q "$ready" "$dir/serve.log" || { echo "superdisk did not become ready: $(tail -n 3 "$dir/serve.log")" >&2; exit 1; }
+    grep -q "$ready" "$dir/serve.log" || die "superdisk did not become ready: $(tail -n 3 "$dir/serve.log")"
     # Warm again before every run, as bench.sh does before every cell: idle file pages may have
     # been paged out since (DAMON on some VMs), and a read from disk at QD1 is a round trip.
     cat "$img" >/dev/null

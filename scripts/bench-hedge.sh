@@ -28,9 +28,9 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=scripts/lib/common.sh
+. "$here/lib/common.sh"
 repo="$(cd "$here/.." && pwd)"
-die() { echo "bench-hedge.sh: $*" >&2; exit 1; }
-log() { echo "bench-hedge.sh: $*" >&2; }
 
 quick=0
 out=""
@@ -71,8 +71,8 @@ mkdir -p "$run/fio" "$run/fuse"
 [ -n "$out" ] || { if [ "$quick" = 1 ]; then out="$run/hedge.md"; else out="$repo/docs/bench/hedge.md"; fi; }
 loadavg_start="$(cut -d' ' -f1-3 /proc/loadavg)"
 
-# shellcheck source=scripts/delayed-backing.sh
-. "$here/delayed-backing.sh"
+# shellcheck source=scripts/lib/delayed-backing.sh
+. "$here/lib/delayed-backing.sh"
 sd_pid=""
 cleanup() {
     local rc=$?

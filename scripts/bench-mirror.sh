@@ -33,10 +33,10 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=scripts/lib/common.sh
+. "$here/lib/common.sh"
 repo="$(cd "$here/.." && pwd)"
 
-die() { echo "bench-mirror.sh: $*" >&2; exit 1; }
-log() { echo "bench-mirror.sh: $*" >&2; }
 
 quick=0
 out=""
@@ -60,24 +60,12 @@ wdelay="${BENCH_WDELAY:-2ms}"
 bench_dir="${BENCH_DIR:-/tmp/superdisk-bench-mirror}"
 [[ "$runtime" =~ ^[0-9]+$ ]] && [ "$runtime" -ge 1 ] || die "BENCH_RUNTIME must be a whole number ≥ 1, got '$runtime'"
 
-size_bytes() {
-    local s="$1" n mult=1
-    case "$s" in
-        *[kK]) mult=1024; n="${s%?}" ;;
-        *[mM]) mult=$((1024 * 1024)); n="${s%?}" ;;
-        *[gG]) mult=$((1024 * 1024 * 1024)); n="${s%?}" ;;
-        *) n="$s" ;;
-    esac
-    [[ "$n" =~ ^[0-9]+$ ]] || die "BENCH_SIZE '$s' is not a size (bytes, or a number with K, M or G)"
-    echo $((n * mult))
-}
 size_b="$(size_bytes "$size")"
 [ "$size_b" -ge $((64 * 1024 * 1024)) ] || die "BENCH_SIZE must be at least 64M"
 [ $((size_b % (1024 * 1024))) = 0 ] || die "BENCH_SIZE must be a multiple of 1M"
 
 # --- tools -----------------------------------------------------------------------------------------
 
-need() { command -v "$1" >/dev/null 2>&1 || die "missing tool '$1' ($2)"; }
 need fio "apt-get install fio"
 need nbdkit "apt-get install nbdkit"
 need nbdfuse "apt-get install libnbd-bin"
@@ -108,8 +96,8 @@ run="$bench_dir/run-$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$run/fio" "$run/fuse"
 [ -n "$out" ] || { if [ "$quick" = 1 ]; then out="$run/BENCHMARKS-MIRROR.md"; else out="$repo/docs/BENCHMARKS-MIRROR.md"; fi; }
 
-# shellcheck source=scripts/delayed-backing.sh
-. "$here/delayed-backing.sh"
+# shellcheck source=scripts/lib/delayed-backing.sh
+. "$here/lib/delayed-backing.sh"
 sd_pid=""
 fio_pid=""
 cleanup() {

@@ -32,11 +32,11 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/.." && pwd)"
-# shellcheck source=scripts/bench-superdisk.sh
-. "$here/bench-superdisk.sh"
+# shellcheck source=scripts/lib/common.sh
+. "$here/lib/common.sh"
+# shellcheck source=scripts/lib/superdisk-images.sh
+. "$here/lib/superdisk-images.sh"
 
-die() { echo "bench-scale.sh: $*" >&2; exit 1; }
-log() { echo "bench-scale.sh: $*" >&2; }
 
 quick=0
 servers="superdisk nbdkit-file nbdkit-null"
@@ -80,17 +80,6 @@ done
 [ "$runtime" -ge 1 ] || die "BENCH_RUNTIME must be at least 1"
 [ "$reps" -ge 1 ] || die "BENCH_REPS must be at least 1"
 
-size_bytes() {
-    local s="$1" n mult=1
-    case "$s" in
-        *[kK]) mult=1024; n="${s%?}" ;;
-        *[mM]) mult=$((1024 * 1024)); n="${s%?}" ;;
-        *[gG]) mult=$((1024 * 1024 * 1024)); n="${s%?}" ;;
-        *) n="$s" ;;
-    esac
-    [[ "$n" =~ ^[0-9]+$ ]] || die "BENCH_SIZE '$s' is not a size (bytes, or a number with K, M or G)"
-    echo $((n * mult))
-}
 size_b="$(size_bytes "$size")"
 # Each job's share must hold whole 1 MiB blocks, or the sequential cells would wrap at once.
 for n in $conns; do
@@ -103,7 +92,6 @@ done
 # --- tools -----------------------------------------------------------------------------------------
 
 fio="${FIO:-fio}"; nbdkit="${NBDKIT:-nbdkit}"; nbdinfo="${NBDINFO:-nbdinfo}"; qemu_nbd="${QEMU_NBD:-qemu-nbd}"
-need() { command -v "$1" >/dev/null 2>&1 || die "missing tool '$1' ($2)"; }
 need "$fio" "apt-get install fio"
 need "$nbdinfo" "apt-get install libnbd-bin"
 need python3 "apt-get install python3"
@@ -186,9 +174,6 @@ done
 rm -f "$run_dir/data.raw"
 cat "$run_dir"/*.img >/dev/null 2>&1 || true
 
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
 
 declare -A pid_of uri_of port_of
 start_server() {
@@ -248,14 +233,6 @@ for s in $servers; do wait_up "$s"; log "$s up at ${uri_of[$s]} (pid ${pid_of[$s
 # --- measurement -----------------------------------------------------------------------------------
 
 # utime + stime of the whole process, all threads, in clock ticks (fields after the comm's ")").
-cpu_ticks() {
-    local stat
-    stat="$(cat "/proc/$1/stat")" || die "server pid $1 is gone"
-    stat="${stat##*) }"
-    # shellcheck disable=SC2086
-    set -- $stat
-    echo $(( ${12} + ${13} ))
-}
 
 # Established TCP connections whose local port is the server's: proof that N jobs are N connections.
 # /proc/net/tcp needs no tool; state 01 is ESTABLISHED, the local port is hex after the colon.

@@ -32,11 +32,11 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/.." && pwd)"
-# shellcheck source=scripts/bench-superdisk.sh
-. "$here/bench-superdisk.sh"
+# shellcheck source=scripts/lib/common.sh
+. "$here/lib/common.sh"
+# shellcheck source=scripts/lib/superdisk-images.sh
+. "$here/lib/superdisk-images.sh"
 
-die() { echo "bench.sh: $*" >&2; exit 1; }
-log() { echo "bench.sh: $*" >&2; }
 
 quick=0
 default_servers="superdisk superdisk-mirror nbdkit-file nbdkit-file-cache qemu-nbd nbdkit-null"
@@ -68,17 +68,6 @@ done
 [ "$runtime" -ge 1 ] || die "BENCH_RUNTIME must be at least 1"
 [ "$reps" -ge 1 ] || die "BENCH_REPS must be at least 1"
 
-size_bytes() {
-    local s="$1" n mult=1
-    case "$s" in
-        *[kK]) mult=1024; n="${s%?}" ;;
-        *[mM]) mult=$((1024 * 1024)); n="${s%?}" ;;
-        *[gG]) mult=$((1024 * 1024 * 1024)); n="${s%?}" ;;
-        *) n="$s" ;;
-    esac
-    [[ "$n" =~ ^[0-9]+$ ]] || die "BENCH_SIZE '$s' is not a size (bytes, or a number with K, M or G)"
-    echo $((n * mult))
-}
 size_b="$(size_bytes "$size")"
 # 1 MiB sequential cells need room to run; below that the "disk" is mostly cache-line noise.
 [ "$size_b" -ge $((16 * 1024 * 1024)) ] || die "BENCH_SIZE must be at least 16M"
@@ -86,7 +75,6 @@ size_b="$(size_bytes "$size")"
 
 # --- tools -----------------------------------------------------------------------------------------
 
-need() { command -v "$1" >/dev/null 2>&1 || die "missing tool '$1' ($2)"; }
 need fio "apt-get install fio"
 need nbdinfo "apt-get install libnbd-bin"
 need python3 "apt-get install python3"
@@ -181,9 +169,6 @@ cat "$run_dir"/*.img >/dev/null 2>&1 || true
 
 # --- servers ---------------------------------------------------------------------------------------
 
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
 
 declare -A pid_of uri_of
 start_server() {
@@ -249,14 +234,6 @@ for s in $servers; do wait_up "$s"; log "$s up at ${uri_of[$s]} (pid ${pid_of[$s
 
 # utime + stime of the whole process (all threads, io_uring workers included), in clock ticks. Field
 # numbers count from after the ")" that closes the command name, which may itself hold spaces.
-cpu_ticks() {
-    local stat
-    stat="$(cat "/proc/$1/stat")" || die "server pid $1 is gone"
-    stat="${stat##*) }"
-    # shellcheck disable=SC2086
-    set -- $stat
-    echo $(( ${12} + ${13} ))
-}
 
 # Re-reads the server's files before each of its cells: the table promises a warm page cache, and
 # some VMs page out file pages that sit idle (DAMON's proactive reclaim, on the machine in

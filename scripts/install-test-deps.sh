@@ -14,6 +14,8 @@ pkgs+=(qemu-system-x86 busybox-static nbd-client cpio gzip xz-utils zstd)
 pkgs+=(systemd systemd-container kmod)
 # tests/tls.rs: certificates generated per test.
 pkgs+=(openssl)
+# scripts/test.sh: the shell scripts are linted like the Rust is.
+pkgs+=(shellcheck)
 missing_pkgs() {
   local p
   for p in "${pkgs[@]}"; do

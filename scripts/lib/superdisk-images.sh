@@ -1,5 +1,5 @@
 # shellcheck shell=bash disable=SC2154  # run_dir, size_b, superdisk_bin, pid_of: the caller's
-# Sourced by bench.sh and bench-scale.sh: the superdisk images and the mirror's cache, prepared the
+# Sourced by bench.sh, bench-scale.sh and bench-ab.sh: the superdisk images and the mirror's cache, prepared the
 # same way for both. Uses the caller's `log`, `die`, `superdisk_bin`, `size_b`, `run_dir`, `pid_of`.
 
 # Copies the random data to "$run_dir/$1.img" and prepares it with `superdisk create`;

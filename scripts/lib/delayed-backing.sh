@@ -1,25 +1,11 @@
 # shellcheck shell=bash
-# shellcheck disable=SC2154  # $run and die() come from the sourcing script
+# shellcheck disable=SC2154  # $run comes from the sourcing script; die() and stop_pid() from lib/common.sh
 # Sourced by bench-mirror.sh and bench-hedge.sh: a backing with network-disk latency, i.e. an image
 # served by nbdkit's delay filter and presented as a file by nbdfuse, and the clean-up for it.
-# The caller defines die() and sets $run (working directory, with $run/fuse created).
+# The caller sources lib/common.sh first and sets $run (working directory, with $run/fuse created).
 
 nbdkit_pid=""
 fuse_up=0
-
-# stop_pid PID: TERM, then KILL for one that hangs; only processes the script started, by PID.
-stop_pid() {
-    local p="$1"
-    [ -n "$p" ] || return 0
-    kill -TERM "$p" 2>/dev/null || true
-    for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$p" 2>/dev/null || true
-    wait "$p" 2>/dev/null || true
-}
-
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
 
 # start_delayed_backing IMG NBDKIT_DELAY_ARGS...: serves IMG through the delay filter (e.g. rdelay=1ms
 # wdelay=2ms) and presents it as $run/fuse/backing, the same size as IMG.
