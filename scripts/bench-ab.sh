@@ -21,8 +21,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib/common.sh
 . scripts/lib/common.sh
-# shellcheck source=scripts/lib/superdisk-images.sh
-. scripts/lib/superdisk-images.sh
+# shellcheck source=scripts/lib/servers.sh
+. scripts/lib/servers.sh
 
 a_flags="" b_flags="" names="A B" fio_args="--rw=read --bs=1M --iodepth=8" serve_flags=""
 jobs_list="1"

@@ -34,9 +34,8 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/.." && pwd)"
 # shellcheck source=scripts/lib/common.sh
 . "$here/lib/common.sh"
-# shellcheck source=scripts/lib/superdisk-images.sh
-. "$here/lib/superdisk-images.sh"
-
+# shellcheck source=scripts/lib/servers.sh
+. "$here/lib/servers.sh"
 
 quick=0
 servers="superdisk nbdkit-file nbdkit-null"
@@ -91,52 +90,14 @@ done
 
 # --- tools -----------------------------------------------------------------------------------------
 
-fio="${FIO:-fio}"; nbdkit="${NBDKIT:-nbdkit}"; nbdinfo="${NBDINFO:-nbdinfo}"; qemu_nbd="${QEMU_NBD:-qemu-nbd}"
-need "$fio" "apt-get install fio"
-need "$nbdinfo" "apt-get install libnbd-bin"
-need python3 "apt-get install python3"
-need getconf "libc-bin"
-"$fio" --enghelp=nbd 2>/dev/null | grep -q uri || die "this fio has no nbd engine ($fio --enghelp=nbd)"
-
-plugin_arg() {
-    if [ -n "${NBDKIT_PLUGINS:-}" ]; then echo "$NBDKIT_PLUGINS/nbdkit-$1-plugin.so"; else echo "$1"; fi
-}
-for s in $servers; do
-    case "$s" in
-        superdisk|superdisk-mirror) ;;
-        nbdkit-file|nbdkit-null)
-            need "$nbdkit" "apt-get install nbdkit"
-            "$nbdkit" "$(plugin_arg "${s#nbdkit-}")" --version >/dev/null 2>&1 \
-                || die "nbdkit cannot load its '${s#nbdkit-}' plugin"
-            ;;
-        qemu-nbd) need "$qemu_nbd" "apt-get install qemu-utils" ;;
-        *) die "unknown server '$s' (known: superdisk superdisk-mirror nbdkit-file nbdkit-null qemu-nbd)" ;;
-    esac
-done
-case " $servers " in
-    *" nbdkit-file "*) ;;
-    *) die "nbdkit-file must be among the servers: every ratio is relative to it" ;;
-esac
+bench_check_tools
 
 loadavg_start="$(cut -d' ' -f1-3 /proc/loadavg)"
 awk -v n="$ncpu" '{ exit !($1 > n / 2) }' /proc/loadavg \
     && log "warning: load average is $loadavg_start on $ncpu CPUs before we start; figures will be noisy"
 
-rev="$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo unknown)"
-git -C "$repo" diff --quiet HEAD -- 2>/dev/null || rev+=" with uncommitted changes"
-
-superdisk_bin=""
-if [[ " $servers " == *" superdisk "* || " $servers " == *" superdisk-mirror "* ]]; then
-    if [ -n "${SUPERDISK:-}" ]; then
-        superdisk_bin="$SUPERDISK"
-    else
-        need cargo "install a Rust toolchain, or set SUPERDISK to a built binary"
-        log "building superdisk (cargo build --release)"
-        (cd "$repo" && cargo build --release --quiet) || die "cargo build --release failed"
-        superdisk_bin="$repo/target/release/superdisk"
-    fi
-    [ -x "$superdisk_bin" ] || die "superdisk binary '$superdisk_bin' is missing or not executable"
-fi
+rev="$(bench_revision)"
+bench_superdisk_bin
 
 # --- images and servers ----------------------------------------------------------------------------
 
@@ -144,95 +105,11 @@ run_dir="$bench_dir/run-$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$run_dir/fio"
 [ -n "$out" ] || out="$run_dir/scale"
 
-pids=()
-fio_pid=""
-cleanup() {
-    local rc=$?
-    [ -z "$fio_pid" ] || kill -TERM "$fio_pid" 2>/dev/null || true
-    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-    for p in "${pids[@]}"; do
-        for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$p" 2>/dev/null || true
-        wait "$p" 2>/dev/null || true
-    done
-    rm -f "$run_dir"/*.img "$run_dir"/data.raw
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-# Random bytes (reads of holes are cheaper than reads of data); each file server gets a copy.
-log "writing $size of random data to $run_dir"
-head -c "$size_b" /dev/urandom >"$run_dir/data.raw"
-for s in $servers; do
-    case "$s" in
-        nbdkit-file|qemu-nbd) cp "$run_dir/data.raw" "$run_dir/$s.img" ;;
-        superdisk|superdisk-mirror) bench_create_superdisk "$s" ;;
-    esac
-done
-rm -f "$run_dir/data.raw"
-cat "$run_dir"/*.img >/dev/null 2>&1 || true
-
-
-declare -A pid_of uri_of port_of
-start_server() {
-    local s="$1" port
-    port="$(free_port)"
-    port_of[$s]="$port"
-    local errlog="$run_dir/$s.log"
-    case "$s" in
-        superdisk)
-            # shellcheck disable=SC2086  # SUPERDISK_ARGS is a word list on purpose
-            "$superdisk_bin" serve --backing "$run_dir/superdisk.img" --listen "127.0.0.1:$port" \
-                ${SUPERDISK_ARGS:-} 2>"$errlog" &
-            uri_of[$s]="nbd://127.0.0.1:$port/superdisk"
-            ;;
-        superdisk-mirror)
-            # The same image with a cache file (reads from the cache, writes to both files).
-            # shellcheck disable=SC2086
-            "$superdisk_bin" serve --backing "$run_dir/$s.img" --cache "$run_dir/$s.cache.img" \
-                --listen "127.0.0.1:$port" ${SUPERDISK_ARGS:-} ${SUPERDISK_MIRROR_ARGS:-} 2>"$errlog" &
-            uri_of[$s]="nbd://127.0.0.1:$port/superdisk"
-            ;;
-        nbdkit-file)
-            # -f: the process we start is the server, so its CPU time is the server's.
-            "$nbdkit" -f -i 127.0.0.1 -p "$port" "$(plugin_arg file)" "$run_dir/nbdkit-file.img" 2>"$errlog" &
-            uri_of[$s]="nbd://127.0.0.1:$port"
-            ;;
-        nbdkit-null)
-            "$nbdkit" -f -i 127.0.0.1 -p "$port" "$(plugin_arg null)" "$size_b" 2>"$errlog" &
-            uri_of[$s]="nbd://127.0.0.1:$port"
-            ;;
-        qemu-nbd)
-            # -e: qemu-nbd serves one client unless told more; it must admit the largest N.
-            "$qemu_nbd" -f raw -t -e 64 -x bench -b 127.0.0.1 -p "$port" --cache=writeback --aio=threads \
-                "$run_dir/qemu-nbd.img" 2>"$errlog" &
-            uri_of[$s]="nbd://127.0.0.1:$port/bench"
-            ;;
-    esac
-    pid_of[$s]=$!
-    pids+=("$!")
-}
-
-wait_up() {
-    local s="$1" got=""
-    for _ in $(seq 100); do
-        kill -0 "${pid_of[$s]}" 2>/dev/null || die "$s exited during startup: $(tail -n 5 "$run_dir/$s.log")"
-        got="$("$nbdinfo" --size "${uri_of[$s]}" 2>/dev/null || true)"
-        [ "$got" = "$size_b" ] && return 0
-        sleep 0.1
-    done
-    die "$s did not come up at ${uri_of[$s]} within 10 s (size seen: '${got:-none}'): $(tail -n 5 "$run_dir/$s.log")"
-}
-
-for s in $servers; do start_server "$s"; done
-for s in $servers; do wait_up "$s"; log "$s up at ${uri_of[$s]} (pid ${pid_of[$s]})"; done
-[[ " $servers " != *" superdisk-mirror "* ]] || bench_wait_mirror_rebuilt
+bench_traps
+bench_make_images
+bench_start_all
 
 # --- measurement -----------------------------------------------------------------------------------
-
-# utime + stime of the whole process, all threads, in clock ticks (fields after the comm's ")").
 
 # Established TCP connections whose local port is the server's: proof that N jobs are N connections.
 # /proc/net/tcp needs no tool; state 01 is ESTABLISHED, the local port is hex after the colon.
@@ -296,19 +173,7 @@ for w in "${workloads[@]}"; do
                     --group_reporting --time_based --runtime="$runtime" --ramp_time="$ramp" \
                     --output-format=json >"$json" 2>"$json.err" &
                 fio_pid=$!
-                # The window opens ramp seconds after the last job reports its connection.
-                seen=0
-                for _ in $(seq 2000); do
-                    [ "$(grep -c "connected to NBD server" "$json" 2>/dev/null || true)" -ge "$n" ] && { seen=1; break; }
-                    kill -0 "$fio_pid" 2>/dev/null || break
-                    sleep 0.005
-                done
-                if [ "$seen" = 0 ]; then
-                    wait "$fio_pid" || true
-                    die "fio never reported $n connections to $s ($name): $(tail -n 5 "$json.err")"
-                fi
-                sleep "$ramp"
-                c0="$(cpu_ticks "${pid_of[$s]}")"
+                bench_open_window "$s" "$json" "$n" "$name"
                 read -r mb0 mt0 < <(machine_ticks)
                 [ "${BENCH_THREADS:-0}" = 1 ] && thread_ticks "${pid_of[$s]}" >"$run_dir/threads/t0"
                 nconn="$(established "${port_of[$s]}")"
