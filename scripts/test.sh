@@ -7,6 +7,8 @@ scripts/install-test-deps.sh
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 shellcheck -x -S warning scripts/*.sh scripts/lib/*.sh
+# The module docs carry the architecture's detail (docs/ARCHITECTURE.md is the map): links stay true.
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet
 # Integration tests start daemons and mount filesystems; two at a time keeps a 2-core machine honest.
 cargo test --lib --bins --tests -- --test-threads=2
 # The criterion benches are built (clippy already linted them) but not run: timings never decide.

@@ -140,7 +140,7 @@ pub struct FileConfig {
     pub unix_group: Option<String>,
     /// Request bytes in flight across all connections together.
     pub max_inflight_bytes_total: Option<ByteSize>,
-    // Backing I/O under a stall (device::guard): per-attempt timeout, read retries, the backoff
+    // Backing I/O under a stall (device::layer::backing_guard): per-attempt timeout, read retries, the backoff
     // between them, and the request deadline after which the client gets EIO.
     pub backing_timeout_ms: Option<u64>,
     pub backing_read_retries: Option<u32>,
@@ -151,7 +151,7 @@ pub struct FileConfig {
     pub hedge_min_us: Option<u64>,
     pub hedge_max_us: Option<u64>,
     pub hedge_max_percent: Option<u32>,
-    // How long a cache device may take before the cache set is given up on (device::timeout).
+    // How long a cache device may take before the cache set is given up on (device::layer::cache_time_limit).
     pub cache_timeout_ms: Option<u64>,
 }
 

@@ -1,6 +1,24 @@
 //! The running daemon: opens the devices named by the config, builds the volume (plain, or the
 //! mirror), and runs the NBD server, the admin socket, the metrics endpoint and the service-manager
 //! notifications around it until SIGTERM. [`Node`] is the state they share.
+//!
+//! ```text
+//!  superdisk status|rebuild|cache|verify ──JSON line──▶ admin socket (Unix, 0600) ─┐
+//!  Prometheus ──GET /metrics──▶ metrics endpoint (TCP, off by default) ────────────┤
+//!  systemd ◀──READY/STATUS/WATCHDOG/STOPPING── monitor task (250 ms tick)          ├─▶ Node
+//!  SIGHUP ──▶ re-read config, apply live keys, name the rest                       ┘
+//! ```
+//!
+//! Status rates and percentiles cover the last ~10 s: the monitor samples every counter once a
+//! second and `status` subtracts the oldest sample from now; Prometheus gets cumulative counters
+//! and does its own `rate()`. Mode as reported: `plain` (no cache configured), `healthy`,
+//! `rebuilding`, `degraded`, `verifying`; the systemd `STATUS=` line carries it, the rebuild's
+//! progress and ETA, and "FLUSH FAILING" while the backing has lost a write-back.
+//!
+//! A verify runs as a background task (one at a time) so a client that goes away does not stop
+//! it. `cache replace` opens and classifies the new devices before detaching the attached set, so
+//! a refused replacement leaves the old set serving; `cache remove` persists the set's valid
+//! bitmap first, so bringing the same set back resyncs only what changed meanwhile.
 
 pub mod admin;
 mod commands;

@@ -158,7 +158,7 @@ impl Node {
         }
     }
 
-    /// The operator's `clear-flush-error` (see `device::guard::Durability`).
+    /// The operator's `clear-flush-error` (see `device::layer::backing_guard::Durability`).
     pub async fn clear_flush_error(&self) -> Result<String, String> {
         let Some(loss) = self.backing_io.durability.loss() else {
             return Ok("no flush error to clear: the backing has kept every flush".into());

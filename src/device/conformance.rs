@@ -208,7 +208,7 @@ pub(crate) async fn check_layer<D: BlockDevice>(name: &str, make: impl Fn(Arc<Pr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::layer::backing_guard::{BackingIoStats, Guarded, IoPolicy};
+    use crate::device::layer::backing_guard::{Guarded, IoPolicy};
     use crate::device::layer::cache_time_limit::{CacheTimeouts, Timed, Tripwire};
     use crate::device::layer::injected_stall::Stalled;
     use crate::device::layer::instrumented::{DeviceStats, Instrumented};
@@ -232,7 +232,6 @@ mod tests {
             Guarded::new(Instrumented::new(Stalled::new(d, None), stats), IoPolicy::default(), Arc::default(), "b")
         })
         .await;
-        let _ = BackingIoStats::default();
     }
 
     #[tokio::test]

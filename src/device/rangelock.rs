@@ -20,7 +20,7 @@ pub struct RangeGuard<'a> {
 }
 
 /// A lock that can outlive the borrow of its [`RangeLocks`]: it moves into a background task that
-/// holds a range until an operation the caller gave up on has really finished (`device::guard`).
+/// holds a range until an operation the caller gave up on has really finished (`device::layer::backing_guard`).
 pub struct OwnedRangeGuard {
     locks: Arc<RangeLocks>,
     range: (u64, u64),

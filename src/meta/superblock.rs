@@ -22,7 +22,7 @@ pub const FLAG_OPEN: u32 = 1 << 0;
 /// all-dirty).
 pub const FLAG_BITMAPS: u32 = 1 << 1;
 /// Backing only: a flush or FUA write of the backing failed, so data acknowledged before it may
-/// not be durable (see `device::guard::Durability`). Every later start keeps failing client
+/// not be durable (see `device::layer::backing_guard::Durability`). Every later start keeps failing client
 /// FLUSH and FUA writes until the operator clears it (`superdisk clear-flush-error`): a restart
 /// must not turn an error the clients may not have seen yet into a silent loss.
 pub const FLAG_FLUSH_FAILED: u32 = 1 << 2;

@@ -16,7 +16,7 @@
 //! a cache that keeps failing is still failed by the error budget, not hidden by hedging.
 //!
 //! The threshold is learnt from the cache's own latency: a histogram of the eligible reads,
-//! whose p99 over the last window (≥ [`MIN_SAMPLES`] reads, refreshed every second) sets it.
+//! whose p99 over the last window (≥ `MIN_SAMPLES` reads, refreshed every second) sets it.
 //! Reads larger than [`HEDGE_MAX_BYTES`] are never hedged: their time is dominated by transfer,
 //! not by a stall, and doubling them costs real bandwidth.
 
@@ -46,7 +46,7 @@ pub struct HedgePolicy {
     /// Always hedge by this, however slow the cache has been lately: a sick cache's p99 must not
     /// switch hedging off.
     pub max: Duration,
-    /// Hedges per 100 eligible cache reads in a window (plus a burst of [`BURST`]).
+    /// Hedges per 100 eligible cache reads in a window (plus a burst of `BURST`).
     pub max_percent: u32,
 }
 

@@ -26,7 +26,7 @@
 //!   else. Intent bits clear only after both devices were flushed and the valid bitmap persisted.
 //! * **Disposable cache**: every cache error is absorbed (the backing has every acknowledged
 //!   write); past the error budget the set is dropped and the engine runs degraded.
-//! * **A stalled backing** (`device::guard`): every backing operation has an attempt timeout and a
+//! * **A stalled backing** (`device::layer::backing_guard`): every backing operation has an attempt timeout and a
 //!   deadline; each client request runs under one request deadline that also bounds its waits for
 //!   range locks and the write-intent commit, so a write fails with EIO by then and is never
 //!   acknowledged without the backing. A backing write given up at its deadline stays fenced in
@@ -393,7 +393,7 @@ impl<B: BlockDevice, C: BlockDevice> MirrorVolume<B, C> {
     }
 
     /// Operations on device `id` that were given up on (timed out) and that it has not answered
-    /// yet: while any is, the device cannot be attached again (see [`crate::device::timeout`]).
+    /// yet: while any is, the device cannot be attached again (see [`crate::device::layer::cache_time_limit`]).
     pub async fn cache_outstanding(&self, id: Option<DeviceId>) -> u64 {
         self.inner.stats.cache_io.outstanding_after(id, REATTACH_GRACE).await
     }
@@ -447,7 +447,7 @@ impl<B: BlockDevice, C: BlockDevice> MirrorVolume<B, C> {
 
     /// Why the backing can no longer be trusted with what it acknowledged, if it cannot (a flush
     /// or FUA write failed, in this run or an earlier one): every client FLUSH and FUA write fails
-    /// meanwhile (see `device::guard::Durability`).
+    /// meanwhile (see `device::layer::backing_guard::Durability`).
     pub fn durability_lost(&self) -> Option<DurabilityLoss> {
         self.inner.backing.durability().loss()
     }

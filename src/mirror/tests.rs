@@ -1,5 +1,5 @@
 //! Unit tests of the mirror engine against in-memory devices (crash semantics from
-//! `device::mem`, faults from `device::fault`). The randomized, model-based tests live in
+//! `device::sim::mem`, faults from `device::sim::fault`). The randomized, model-based tests live in
 //! tests/mirror_model.rs; these pin down each start-up case and each error path.
 
 use super::*;
@@ -664,7 +664,7 @@ async fn random_crashes_lose_no_flushed_write_and_never_leave_a_stale_valid_regi
 }
 
 // ------------------------------------------------------------------------------------------------
-// A stalled backing (device::guard): the device stops answering, then answers again, and what it
+// A stalled backing (device::layer::backing_guard): the device stops answering, then answers again, and what it
 // was asked to write while stalled lands late.
 
 type HVol = MirrorVolume<FaultDevice<MemDevice>, MemDevice>;

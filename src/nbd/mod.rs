@@ -10,6 +10,31 @@
 //!                                                                         │
 //!   socket bytes ◄── reply::* encoders ◄───────────── result / error ◄────┘
 //! ```
+//!
+//! # Why the protocol is our own code
+//! The Rust NBD server crates that exist break the spec's baseline rules (unknown options answered
+//! by disconnecting, OS errnos on the wire, no structured replies or block status), and the
+//! `nbdkit` crate would make superdisk a plugin inside nbdkit's process, giving up our own
+//! connection handling, in-flight limits and shutdown. nbdkit and qemu-nbd are our peers in tests
+//! and benchmarks instead. This module follows `shared/reference/nbd-proto.md`.
+//!
+//! # Where the spec leaves room
+//! | situation | what superdisk does |
+//! |---|---|
+//! | unknown option | `NBD_REP_ERR_UNSUP`, negotiation continues |
+//! | option data > 64 KiB | hard disconnect (denial-of-service guard) |
+//! | unknown client flags, bad magic | hard disconnect (spec: MUST) |
+//! | `NBD_OPT_STARTTLS` | `tls = off`: `NBD_REP_ERR_POLICY`; `on`: upgrade, plain clients still served; `require`: every option but STARTTLS/ABORT gets `NBD_REP_ERR_TLS_REQD`, EXPORT_NAME before TLS closes. An upgrade forgets what was negotiated before it; bytes pipelined behind STARTTLS go to TLS |
+//! | `NBD_OPT_INFO` / `GO` | `INFO_EXPORT`, `INFO_BLOCK_SIZE` always (min 1, preferred 4096, max 32 MiB), `NAME` and `DESCRIPTION` when asked; INFO and GO answer identically |
+//! | read > 32 MiB | `EOVERFLOW` with structured replies, `EINVAL` without |
+//! | out of bounds | `EINVAL` (read, trim, cache, block status), `ENOSPC` (write, write zeroes) |
+//! | writes on a read-only export | `EPERM`, payload drained |
+//! | zero-length requests | success (block status of 0 bytes: `EINVAL`, since success needs an extent) |
+//! | `FAST_ZERO` | advertised; fails fast with `ENOTSUP` when the volume cannot zero cheaply |
+//! | replies without payload | simple replies, even with structured replies negotiated (allowed) |
+//! | errors | only the spec's values, mapped from errno (`EDQUOT`/`EFBIG` → `ENOSPC`, …); structured error chunks carry a message |
+//! | `CAN_MULTI_CONN` | advertised and true: all connections share one volume, and FLUSH flushes the devices |
+//! | `NBD_CMD_DISC`, SIGTERM | stop reading, finish every in-flight request, write its reply, close; then flush the volume and record a clean shutdown |
 
 #![deny(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 

@@ -1,11 +1,27 @@
 //! The NBD front end on tokio: listeners, the handshake driver and the transmission loop. It turns
-//! wire requests into [`Volume`] calls; it knows nothing about devices, regions or mirrors.
+//! wire requests into [`Volume`](crate::volume::Volume) calls; it knows nothing about devices, regions or mirrors.
 //!
 //! One connection = one reader (this task) + one writer task. The reader decodes a request, checks
 //! it against the session (sans-IO `nbd::request::validate`), reserves in-flight bytes, and spawns
 //! the I/O; each finished request sends one whole reply to the writer, which batches replies into as
 //! few socket writes as it can. Only the writer touches the socket's write half, so replies never
 //! interleave (spec: "every reply goes out whole").
+//!
+//! # Limits, and why each exists
+//! * The handshake must finish within `handshake_timeout_secs` (30): one deadline for the whole
+//!   negotiation, TLS included, so a client sending a byte at a time is cut off too.
+//! * `allow` (CIDR list) is checked at accept, before the greeting; the Unix socket gets
+//!   `unix_mode`, `unix_owner`, `unix_group` right after bind. TLS material is read while the
+//!   config is validated, so a bad certificate stops the daemon before any device is opened.
+//! * In-flight bytes: `max_inflight_bytes_per_connection` (64 MiB, always at least one maximum
+//!   request) and `max_inflight_bytes_total` (1 GiB, with a 1 MiB reserve per connection outside
+//!   it so clients holding the total cannot starve others' small requests). Budget is released
+//!   only once a reply is written, so a client that does not read its replies stalls itself and
+//!   nobody else; one that accepts no reply bytes for 60 s is cut off.
+//! * TCP keepalive (30 s idle, 6 probes 10 s apart) reaps half-open connections. The idle timeout
+//!   is off by default (`idle_timeout_secs = 0`): a mounted filesystem can be quiet for hours and
+//!   cutting it off would fail the kernel device.
+//! * `max_connections` (256) bounds the rest.
 
 mod connection;
 mod listen;

@@ -1,7 +1,7 @@
 //! Sending read data from the page cache to the client's socket without reading it into a buffer
 //! first. Two ways (`zero_copy_reads`): `sendfile`, where the kernel hands the file's pages to the
 //! socket and the server copies nothing; and `send` from a read-only mapping of the file
-//! (`device::mapped`), one copy from the page cache into the socket's buffer instead of the
+//! (`device::file::page_cache`), one copy from the page cache into the socket's buffer instead of the
 //! copying path's two (into our buffer, then into the socket's). Which is faster depends on the
 //! receiver: on loopback the client's copy out of page-cache pages costs it more than out of the
 //! socket's own buffers, and where client and server share the CPUs that decides it (see
@@ -47,7 +47,7 @@ pub(crate) trait ReplySink: AsyncWrite + Unpin + Send + 'static {
         false
     }
     /// Sends up to `len` bytes of the file from `offset` out of `window`, a mapping that user space
-    /// must never read (`device::mapped`): only the kernel touches it, so a page it cannot supply
+    /// must never read (`device::file::page_cache`): only the kernel touches it, so a page it cannot supply
     /// is an `EFAULT` here rather than a `SIGBUS`. Only called when `can_sendfile` said yes.
     fn poll_send_mapped(
         &mut self,

@@ -3,9 +3,9 @@
 //!
 //! The backing is behind a [`Guarded`] device: each request has `backing_io_deadline_ms` to
 //! complete and then fails with EIO; a write given up that way stays fenced until the device
-//! really answers, so no later write to those bytes can be overtaken by it (see `device::guard`).
+//! really answers, so no later write to those bytes can be overtaken by it (see `device::layer::backing_guard`).
 //!
-//! A failed flush or FUA write loses durability for good (`device::guard::Durability`): every
+//! A failed flush or FUA write loses durability for good (`device::layer::backing_guard::Durability`): every
 //! later FLUSH and FUA write fails, the loss is recorded on the superblock before the client
 //! hears of it (so another connection's FLUSH after a restart fails too), and the shutdown does
 //! not record a clean stop, until the operator runs `superdisk clear-flush-error`.
@@ -157,7 +157,7 @@ impl<D: BlockDevice> Volume for PlainVolume<D> {
     }
 
     async fn flush(&self) -> io::Result<()> {
-        // Never re-issued after a failure or past the deadline (see `device::guard`), and never
+        // Never re-issued after a failure or past the deadline (see `device::layer::backing_guard`), and never
         // Ok once any flush or FUA write failed.
         self.check_durable().await?;
         let r = self.backing.flush().await;

@@ -5,7 +5,7 @@
 //! Two costs per operation are avoided:
 //! - the device's descriptor is registered with the ring (`IOSQE_FIXED_FILE`), so the kernel does
 //!   not look it up and take a reference for every SQE;
-//! - buffers from the registered arena ([`Arena`]) are registered with the ring once
+//! - buffers from the registered arena (`Arena`) are registered with the ring once
 //!   (`READ_FIXED`/`WRITE_FIXED`), so an O_DIRECT request does not pin and unpin its pages each
 //!   time; buffers from elsewhere use plain `READ`/`WRITE`;
 //! - a caller wakes the ring thread (an eventfd write, one syscall) only when that thread is

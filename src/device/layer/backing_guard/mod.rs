@@ -397,7 +397,7 @@ impl<D: BlockDevice> BlockDevice for Guarded<D> {
         .await?
     }
 
-    /// Flushes one at a time (see [`Shared::gate`]); calls that arrive while one is issued share
+    /// Flushes one at a time (see `Shared::gate`); calls that arrive while one is issued share
     /// the next. A flush is issued even after durability was lost (metadata writes still need
     /// theirs); callers that promise durability to a client check [`Durability`] as well.
     async fn flush(&self) -> io::Result<()> {
