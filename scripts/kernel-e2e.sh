@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # End-to-end test with the Linux kernel's NBD client: boots a Debian kernel under qemu with a small
 # initramfs; the guest attaches superdisk's export over two connections, makes XFS, runs fio with
-# verification, detaches, re-attaches and verifies again. The host then stops the daemon with
-# SIGTERM (must exit 0) and runs the offline verify (must be clean). See docs/KERNEL-E2E.md.
+# verification, detaches, re-attaches and verifies again. Then it attaches with `superdisk attach`
+# (the supervisor) and runs a verifying writer while the host SIGKILLs and restarts the daemon
+# three times and upgrades it in place twice (the second time to another build): zero I/O errors
+# allowed. The host then stops the daemon with SIGTERM and runs the offline verify (must be clean)
+# and xfs_repair -n. See docs/KERNEL-E2E.md.
 set -euo pipefail
 
 usage() {
@@ -45,6 +48,11 @@ DISK_SIZE=1G
 MODULES=(crc32c_generic virtio_pci virtio_net nbd xfs)
 HOST_PACKAGES=(qemu-system-x86 busybox-static nbd-client xfsprogs fio cpio gzip xz-utils zstd apt dpkg)
 GUEST_PROGRAMS=(nbd-client mkfs.xfs fio)
+# Seconds the guest's verifying writer runs while the host breaks the daemon (0: skip that phase).
+RESTART_SECS=${E2E_RESTART_SECS:-75}
+ADMIN_SOCK=
+SD_B=
+ADOPTED=0
 
 STEP=setup
 WORK=
@@ -265,6 +273,10 @@ build_initramfs() {
   cp "$busybox" "$root/bin/busybox"
   install -m 0755 "$REPO/scripts/kernel-e2e/init" "$root/init"
   for p in "${GUEST_PROGRAMS[@]}"; do copy_program "$root" "$p"; done
+  # The supervisor under test, as the guest's `superdisk`.
+  copy_program "$root" "$SD"
+  mkdir -p "$root/usr/bin"
+  cp "$SD" "$root/usr/bin/superdisk"
   cp "$KIT"/modules/*.ko "$KIT/modules/order" "$root/lib/modules/e2e/"
   (cd "$root" && find . -print0 | cpio --null -o -H newc --quiet) | gzip -1 >"$WORK/initramfs.cpio.gz"
   log "initramfs: $(du -sh "$root" | cut -f1) unpacked, $(du -h "$WORK/initramfs.cpio.gz" | cut -f1) gzipped"
@@ -277,20 +289,43 @@ create_disk() {
     >"$WORK/create.log" 2>&1 || { cat "$WORK/create.log" >&2; die "superdisk create failed"; }
 }
 
-# Port 0: the daemon picks a free port and logs it in its "listening" line.
+# First start on port 0: the daemon picks a free port and logs it in its "listening" line; every
+# restart takes the same port again, as systemd's restart would, so the guest's supervisor finds it.
 start_daemon() {
-  local i
-  "$SD" serve --backing "$WORK/backing.img" --cache "$WORK/cache.img" --listen 127.0.0.1:0 \
-    --log-level info 2>"$WORK/daemon.log" &
+  local i from listen=127.0.0.1:${PORT:-0}
+  from=$(wc -l <"$WORK/daemon.log" 2>/dev/null || echo 0)
+  ADMIN_SOCK=$WORK/admin.sock
+  "$SD" serve --backing "$WORK/backing.img" --cache "$WORK/cache.img" --listen "$listen" \
+    --admin-socket "$ADMIN_SOCK" --log-level info 2>>"$WORK/daemon.log" &
   DAEMON_PID=$!
+  ADOPTED=0
   for ((i = 0; i < 300; i++)); do
-    PORT=$(sed -n 's/.*endpoint=nbd:\/\/127\.0\.0\.1:\([0-9]*\).*/\1/p' "$WORK/daemon.log" | head -n 1)
+    PORT=$(tail -n +"$((from + 1))" "$WORK/daemon.log" | sed -n 's/.*endpoint=nbd:\/\/127\.0\.0\.1:\([0-9]*\).*/\1/p' | head -n 1)
     [ -z "$PORT" ] || break
     kill -0 "$DAEMON_PID" 2>/dev/null || die "superdisk serve exited during start-up"
     sleep 0.1
   done
   [ -n "$PORT" ] || die "superdisk serve did not log a listening port within 30s"
   log "daemon pid $DAEMON_PID listening on 127.0.0.1:$PORT (the guest reaches it as 10.0.2.2:$PORT)"
+}
+
+# The second build for the last upgrade: the same sources with another SUPERDISK_BUILD_ID (only
+# the binary's own crate reads it, so this relinks one crate), then the first build is restored.
+build_second_binary() {
+  local profile=() dir
+  cp "$SD" "$WORK/superdisk-a"
+  SD=$WORK/superdisk-a
+  case "${SUPERDISK_BIN:-$REPO/target/release/superdisk}" in
+    */target/release/*) profile=(--release); dir=release ;;
+    */target/debug/*) dir=debug ;;
+    *) log "no cargo build to vary; the second upgrade reuses the same binary"; SD_B=$SD; return 0 ;;
+  esac
+  (cd "$REPO" && SUPERDISK_BUILD_ID=kernel-e2e-b cargo build --quiet "${profile[@]}" --bin superdisk) ||
+    die "building the second binary failed"
+  cp "$REPO/target/$dir/superdisk" "$WORK/superdisk-b"
+  (cd "$REPO" && cargo build --quiet "${profile[@]}" --bin superdisk) || die "restoring the first build failed"
+  SD_B=$WORK/superdisk-b
+  log "second build: $("$SD_B" handover-info)"
 }
 
 # KVM needs /dev/kvm to open read-write and hardware virtualization behind it: a KVM without the
@@ -324,7 +359,7 @@ boot_guest() {
     -nodefaults -no-user-config -display none -no-reboot -monitor none \
     -serial "file:$console" \
     -kernel "$KIT/vmlinuz" -initrd "$WORK/initramfs.cpio.gz" \
-    -append "console=ttyS0 panic=-1 loglevel=4 e2e.nonce=$nonce e2e.port=$PORT e2e.fio_size=$FIO_SIZE" \
+    -append "console=ttyS0 panic=-1 loglevel=4 e2e.nonce=$nonce e2e.port=$PORT e2e.fio_size=$FIO_SIZE e2e.restart_secs=$RESTART_SECS" \
     -netdev user,id=n0,ipv6=off -device virtio-net-pci,netdev=n0,romfile= \
     >"$WORK/qemu.log" 2>&1 &
   QEMU_PID=$!
@@ -332,6 +367,7 @@ boot_guest() {
   # between foreground commands, but interrupts wait).
   tail -n +1 -f --pid="$QEMU_PID" "$console" | sed -u 's/\r$//; s/^/  guest| /' &
   tail_pid=$!
+  [ "$RESTART_SECS" = 0 ] || run_events "$console" "$nonce"
   wait "$QEMU_PID" || rc=$?
   QEMU_PID=
   wait "$tail_pid" || true
@@ -351,12 +387,63 @@ boot_guest() {
   fi
 }
 
-# The kernel client ran two attaches of two connections each; the daemon saw nothing go wrong.
+# Once the guest's writer runs: SIGKILL + restart three times and upgrade twice, 12 s apart, each
+# timed from the host (the guest prints the pauses its I/O saw).
+run_events() {
+  local console=$1 nonce=$2 i t0 ev
+  for ((i = 0; i < GUEST_TIMEOUT_SECS * 10; i++)); do
+    grep -aq "SUPERDISK-E2E-EVENTS-START nonce=$nonce" "$console" && break
+    kill -0 "$QEMU_PID" 2>/dev/null || return 0
+    sleep 0.1
+  done
+  t0=$SECONDS
+  for ev in kill upgrade kill upgrade-b kill; do
+    sleep 12
+    grep -aq "SUPERDISK-E2E-EVENTS-END nonce=$nonce" "$console" && die "the guest's writer ended before event '$ev'"
+    case "$ev" in
+      kill) kill_and_restart ;;
+      upgrade) upgrade_daemon "$SD" ;;
+      upgrade-b) upgrade_daemon "$SD_B" ;;
+    esac
+    log "event '$ev' done at +$((SECONDS - t0))s of the writer's run"
+  done
+}
+
+kill_and_restart() {
+  kill -KILL "$DAEMON_PID"
+  wait_gone "$DAEMON_PID"
+  start_daemon
+}
+
+upgrade_daemon() {
+  local out pid old=$DAEMON_PID
+  out=$("$SD" upgrade --socket "$ADMIN_SOCK" --binary "$1" 2>&1) || die "upgrade to $1 failed: $out"
+  log "upgrade: $out"
+  pid=$(sed -n 's/.*, pid \([0-9]*\);.*/\1/p' <<<"$out")
+  [ -n "$pid" ] || die "no pid in the upgrade's answer: $out"
+  wait_gone "$old"
+  DAEMON_PID=$pid
+  ADOPTED=1
+}
+
+# Waits for PID to exit (reaping it when it is our child).
+wait_gone() {
+  local i
+  for ((i = 0; i < 300; i++)); do
+    kill -0 "$1" 2>/dev/null || break
+    sleep 0.1
+  done
+  kill -0 "$1" 2>/dev/null && die "pid $1 still runs"
+  wait "$1" 2>/dev/null || true
+}
+
+# Two attaches of nbd-client -C 2, then the supervisor's two and its reconnections; nothing wrong.
 check_daemon_log() {
   local n
   n=$(grep -c 'client connected' "$WORK/daemon.log" || true)
-  [ "$n" = 4 ] || die "daemon logged $n NBD connections, expected 4 (2 attaches x nbd-client -C 2)"
-  if grep -E 'handshake failed|I/O failed| ERROR ' "$WORK/daemon.log"; then
+  [ "$n" -ge 4 ] || die "daemon logged $n NBD connections, expected at least 4"
+  log "the daemon logged $n NBD connections and $(grep -c 'connection carried over' "$WORK/daemon.log" || true) carried over by upgrades"
+  if grep -E 'handshake failed|I/O failed| ERROR |panicked' "$WORK/daemon.log"; then
     die "the daemon logged errors (above)"
   fi
   grep ' WARN ' "$WORK/daemon.log" | sed 's/^/  daemon warning| /' || true
@@ -370,9 +457,14 @@ stop_daemon() {
     sleep 0.1
   done
   kill -0 "$DAEMON_PID" 2>/dev/null && die "daemon still running 60s after SIGTERM"
-  wait "$DAEMON_PID" || rc=$?
+  if [ "$ADOPTED" = 1 ]; then
+    # Not our child (an upgrade started it): its log says whether it stopped cleanly.
+    tail -n 3 "$WORK/daemon.log" | grep -q 'clean shutdown recorded' || die "the daemon did not record a clean shutdown"
+  else
+    wait "$DAEMON_PID" || rc=$?
+    [ "$rc" = 0 ] || die "daemon exited $rc after SIGTERM, expected 0"
+  fi
   DAEMON_PID=
-  [ "$rc" = 0 ] || die "daemon exited $rc after SIGTERM, expected 0"
 }
 
 verify_offline() {
@@ -401,6 +493,8 @@ main() {
   build_initramfs
   step create
   create_disk
+  step second-build
+  [ "$RESTART_SECS" = 0 ] || build_second_binary
   step serve
   start_daemon
   step guest

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod daemon;
 pub mod device;
+pub mod kernel;
 pub mod meta;
 pub mod mirror;
 pub mod nbd;

@@ -106,6 +106,28 @@ enum Command {
         #[command(flatten)]
         target: ctl::Target,
     },
+    /// Replace the running daemon's binary without a disconnect: it hands its devices, listening
+    /// sockets and every client connection to BINARY, which carries on serving. If BINARY cannot
+    /// take over, the running daemon carries on and this says why.
+    Upgrade {
+        #[command(flatten)]
+        target: ctl::Target,
+        /// The new binary (default: this superdisk, as installed at this path).
+        #[arg(long)]
+        binary: Option<PathBuf>,
+    },
+    /// Connect a kernel block device (/dev/nbdN) to the daemon and supervise it: every connection
+    /// that dies (a daemon crash, restart or upgrade) is replaced, so the filesystem on the device
+    /// sees a pause, not I/O errors. Prints the device; stays in the foreground.
+    Attach(cli::attach::AttachArgs),
+    /// Disconnect a kernel NBD device (the kernel finishes its in-flight requests first).
+    Detach {
+        /// The device, /dev/nbdN.
+        device: String,
+    },
+    /// Print what a running daemon checks before handing over to this binary (JSON).
+    #[command(hide = true)]
+    HandoverInfo,
     /// Serve the disk over NBD (boxed: its flags outweigh every other command).
     Serve(Box<ServeArgs>),
     /// Create demo images in DIR (default ./superdisk-demo) and serve them.
@@ -159,6 +181,7 @@ enum CacheAction {
 }
 
 fn main() -> ExitCode {
+    superdisk::daemon::handover::set_build_id(option_env!("SUPERDISK_BUILD_ID").unwrap_or("dev"));
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Create { backing, size, force, cache, region_size, stripe_size, take_over_cache } => {
@@ -213,6 +236,18 @@ fn main() -> ExitCode {
         }
         Command::ClearFlushError { target } => {
             runtime().and_then(|rt| rt.block_on(ctl::simple(&target, &["clear-flush-error"])))
+        }
+        Command::Upgrade { target, binary } => {
+            runtime().and_then(|rt| rt.block_on(ctl::upgrade(&target, binary.as_deref())))
+        }
+        Command::Attach(args) => {
+            init_logging("info");
+            cli::attach::attach(args)
+        }
+        Command::Detach { device } => cli::attach::detach(&device),
+        Command::HandoverInfo => {
+            println!("{}", serde_json::to_string(&superdisk::daemon::handover::BuildInfo::this()).unwrap_or_default());
+            Ok(())
         }
         Command::Serve(args) => serve_cmd(*args),
         Command::Demo { dir, listen, size, no_cache } => demo(dir, listen, size, no_cache),

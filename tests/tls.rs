@@ -13,7 +13,7 @@ use common::*;
 use raw_client::*;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 use superdisk::nbd::consts::*;
@@ -586,4 +586,31 @@ fn bad_tls_settings_stop_the_daemon_naming_the_key() {
     d.spawn();
     nbdinfo(&["--size", &nbds_uri(&d, &pki.good)], true);
     assert!(!d.log().contains("did not shut down cleanly"), "{}", d.log());
+}
+
+/// A TLS session's keys live in the daemon's rustls state: an upgrade while one is open is
+/// refused, saying why, and the client keeps being served; once it is gone the upgrade goes ahead
+/// (and plain clients are carried over).
+#[test]
+fn an_upgrade_is_refused_while_a_tls_client_is_connected() {
+    let (mut d, pki) = tls_daemon("tls = \"on\"", false);
+    d.stop();
+    d.extra_args.extend(Daemon::admin_args(d.dir.path()));
+    d.spawn();
+    let stop = d.path("clients.stop");
+    let mut cmd = py_command("upgrade_clients.py");
+    cmd.arg(&stop).arg(SIZE.to_string()).arg(nbds_uri(&d, &pki.good)).args(["--depth", "8"]);
+    let clients = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    d.wait_log(0, "tls=true", Duration::from_secs(10));
+    let pid = d.pid();
+    let (ok, text) = d.upgrade(Path::new(BIN));
+    assert!(!ok, "an upgrade with a TLS client connected went ahead: {text}");
+    assert!(text.contains("use TLS"), "{text}");
+    assert_eq!(d.pid(), pid);
+    std::fs::write(&stop, b"").unwrap();
+    let out = clients.wait_with_output().unwrap();
+    assert!(out.status.success(), "the TLS client was disturbed: {}", String::from_utf8_lossy(&out.stderr));
+    let (ok, text) = d.upgrade(Path::new(BIN));
+    assert!(ok, "{text}");
+    assert!(d.stop().success());
 }

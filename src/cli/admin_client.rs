@@ -74,6 +74,46 @@ pub async fn status(target: &Target, json: bool) -> Result<(), AnyError> {
     Ok(())
 }
 
+/// `superdisk upgrade`: the daemon answers once the new binary serves (or with why not). If the
+/// answer is lost because the old process exited first, the new one is asked who it is.
+pub async fn upgrade(target: &Target, binary: Option<&Path>) -> Result<(), AnyError> {
+    let binary = match binary {
+        Some(b) => std::path::absolute(b)?,
+        None => std::env::current_exe()?,
+    };
+    let before = status_of(target).await.ok();
+    match call(target, &["upgrade", &binary.display().to_string()], |_| {}).await {
+        Ok(msg) => {
+            println!("{msg}");
+            Ok(())
+        }
+        Err(e) if e.to_string().contains("mid-reply") => {
+            let now = status_of(target).await?;
+            match before {
+                Some(b) if b.pid == now.pid => {
+                    Err("the daemon closed the connection without an answer; it still runs the old binary".into())
+                }
+                _ => {
+                    println!("upgraded: superdisk {} (build {}) serves, pid {}", now.version, now.build, now.pid);
+                    Ok(())
+                }
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+async fn status_of(target: &Target) -> Result<Status, AnyError> {
+    let mut body = None;
+    call(target, &["status"], |l| {
+        if l.starts_with('{') {
+            body = Some(l.to_string());
+        }
+    })
+    .await?;
+    Ok(serde_json::from_str(&body.ok_or("the daemon sent no status")?)?)
+}
+
 /// Runs a command that answers with one line and prints it.
 pub async fn simple(target: &Target, args: &[&str]) -> Result<(), AnyError> {
     println!("{}", call(target, args, |_| {}).await?);

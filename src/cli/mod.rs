@@ -3,6 +3,7 @@
 //! `main.rs` only parses the arguments and dispatches here.
 
 pub mod admin_client;
+pub mod attach;
 pub mod create;
 pub mod offline;
 pub mod serve;

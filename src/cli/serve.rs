@@ -5,6 +5,7 @@ use super::create::{create, Geometry};
 use super::{init_logging, runtime};
 use std::path::PathBuf;
 use superdisk::config::{parse_size, BoolOrWord, ByteSize, FileConfig, ServeConfig};
+use superdisk::daemon::handover::takeover::Takeover;
 use superdisk::daemon::{self, AnyError};
 
 #[derive(clap::Args, Default, Clone)]
@@ -70,6 +71,9 @@ pub struct ServeArgs {
     // Boxed: `Command` holds ServeArgs inline, and clippy limits how much larger one variant may be.
     #[command(flatten)]
     tls: Box<TlsArgs>,
+    /// Internal: take over from the running daemon through this socket (`superdisk upgrade`).
+    #[arg(long, hide = true, conflicts_with = "stdio")]
+    takeover_fd: Option<i32>,
 }
 
 #[derive(clap::Args, Default, Clone)]
@@ -96,15 +100,25 @@ pub fn serve_cmd(args: ServeArgs) -> Result<(), AnyError> {
         };
         Ok(ServeConfig::from_file_config(merge_flags(f, args))?)
     };
-    let cfg = cfg_of(&args)?;
+    // Taken first: whatever fails from here on is told to the daemon waiting for us.
+    let mut takeover = args.takeover_fd.map(Takeover::from_fd).transpose()?;
+    let cfg = match cfg_of(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            if let Some(t) = takeover.take() {
+                t.refuse(&e.to_string());
+            }
+            return Err(e);
+        }
+    };
     let stdio = args.stdio;
     // SIGHUP re-reads the file; the command line still wins over it.
     let reload: Option<daemon::Reloader> = match args.config.is_some() {
-        true => Some(Box::new(move || cfg_of(&args))),
+        true => Some(std::sync::Arc::new(move || cfg_of(&args))),
         false => None,
     };
     init_logging(&cfg.log_level);
-    runtime()?.block_on(daemon::serve_with(cfg, reload, stdio, |_| {}))
+    runtime()?.block_on(daemon::serve_with(cfg, reload, stdio, takeover, |_| {}))
 }
 
 /// Writes the flags given on the command line over the file's keys.

@@ -42,11 +42,22 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
     Ok(listener)
 }
 
+/// Admin connections being answered right now: a daemon that hands over waits for its `upgrade`
+/// answer to be written before it exits.
+static OPEN_CONNECTIONS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+pub fn open_connections() -> usize {
+    OPEN_CONNECTIONS.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// Serves admin commands until `shutdown`; then removes the socket's path unless `handover` says
+/// the next process keeps serving it.
 pub async fn serve_admin<A: AdminOps>(
     listener: UnixListener,
     path: PathBuf,
     ops: Arc<A>,
     mut shutdown: watch::Receiver<bool>,
+    handover: Arc<crate::server::handover::Handover>,
 ) -> io::Result<()> {
     loop {
         let stream = tokio::select! {
@@ -61,13 +72,17 @@ pub async fn serve_admin<A: AdminOps>(
             },
         };
         let ops = ops.clone();
+        OPEN_CONNECTIONS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         tokio::spawn(async move {
             if let Err(e) = handle(stream, ops).await {
                 tracing::debug!(error = %e, "admin connection ended");
             }
+            OPEN_CONNECTIONS.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         });
     }
-    let _ = std::fs::remove_file(&path);
+    if !handover.requested() {
+        let _ = std::fs::remove_file(&path);
+    }
     Ok(())
 }
 

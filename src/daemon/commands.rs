@@ -11,6 +11,7 @@
 //! | `cache replace [--take-over] PATH…` | swaps the set for another while serving |
 //! | `verify [repair] [wait]` | compares cache and backing in the background; `wait` streams progress |
 //! | `clear-flush-error` | after a backing flush failed: resync what it may have lost, let FLUSH succeed again |
+//! | `upgrade BINARY` | hands every device, listener and connection to BINARY, which carries on serving (`handover`) |
 
 use super::admin::{AdminOps, BoxFuture};
 use super::node::LastVerify;
@@ -42,8 +43,9 @@ impl AdminOps for Node {
                 ["cache", rest @ ..] => self.cache_cmd(rest).await,
                 ["verify", rest @ ..] => self.clone().verify_cmd(rest, &out).await,
                 ["clear-flush-error"] => self.clear_flush_error().await,
+                ["upgrade", binary] => self.upgrade(binary.into()).await,
                 _ => Err(format!(
-                    "unknown command {:?}: expected status, rebuild, cache, verify or clear-flush-error",
+                    "unknown command {:?}: expected status, rebuild, cache, verify, clear-flush-error or upgrade BINARY",
                     words.join(" ")
                 )),
             };

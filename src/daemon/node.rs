@@ -49,6 +49,8 @@ pub struct Node {
     pub(super) verify_task: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     pub(super) last_verify: Mutex<Option<LastVerify>>,
     pub(super) reload: Option<Reloader>,
+    /// Where an operator's `upgrade` goes: the serving loop, which runs the handover.
+    pub(super) upgrades: Mutex<Option<tokio::sync::mpsc::UnboundedSender<super::handover::UpgradeRequest>>>,
 }
 /// The volume a node controls.
 pub(super) enum VolumeRef {
@@ -95,7 +97,26 @@ impl Node {
             verify_task: tokio::sync::Mutex::new(None),
             last_verify: Mutex::new(None),
             reload,
+            upgrades: Mutex::new(None),
         }
+    }
+
+    /// Device operations in flight that nobody waits for (see `MirrorVolume::device_ops_in_doubt`).
+    pub(super) fn device_ops_in_doubt(&self) -> u64 {
+        match (&self.mirror, &self.plain) {
+            (Some(m), _) => m.device_ops_in_doubt(),
+            (None, Some(p)) => p.device_ops_in_doubt(),
+            (None, None) => 0,
+        }
+    }
+
+    /// The operator's `upgrade BINARY`: answered once the new binary serves, or with why not.
+    pub(super) async fn upgrade(&self, binary: std::path::PathBuf) -> Result<String, String> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let tx = self.upgrades.lock().expect("upgrade channel poisoned").clone();
+        let tx = tx.ok_or("this daemon cannot be upgraded in place (it serves one client on stdin/stdout)")?;
+        tx.send(super::handover::UpgradeRequest { binary, reply }).map_err(|_| "the daemon is stopping".to_owned())?;
+        answer.await.map_err(|_| "the daemon stopped before the upgrade finished".to_owned())?
     }
 
     pub fn config(&self) -> ServeConfig {

@@ -34,6 +34,7 @@ impl Node {
         };
         Status {
             version: env!("CARGO_PKG_VERSION").into(),
+            build: super::handover::BuildInfo::this().build,
             pid: std::process::id(),
             uptime_secs: self.started.elapsed().as_secs(),
             mode: self.mode_name().into(),

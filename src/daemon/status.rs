@@ -8,6 +8,9 @@ use std::fmt::Write;
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Status {
     pub version: String,
+    /// The build identifier (`handover::BuildInfo::build`): which of two builds of one version runs.
+    #[serde(default)]
+    pub build: String,
     pub pid: u32,
     pub uptime_secs: u64,
     /// plain (no cache configured), healthy, rebuilding, degraded, or verifying.

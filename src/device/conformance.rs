@@ -149,6 +149,11 @@ impl BlockDevice for Arc<Probe> {
         bump(&self.zero_copy_asks);
         self.inner.zero_copy_source(offset, len)
     }
+    fn open_files(&self, out: &mut Vec<crate::device::OpenFile>) {
+        // Any descriptor will do: the check is that the layer asks its device.
+        let fd = std::fs::File::open("/dev/null").expect("/dev/null").into();
+        out.push(crate::device::OpenFile { path: "/dev/null".into(), fd });
+    }
     async fn read(&self, offset: u64, buf: AlignedBuf) -> (AlignedBuf, io::Result<()>) {
         self.inner.read(offset, buf).await
     }
@@ -192,6 +197,11 @@ pub(crate) async fn missing_capabilities<D: BlockDevice>(layer: &D, probe: &Prob
     let offered = layer.zero_copy_source(8192, 4096);
     if probe.zero_copy_asks.load(Ordering::Relaxed) == before || offered.is_none() {
         missing.push("zero_copy_source");
+    }
+    let mut files = Vec::new();
+    layer.open_files(&mut files);
+    if files.len() != 1 {
+        missing.push("open_files");
     }
     missing
 }
@@ -281,7 +291,7 @@ mod tests {
     async fn a_layer_that_drops_a_capability_fails_the_suite() {
         let probe = Arc::new(Probe::new());
         let missing = missing_capabilities(&Forgetful(probe.clone()), &probe).await;
-        assert_eq!(missing, vec!["identity", "write_shared", "drop_cached", "zero_copy_source"]);
+        assert_eq!(missing, vec!["identity", "write_shared", "drop_cached", "zero_copy_source", "open_files"]);
         // Its data path is fine: only the capability check can tell.
         check_data(&Forgetful(probe), 2, "Forgetful").await;
     }

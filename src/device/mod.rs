@@ -118,6 +118,9 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// A hint that `[offset, offset+len)`, already flushed, will not be read soon: a device
     /// backed by the page cache may drop those pages. Never changes what reads return.
     fn drop_cached(&self, _offset: u64, _len: u64) {}
+    /// The files under this handle, each with a duplicate of its descriptor (the same open file,
+    /// so the same lock): what an in-place upgrade hands to the next process.
+    fn open_files(&self, _out: &mut Vec<OpenFile>) {}
     /// Where `[offset, offset+len)` can be sent to a socket from without being read into memory
     /// first (`sendfile`): only a device whose bytes are in the page cache right now, so the send
     /// neither waits for the device nor bypasses a wrapper's checks. A read counted by a wrapper
@@ -125,6 +128,14 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn zero_copy_source(&self, _offset: u64, _len: usize) -> Option<FileSlice> {
         None
     }
+}
+
+/// One file under a device handle, with a duplicate of its descriptor (see
+/// [`BlockDevice::open_files`]).
+#[derive(Debug)]
+pub struct OpenFile {
+    pub path: std::path::PathBuf,
+    pub fd: std::os::fd::OwnedFd,
 }
 
 /// Bytes of an open file, to be sent from its page cache (`sendfile`, or `send` from a mapped
@@ -182,6 +193,9 @@ impl<D: BlockDevice> BlockDevice for Arc<D> {
     }
     fn drop_cached(&self, offset: u64, len: u64) {
         (**self).drop_cached(offset, len)
+    }
+    fn open_files(&self, out: &mut Vec<OpenFile>) {
+        (**self).open_files(out)
     }
     fn zero_copy_source(&self, offset: u64, len: usize) -> Option<FileSlice> {
         (**self).zero_copy_source(offset, len)

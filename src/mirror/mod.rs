@@ -452,6 +452,22 @@ impl<B: BlockDevice, C: BlockDevice> MirrorVolume<B, C> {
         self.inner.backing.durability().loss()
     }
 
+    /// Device operations still in flight that nobody waits for (a stalled backing, a cache given
+    /// up on): a handover to another process must wait until there are none.
+    pub fn device_ops_in_doubt(&self) -> u64 {
+        self.inner.backing.ops_in_doubt() + self.inner.stats.cache_io.outstanding_total()
+    }
+
+    /// The attached cache set's files, with duplicates of their descriptors; `Some(empty)` when
+    /// no set is attached (for an in-place upgrade).
+    pub fn cache_files(&self) -> Vec<crate::device::OpenFile> {
+        let mut out = Vec::new();
+        if let Some(set) = self.inner.cache_now() {
+            set.dev.open_files(&mut out);
+        }
+        out
+    }
+
     /// The operator's `clear-flush-error`, once the clients have dealt with the error (the
     /// filesystem unmounted and repaired, say). Makes the copies consistent with what the backing
     /// really holds first: its page cache is dropped (pages whose write-back failed may still be

@@ -38,6 +38,7 @@
 
 #![deny(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 
+pub mod client;
 pub mod consts;
 pub mod handshake;
 pub mod reply;
@@ -141,8 +142,9 @@ impl ExportParams {
     }
 }
 
-/// What the handshake agreed on; the transmission phase is driven by this alone.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// What the handshake agreed on; the transmission phase is driven by this alone (and it is what an
+/// in-place upgrade carries to the next process for each connection).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Session {
     pub structured_replies: bool,
     pub base_allocation: bool,

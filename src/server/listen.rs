@@ -1,7 +1,8 @@
 //! Listeners and the server's life cycle: accept until shutdown, then wait for every connection to
 //! finish its in-flight requests.
 
-use super::connection::{serve_connection, ConnLimits, BUDGET_UNIT_BYTES};
+use super::connection::{serve_adopted, serve_connection, ConnLimits, Sock, BUDGET_UNIT_BYTES};
+use super::handover::{Handover, ParkedConnection, SocketKind};
 use super::tls::TlsMode;
 use super::Policy;
 use super::ZeroCopyReads;
@@ -10,6 +11,7 @@ use crate::server::stats::ServerStats;
 use crate::volume::Volume;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -39,33 +41,87 @@ pub struct ServerConfig {
     pub stats: Arc<ServerStats>,
     /// TLS, allowed client networks, Unix socket ownership, the server-wide in-flight budget.
     pub policy: Policy,
+    /// Whether the next stop is an in-place upgrade's handover (connections park, the listeners
+    /// and the Unix socket's path stay for the next process).
+    pub handover: Arc<Handover>,
 }
 
-/// Serves until `shutdown` turns true, then drains and returns. `ready` is called once every
-/// listener is bound (for the service manager and for tests).
+impl std::fmt::Debug for Handover {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handover").field("requested", &self.requested()).finish()
+    }
+}
+
+/// The bound listening sockets, bound here or inherited from the previous process.
+pub struct Listeners {
+    pub tcp: Option<TcpListener>,
+    pub unix: Option<UnixListener>,
+}
+
+impl Listeners {
+    /// Binds what the config names (the Unix socket with its mode and owner).
+    pub async fn bind(cfg: &ServerConfig) -> io::Result<Listeners> {
+        let tcp = match cfg.listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?,
+            ),
+            None => None,
+        };
+        let unix = match &cfg.unix {
+            Some(path) => Some(bind_unix(path, cfg)?),
+            None => None,
+        };
+        Ok(Listeners { tcp, unix })
+    }
+
+    /// Listeners the previous process handed over (already bound, already listening).
+    pub fn from_fds(tcp: Option<OwnedFd>, unix: Option<OwnedFd>) -> io::Result<Listeners> {
+        let tcp = match tcp {
+            Some(fd) => {
+                let l = std::net::TcpListener::from(fd);
+                l.set_nonblocking(true)?;
+                Some(TcpListener::from_std(l)?)
+            }
+            None => None,
+        };
+        let unix = match unix {
+            Some(fd) => {
+                let l = std::os::unix::net::UnixListener::from(fd);
+                l.set_nonblocking(true)?;
+                Some(UnixListener::from_std(l)?)
+            }
+            None => None,
+        };
+        Ok(Listeners { tcp, unix })
+    }
+
+    /// Duplicates of the listening sockets, kept for a handover: clients that connect while the
+    /// handover runs wait in the kernel's backlog instead of being refused.
+    pub fn dup_fds(&self) -> io::Result<(Option<OwnedFd>, Option<OwnedFd>)> {
+        let tcp = self.tcp.as_ref().map(|l| l.as_fd().try_clone_to_owned()).transpose()?;
+        let unix = self.unix.as_ref().map(|l| l.as_fd().try_clone_to_owned()).transpose()?;
+        Ok((tcp, unix))
+    }
+}
+
+/// Serves until `shutdown` turns true, then drains and returns. `adopted` are connections a
+/// previous process parked (see `handover`). `ready` is called once the listeners are announced
+/// (for the service manager and for tests).
 pub async fn run<V: Volume>(
     volume: Arc<V>,
     cfg: ServerConfig,
+    listeners: Listeners,
+    adopted: Vec<ParkedConnection>,
     shutdown: watch::Receiver<bool>,
     ready: impl FnOnce(&[String]),
 ) -> io::Result<()> {
-    let tcp = match cfg.listen {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?,
-        ),
-        None => None,
-    };
-    let unix = match &cfg.unix {
-        Some(path) => Some(bind_unix(path, &cfg)?),
-        None => None,
-    };
-    let endpoints = announce(&cfg, &tcp)?;
+    let endpoints = announce(&cfg, &listeners.tcp)?;
     ready(&endpoints);
-    let listeners = Listeners { tcp, unix };
-    accept_loop(volume, &cfg, &listeners, shutdown).await;
-    if let Some(p) = &cfg.unix {
+    accept_loop(volume, &cfg, &listeners, adopted, shutdown).await;
+    // After a handover the socket's path belongs to the next process.
+    if let (Some(p), false) = (&cfg.unix, cfg.handover.requested()) {
         let _ = std::fs::remove_file(p);
     }
     Ok(())
@@ -159,12 +215,8 @@ fn conn_limits(cfg: &ServerConfig) -> Arc<ConnLimits> {
         tls_mode: cfg.policy.tls_mode,
         tls: cfg.policy.tls.clone(),
         total_budget: Arc::new(Semaphore::new(total_units)),
+        handover: cfg.handover.clone(),
     })
-}
-
-struct Listeners {
-    tcp: Option<TcpListener>,
-    unix: Option<UnixListener>,
 }
 
 /// Accepts until shutdown, then waits for every connection to finish its requests.
@@ -172,12 +224,20 @@ async fn accept_loop<V: Volume>(
     volume: Arc<V>,
     cfg: &ServerConfig,
     l: &Listeners,
+    adopted: Vec<ParkedConnection>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let limits = conn_limits(cfg);
     let slots = Arc::new(Semaphore::new(cfg.max_connections));
     let mut conns = JoinSet::new();
     let mut next_id: u64 = 0;
+    for p in adopted {
+        next_id += 1;
+        // A carried connection was admitted by the previous process: it takes a slot if one is
+        // free, and is served even if not.
+        let permit = slots.clone().try_acquire_owned().ok();
+        spawn_conn(&mut conns, next_id, permit, serve_parked(p, volume.clone(), limits.clone(), shutdown.clone()));
+    }
     loop {
         // Reap finished connections so the set does not grow without bound.
         while conns.try_join_next().is_some() {}
@@ -208,18 +268,32 @@ async fn accept_loop<V: Volume>(
             continue; // dropping the stream closes it
         };
         next_id += 1;
-        let serve = serve_accepted(conn, volume.clone(), limits.clone(), shutdown.clone());
-        let span = tracing::info_span!("conn", id = next_id, peer = tracing::field::Empty);
-        conns.spawn(
-            async move {
-                let _permit = permit;
-                serve.await
-            }
-            .instrument(span),
+        spawn_conn(
+            &mut conns,
+            next_id,
+            Some(permit),
+            serve_accepted(conn, volume.clone(), limits.clone(), shutdown.clone()),
         );
     }
     tracing::info!(connections = conns.len(), "stopped accepting; draining connections");
     while conns.join_next().await.is_some() {}
+}
+
+/// Runs one connection in its own task and span, holding its slot for its life.
+fn spawn_conn(
+    conns: &mut JoinSet<()>,
+    id: u64,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    serve: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let span = tracing::info_span!("conn", id, peer = tracing::field::Empty);
+    conns.spawn(
+        async move {
+            let _permit = permit;
+            serve.await
+        }
+        .instrument(span),
+    );
 }
 
 async fn serve_accepted<V: Volume>(
@@ -235,12 +309,46 @@ async fn serve_accepted<V: Volume>(
             if let Err(e) = super::tune_tcp(&s) {
                 tracing::warn!(error = %e, "cannot set TCP options");
             }
-            serve_connection(s, volume, limits, shutdown).await
+            serve_connection(Sock(s, Vec::new()), volume, limits, shutdown).await
         }
         Accepted::Unix(s) => {
             tracing::Span::current().record("peer", "unix");
-            serve_connection(s, volume, limits, shutdown).await
+            serve_connection(Sock(s, Vec::new()), volume, limits, shutdown).await
         }
+    }
+}
+
+/// A connection the previous process parked, served from where it stopped.
+async fn serve_parked<V: Volume>(
+    p: ParkedConnection,
+    volume: Arc<V>,
+    limits: Arc<ConnLimits>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let _active = ActiveGuard::new(&limits.stats);
+    let served = match p.kind {
+        SocketKind::Tcp => {
+            let s = std::net::TcpStream::from(p.fd);
+            let s = s.set_nonblocking(true).and_then(|()| tokio::net::TcpStream::from_std(s));
+            s.map(|s| {
+                if let Ok(peer) = s.peer_addr() {
+                    tracing::Span::current().record("peer", tracing::field::display(peer));
+                }
+                serve_adopted(Sock(s, p.unread), p.session, volume, limits, shutdown)
+            })
+            .map(|f| Box::pin(f) as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>)
+        }
+        SocketKind::Unix => {
+            tracing::Span::current().record("peer", "unix");
+            let s = std::os::unix::net::UnixStream::from(p.fd);
+            let s = s.set_nonblocking(true).and_then(|()| tokio::net::UnixStream::from_std(s));
+            s.map(|s| serve_adopted(Sock(s, p.unread), p.session, volume, limits, shutdown))
+                .map(|f| Box::pin(f) as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>)
+        }
+    };
+    match served {
+        Ok(f) => f.await,
+        Err(e) => tracing::warn!(error = %e, "a carried-over connection could not be resumed; closed"),
     }
 }
 

@@ -24,6 +24,7 @@
 //! * `max_connections` (256) bounds the rest.
 
 mod connection;
+pub mod handover;
 mod listen;
 mod policy;
 pub mod stats;
@@ -31,7 +32,7 @@ mod stream;
 pub mod tls;
 mod zerocopy;
 
-pub use listen::{run, ServerConfig};
+pub use listen::{run, Listeners, ServerConfig};
 pub use policy::{Cidr, Policy};
 pub use stream::{fd_streams, serve_stream, stdio_streams, StreamConfig};
 

@@ -87,6 +87,8 @@ pub async fn serve_stream<R, W, V>(
         tls_mode: crate::nbd::handshake::TlsMode::Off,
         tls: None,
         total_budget: Arc::new(tokio::sync::Semaphore::new(total_units)),
+        // A stream given to us (stdio, a pipe) cannot be handed to another process.
+        handover: Arc::default(),
     });
     serve_connection(Pair(reader, writer), volume, limits, shutdown).await;
     stats.connections_active.fetch_sub(1, Ordering::Relaxed);

@@ -196,7 +196,7 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for CopyOnly<W> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::connection::{serve_connection, ConnLimits, Transport};
+    use super::super::connection::{serve_connection, ConnLimits, Sock, Transport};
     use super::super::testing::{negotiate_export_name, request};
     use super::zero_copy_min_bytes;
     use super::ZeroCopyReads;
@@ -343,6 +343,7 @@ mod tests {
             tls_mode: crate::nbd::handshake::TlsMode::Off,
             tls: None,
             total_budget: Arc::new(tokio::sync::Semaphore::new((256 << 20) / 4096)),
+            handover: Arc::default(),
         })
     }
 
@@ -436,9 +437,9 @@ mod tests {
         let (vol, content) = FileVolume::new(Source::Whole, false);
         let vol = Arc::new(vol);
         let (server, client) = tcp_pair().await;
-        let over_tcp = check_reads(mode, server, client, vol.clone(), &content).await;
+        let over_tcp = check_reads(mode, Sock(server, Vec::new()), client, vol.clone(), &content).await;
         let (server, client) = tokio::net::UnixStream::pair().unwrap();
-        let over_unix = check_reads(mode, server, client, vol.clone(), &content).await;
+        let over_unix = check_reads(mode, Sock(server, Vec::new()), client, vol.clone(), &content).await;
         for stats in [over_tcp, over_unix] {
             assert_eq!(stats.zero_copy_reads.load(Ordering::Relaxed), large_reads(mode));
             let large: u64 = READS.iter().filter(|r| r.1 >= min(mode)).map(|r| u64::from(r.1)).sum();
@@ -463,9 +464,9 @@ mod tests {
         let (vol, content) = FileVolume::new(Source::Whole, false);
         let vol = Arc::new(vol);
         let (server, client) = tcp_pair().await;
-        let over_tcp = queue_depth_1(server, client, vol.clone(), &content).await;
+        let over_tcp = queue_depth_1(Sock(server, Vec::new()), client, vol.clone(), &content).await;
         let (server, client) = tokio::net::UnixStream::pair().unwrap();
-        let over_unix = queue_depth_1(server, client, vol, &content).await;
+        let over_unix = queue_depth_1(Sock(server, Vec::new()), client, vol, &content).await;
         // A single CPU never polls: the client needs it to send what the poll would wait for.
         let polls = std::thread::available_parallelism().unwrap().get() >= 2;
         for stats in [over_tcp, over_unix] {
@@ -550,7 +551,7 @@ mod tests {
             let (vol, content) = FileVolume::new(source, false);
             let vol = Arc::new(vol);
             let (server, client) = tcp_pair().await;
-            let stats = check_reads(mode, server, client, vol.clone(), &content).await;
+            let stats = check_reads(mode, Sock(server, Vec::new()), client, vol.clone(), &content).await;
             assert_eq!(vol.zero_copied.load(Ordering::Relaxed), large_reads(mode));
             let half = DATA_BYTES / 2;
             let unfinished = READS
@@ -596,7 +597,7 @@ mod tests {
         let (vol, _) = FileVolume::new(Source::Unsendable, true);
         let (server, mut client) = tcp_pair().await;
         let (_stop_tx, stop_rx) = watch::channel(false);
-        let server = tokio::spawn(serve_connection(server, Arc::new(vol), limits(mode), stop_rx));
+        let server = tokio::spawn(serve_connection(Sock(server, Vec::new()), Arc::new(vol), limits(mode), stop_rx));
         negotiate(&mut client).await;
         client.write_all(&read_request(1, 0, 1 << 20)).await.unwrap();
         // The header went out claiming a whole MiB; none of it can follow, so the server hangs

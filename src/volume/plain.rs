@@ -82,6 +82,11 @@ impl<D: BlockDevice> PlainVolume<D> {
         Instant::now() + self.backing.policy().deadline
     }
 
+    /// Backing operations still in flight that nobody waits for (see [`Guarded::ops_in_doubt`]).
+    pub fn device_ops_in_doubt(&self) -> u64 {
+        self.backing.ops_in_doubt()
+    }
+
     /// Why the backing can no longer be trusted with what it acknowledged, if it cannot.
     pub fn durability_lost(&self) -> Option<DurabilityLoss> {
         self.backing.durability().loss()

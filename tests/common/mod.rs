@@ -75,6 +75,9 @@ pub struct Daemon {
     /// Environment variables for the serve process.
     pub env: Vec<(String, String)>,
     child: Option<Child>,
+    /// After an in-place upgrade: the process now serving, which is not our child (the test
+    /// process is made a child subreaper, so it can still reap it).
+    adopted: Option<i32>,
 }
 
 impl Daemon {
@@ -91,6 +94,7 @@ impl Daemon {
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             env: Vec::new(),
             child: None,
+            adopted: None,
         };
         d.spawn();
         d
@@ -99,7 +103,7 @@ impl Daemon {
     /// Starts (or restarts) the serve process on a new free port. Should another process take the
     /// port before the daemon binds it, the daemon exits saying so and is started on another one.
     pub fn spawn(&mut self) {
-        assert!(self.child.is_none(), "already running");
+        assert!(self.child.is_none() && self.adopted.is_none(), "already running");
         for _attempt in 0..5 {
             let log_from = self.log().len();
             self.port = free_port();
@@ -152,11 +156,65 @@ impl Daemon {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
+        match self.adopted {
+            Some(pid) => pid as u32,
+            None => self.child.as_ref().expect("running").id(),
+        }
+    }
+
+    /// The admin socket `Daemon::start` gives every daemon started with `--admin-socket` via
+    /// [`Daemon::admin_args`].
+    pub fn admin_socket(&self) -> PathBuf {
+        self.dir.path().join("admin.sock")
+    }
+
+    /// `--admin-socket PATH` for `extra_args`.
+    pub fn admin_args(dir: &Path) -> Vec<String> {
+        vec!["--admin-socket".into(), dir.join("admin.sock").display().to_string()]
+    }
+
+    /// `superdisk upgrade --binary BINARY`: its output and whether it succeeded. On success the
+    /// old process has exited (reaped here) and the new one is the daemon from now on.
+    pub fn upgrade(&mut self, binary: &Path) -> (bool, String) {
+        // SAFETY: prctl with integer arguments only; makes orphaned descendants (the new daemon,
+        // once the old one exits) our children, so `stop`/`kill` can reap them.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+        let out = Command::new(BIN)
+            .args(["upgrade", "--socket"])
+            .arg(self.admin_socket())
+            .arg("--binary")
+            .arg(binary)
+            .output()
+            .expect("run superdisk upgrade");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        if !out.status.success() {
+            return (false, text);
+        }
+        let pid = text
+            .split(", pid ")
+            .nth(1)
+            .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|p| p.parse::<i32>().ok())
+            .unwrap_or_else(|| panic!("no pid in the upgrade's answer: {text}"));
+        let old = self.pid() as i32;
+        if let Some(mut c) = self.child.take() {
+            let status = c.wait().unwrap();
+            assert!(status.success(), "the old daemon exited with {status} after the upgrade; log:\n{}", self.log());
+        } else {
+            wait_pid(old, Duration::from_secs(10)).expect("the old daemon did not exit after the upgrade");
+        }
+        self.adopted = Some(pid);
+        (true, text)
     }
 
     /// SIGTERM and wait; returns the exit status (the daemon must exit 0 after draining).
     pub fn stop(&mut self) -> std::process::ExitStatus {
+        if let Some(pid) = self.adopted.take() {
+            // SAFETY: signalling the daemon this test started (through an upgrade).
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            return wait_pid(pid, Duration::from_secs(30))
+                .unwrap_or_else(|| panic!("superdisk did not exit within 30 s of SIGTERM; log:\n{}", self.log()));
+        }
         let mut child = self.child.take().expect("running");
         // SAFETY: sending a signal to our own child.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -175,6 +233,12 @@ impl Daemon {
 
     /// SIGKILL: the crash case.
     pub fn kill(&mut self) {
+        if let Some(pid) = self.adopted.take() {
+            // SAFETY: signalling the daemon this test started (through an upgrade).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            wait_pid(pid, Duration::from_secs(10));
+            return;
+        }
         let mut child = self.child.take().expect("running");
         let _ = child.kill();
         let _ = child.wait();
@@ -182,6 +246,11 @@ impl Daemon {
 
     /// Asserts the daemon is still alive (it did not panic or abort).
     pub fn assert_alive(&mut self) {
+        if let Some(pid) = self.adopted {
+            assert!(wait_pid(pid, Duration::ZERO).is_none(), "superdisk died; log:\n{}", self.log());
+            assert!(!self.log().contains("panicked"), "superdisk logged a panic:\n{}", self.log());
+            return;
+        }
         let status = self.child.as_mut().expect("running").try_wait().unwrap();
         assert!(status.is_none(), "superdisk died: {status:?}; log:\n{}", self.log());
         assert!(!self.log().contains("panicked"), "superdisk logged a panic:\n{}", self.log());
@@ -192,8 +261,39 @@ impl Daemon {
     }
 }
 
+/// Waits up to `limit` for process `pid` (our child, or a descendant we are subreaper for) to
+/// exit; its status, or None if it still runs.
+pub fn wait_pid(pid: i32, limit: Duration) -> Option<std::process::ExitStatus> {
+    use std::os::unix::process::ExitStatusExt;
+    let deadline = Instant::now() + limit;
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid with WNOHANG on one pid, writing into a local.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if r == pid {
+            return Some(std::process::ExitStatus::from_raw(status));
+        }
+        if r < 0 {
+            // Not our child (already reaped elsewhere): gone if it no longer exists.
+            // SAFETY: signal 0 only checks existence.
+            if unsafe { libc::kill(pid, 0) } != 0 {
+                return Some(std::process::ExitStatus::from_raw(0));
+            }
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
+        if let Some(pid) = self.adopted.take() {
+            // SAFETY: killing the daemon this test started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            wait_pid(pid, Duration::from_secs(5));
+        }
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -327,6 +427,7 @@ impl Daemon {
             extra_args: Vec::new(),
             env: Vec::new(),
             child: None,
+            adopted: None,
         }
     }
 
@@ -342,7 +443,7 @@ impl Daemon {
     }
 
     pub fn is_running(&self) -> bool {
-        self.child.is_some()
+        self.child.is_some() || self.adopted.is_some()
     }
 
     /// Bytes in the log so far: pass to [`Daemon::log_since`] / [`Daemon::wait_log`] to look only
@@ -433,7 +534,7 @@ impl Daemon {
 
     /// `superdisk verify --backing B --cache C… [EXTRA…]`, offline (the daemon must be stopped).
     pub fn verify_offline(&self, caches: &[PathBuf], extra: &[&str]) -> VerifyReport {
-        assert!(self.child.is_none(), "verify is offline: stop the daemon first");
+        assert!(!self.is_running(), "verify is offline: stop the daemon first");
         let mut cmd = Command::new(BIN);
         cmd.args(["verify", "--backing"]).arg(&self.backing);
         for c in caches {

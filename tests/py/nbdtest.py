@@ -42,6 +42,8 @@ def main(fn):
 
 def connect(uri, structured=True, meta=True):
     h = nbd.NBD()
+    # nbds:// URIs name the certificate directory in the query (tls-certificates=DIR).
+    h.set_uri_allow_local_file(True)
     h.set_request_structured_replies(structured)
     if meta:
         h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)

@@ -17,7 +17,7 @@ use probe::{on_remote_filesystem, page_cache_holds, seek_extents};
 use psync as engine_sync;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -146,9 +146,60 @@ impl FileDevice {
             .open(path)
             .map_err(|e| annotate(path, "cannot open", e))?;
         let fd: OwnedFd = file.into();
+        lock_exclusive(path, fd.as_raw_fd())?;
+        Self::finish_open(path, fd, &meta, direct, opts)
+    }
+
+    /// A device the previous process had open, handed over with its descriptor (an in-place
+    /// upgrade): the same open file, so the same exclusive lock, which this process now holds too.
+    /// Refused unless the descriptor is the file at `path` and opened as `opts` asks.
+    pub fn adopt(path: &Path, fd: OwnedFd, opts: &OpenOptions) -> io::Result<Self> {
+        let meta = std::fs::metadata(path).map_err(|e| annotate(path, "cannot stat", e))?;
+        let held = std::fs::File::from(fd);
+        let held_meta = held.metadata().map_err(|e| annotate(path, "cannot stat the handed-over descriptor", e))?;
+        let same = if meta.file_type().is_block_device() {
+            meta.rdev() == held_meta.rdev()
+        } else {
+            meta.ino() == held_meta.ino() && meta.dev() == held_meta.dev()
+        };
+        if !same {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{}: the handed-over descriptor is another file", path.display()),
+            ));
+        }
+        let fd: OwnedFd = held.into();
+        // SAFETY: F_GETFL on a descriptor we own; no memory is passed.
+        let fl = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+        if fl < 0 {
+            return Err(annotate(path, "cannot read the handed-over descriptor's flags", io::Error::last_os_error()));
+        }
+        let direct = fl & libc::O_DIRECT != 0;
+        let writable = fl & libc::O_ACCMODE == libc::O_RDWR;
+        if opts.direct.is_some_and(|d| d != direct) || writable == opts.read_only {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{}: the handed-over descriptor was opened with other flags (direct={direct}, writable={writable})",
+                    path.display()
+                ),
+            ));
+        }
+        // Re-taking the lock on the same open file only confirms it.
+        lock_exclusive(path, fd.as_raw_fd())?;
+        Self::finish_open(path, fd, &meta, direct, opts)
+    }
+
+    fn finish_open(
+        path: &Path,
+        fd: OwnedFd,
+        meta: &std::fs::Metadata,
+        direct: bool,
+        opts: &OpenOptions,
+    ) -> io::Result<Self> {
         let raw = fd.as_raw_fd();
-        lock_exclusive(path, raw)?;
-        let (size_bytes, logical_block_bytes) = geometry(path, raw, &meta, direct)?;
+        let is_block_device = meta.file_type().is_block_device();
+        let (size_bytes, logical_block_bytes) = geometry(path, raw, meta, direct)?;
         let remote_fs = !is_block_device && on_remote_filesystem(raw);
         let engine = match opts.engine {
             EngineKind::Psync => Engine::Sync,
@@ -168,7 +219,7 @@ impl FileDevice {
             size_bytes,
             logical_block_bytes,
             is_block_device,
-            id: DeviceId::of(&meta),
+            id: DeviceId::of(meta),
             direct,
             engine,
             rmw_locks: RangeLocks::default(),
@@ -178,6 +229,12 @@ impl FileDevice {
             nowait_writes: AtomicBool::new(!direct && !remote_fs),
             remote_fs,
         })
+    }
+
+    /// A duplicate of the device's descriptor (the same open file and lock), for a handover.
+    pub fn dup_fd(&self) -> io::Result<OwnedFd> {
+        use std::os::fd::AsFd;
+        self.fd.as_fd().try_clone_to_owned()
     }
 
     pub fn path(&self) -> &Path {
@@ -356,6 +413,12 @@ impl BlockDevice for FileDevice {
     /// and each later 4 KiB buffered write into a large folio walks all of its blocks
     /// (`ext4_block_write_begin`): the mirror's random writes ran at a third of the speed until
     /// the rebuilt pages were dropped (docs/PERFORMANCE.md). Dirty pages are left alone.
+    fn open_files(&self, out: &mut Vec<super::OpenFile>) {
+        match self.dup_fd() {
+            Ok(fd) => out.push(super::OpenFile { path: self.path.clone(), fd }),
+            Err(e) => tracing::warn!(path = %self.path.display(), error = %e, "cannot duplicate the descriptor"),
+        }
+    }
     fn drop_cached(&self, offset: u64, len: u64) {
         if self.direct || self.is_block_device {
             return;

@@ -76,6 +76,11 @@ impl CacheTimeouts {
         self.outstanding.lock().expect("timeout table poisoned").get(&id).copied().unwrap_or(0)
     }
 
+    /// Given-up operations not yet answered, on every device.
+    pub fn outstanding_total(&self) -> u64 {
+        self.outstanding.lock().expect("timeout table poisoned").values().sum()
+    }
+
     /// [`Self::outstanding`] after waiting up to `within` for it to reach zero: operations given
     /// up only because their set was failed (not hung) finish within milliseconds, and an
     /// operator re-adding the device right away should not be refused for those.
@@ -286,6 +291,9 @@ impl<D: BlockDevice> BlockDevice for Timed<D> {
         if !self.wire.is_tripped() {
             self.inner.drop_cached(offset, len)
         }
+    }
+    fn open_files(&self, out: &mut Vec<crate::device::OpenFile>) {
+        self.inner.open_files(out)
     }
     /// Page-cache bytes cannot hang, so no time limit applies; a set already given up on is
     /// not read at all.

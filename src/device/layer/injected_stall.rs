@@ -110,6 +110,9 @@ impl<D: BlockDevice> BlockDevice for Stalled<D> {
     fn drop_cached(&self, offset: u64, len: u64) {
         self.inner.drop_cached(offset, len);
     }
+    fn open_files(&self, out: &mut Vec<crate::device::OpenFile>) {
+        self.inner.open_files(out)
+    }
     /// An injected stall must delay the read, so with one configured reads go the ordinary way.
     fn zero_copy_source(&self, offset: u64, len: usize) -> Option<FileSlice> {
         match self.stall {

@@ -85,6 +85,9 @@ impl<D: BlockDevice> BlockDevice for Instrumented<D> {
     fn drop_cached(&self, offset: u64, len: u64) {
         self.inner.drop_cached(offset, len)
     }
+    fn open_files(&self, out: &mut Vec<crate::device::OpenFile>) {
+        self.inner.open_files(out)
+    }
     fn zero_copy_source(&self, offset: u64, len: usize) -> Option<crate::device::FileSlice> {
         let started = Instant::now();
         let slice = self.inner.zero_copy_source(offset, len)?;

@@ -210,6 +210,11 @@ impl<C: BlockDevice> BlockDevice for Striped<C> {
             }
         }
     }
+    fn open_files(&self, out: &mut Vec<crate::device::OpenFile>) {
+        for m in &self.members {
+            m.open_files(out);
+        }
+    }
 
     async fn flush(&self) -> io::Result<()> {
         first_error(join_all(self.members.iter().map(|m| m.flush()).collect()).await)

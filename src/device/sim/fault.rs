@@ -385,6 +385,9 @@ impl<D: BlockDevice + SimStorage> BlockDevice for FaultDevice<D> {
     fn drop_cached(&self, offset: u64, len: u64) {
         self.inner.drop_cached(offset, len);
     }
+    fn open_files(&self, out: &mut Vec<crate::device::OpenFile>) {
+        self.inner.open_files(out)
+    }
 
     async fn flush(&self) -> io::Result<()> {
         let v = self.decide(FaultOp::Flush, None);

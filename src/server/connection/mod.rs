@@ -9,6 +9,7 @@ mod reader;
 mod reply;
 mod writer;
 
+use super::handover::{Handover, ParkedConnection, Prefixed, SocketKind};
 use super::tls::{Joined, TlsMode};
 use super::zerocopy::ReplySink;
 use super::ZeroCopyReads;
@@ -18,6 +19,7 @@ use crate::server::stats::ServerStats;
 use crate::volume::Volume;
 use std::future::Future;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, BufReader, BufWriter, ReadHalf, WriteHalf};
@@ -41,6 +43,8 @@ pub(crate) struct ConnLimits {
     /// Shared by every connection, in [`BUDGET_UNIT_BYTES`] units: bounds the memory all clients
     /// together can make the server hold, where `max_inflight_bytes` bounds one client's share.
     pub total_budget: Arc<Semaphore>,
+    /// Whether a stop parks connections for the next process, and where they go.
+    pub handover: Arc<Handover>,
 }
 
 /// In-flight accounting unit: budgets are counted in 4 KiB pages so a u32 permit count covers
@@ -70,23 +74,46 @@ pub(crate) trait Transport: Send + 'static {
     type R: AsyncRead + Unpin + Send + 'static;
     type W: ReplySink;
     fn into_halves(self) -> (Self::R, Self::W);
-}
-
-impl Transport for tokio::net::TcpStream {
-    type R = tokio::net::tcp::OwnedReadHalf;
-    type W = tokio::net::tcp::OwnedWriteHalf;
-    fn into_halves(self) -> (Self::R, Self::W) {
-        self.into_split()
+    /// The socket whole again, with the bytes the read half still held, for another process to
+    /// carry on with (see `handover`). None where a stream cannot be handed over.
+    fn park(_r: Self::R, _w: Self::W) -> Option<(OwnedFd, SocketKind, Vec<u8>)> {
+        None
     }
 }
 
-impl Transport for tokio::net::UnixStream {
-    type R = tokio::net::unix::OwnedReadHalf;
-    type W = tokio::net::unix::OwnedWriteHalf;
-    fn into_halves(self) -> (Self::R, Self::W) {
-        self.into_split()
-    }
+/// A listener's socket, with bytes an earlier process had already read from it (empty when the
+/// connection was accepted here).
+pub(crate) struct Sock<S>(pub S, pub Vec<u8>);
+
+macro_rules! socket_transport {
+    ($stream:ty, $read:ty, $write:ty, $kind:expr) => {
+        impl Transport for Sock<$stream> {
+            type R = Prefixed<$read>;
+            type W = $write;
+            fn into_halves(self) -> (Self::R, Self::W) {
+                let (r, w) = self.0.into_split();
+                (Prefixed::new(self.1, r), w)
+            }
+            fn park(r: Self::R, w: Self::W) -> Option<(OwnedFd, SocketKind, Vec<u8>)> {
+                let (r, unread) = r.into_parts();
+                let stream = r.reunite(w).ok()?.into_std().ok()?;
+                Some((OwnedFd::from(stream), $kind, unread))
+            }
+        }
+    };
 }
+socket_transport!(
+    tokio::net::TcpStream,
+    tokio::net::tcp::OwnedReadHalf,
+    tokio::net::tcp::OwnedWriteHalf,
+    SocketKind::Tcp
+);
+socket_transport!(
+    tokio::net::UnixStream,
+    tokio::net::unix::OwnedReadHalf,
+    tokio::net::unix::OwnedWriteHalf,
+    SocketKind::Unix
+);
 
 type TlsIo<R, W> = tokio_rustls::server::TlsStream<Joined<R, W>>;
 
@@ -109,9 +136,7 @@ pub(crate) async fn serve_connection<S, V>(
     S: Transport,
     V: Volume,
 {
-    let (reader, writer) = stream.into_halves();
-    let reader = BufReader::with_capacity(READ_BUFFER_BYTES, reader);
-    let writer = BufWriter::with_capacity(WRITE_BUFFER_BYTES, writer);
+    let (reader, writer) = buffered_halves(stream);
     let mut stop = shutdown.clone();
     // One deadline for the whole handshake, TLS included: a client that trickles bytes cannot
     // stretch it, since no read on its own restarts the clock.
@@ -121,7 +146,10 @@ pub(crate) async fn serve_connection<S, V>(
         // answered with ERR_SHUTDOWN (spec), then the connection is closed.
         _ = async {
             let _ = stop.wait_for(|s| *s).await;
-            tokio::time::sleep(SHUTDOWN_HANDSHAKE_GRACE).await;
+            // A handover pauses every client: no grace, the client retries against the next process.
+            if !limits.handover.requested() {
+                tokio::time::sleep(SHUTDOWN_HANDSHAKE_GRACE).await;
+            }
         } => {
             tracing::info!("shutting down during the handshake; closing");
             return;
@@ -145,16 +173,64 @@ pub(crate) async fn serve_connection<S, V>(
     let result = match negotiated {
         Negotiated::Plain(session, reader, writer) => {
             connected(&session, false);
-            reader::transmission(reader, writer, session, volume, limits, shutdown).await
+            let kept = session.clone();
+            match reader::transmission(reader, writer, session, volume, limits.clone(), shutdown, true).await {
+                Ok(reader::Ended::Parked(reader, w)) => {
+                    park::<S>(reader, w, kept, &limits.handover);
+                    return;
+                }
+                r => r.map(|_| ()),
+            }
         }
         Negotiated::Tls(session, reader, writer) => {
             connected(&session, true);
-            reader::transmission(reader, writer, session, volume, limits, shutdown).await
+            let _open = limits.handover.tls_opened();
+            reader::transmission(reader, writer, session, volume, limits.clone(), shutdown, false).await.map(|_| ())
         }
     };
     match result {
         Ok(()) => tracing::info!("client disconnected"),
         Err(e) => tracing::info!(error = %e, "connection closed"),
+    }
+}
+
+/// Serves a connection another process parked: straight into the transmission phase, as the
+/// handshake it already did left it.
+pub(crate) async fn serve_adopted<S, V>(
+    stream: S,
+    session: Session,
+    volume: Arc<V>,
+    limits: Arc<ConnLimits>,
+    shutdown: watch::Receiver<bool>,
+) where
+    S: Transport,
+    V: Volume,
+{
+    let (reader, writer) = buffered_halves(stream);
+    tracing::info!(structured = session.structured_replies, "connection carried over from the previous process");
+    let kept = session.clone();
+    match reader::transmission(reader, writer, session, volume, limits.clone(), shutdown, true).await {
+        Ok(reader::Ended::Parked(reader, w)) => park::<S>(reader, w, kept, &limits.handover),
+        Ok(reader::Ended::Closed) => tracing::info!("client disconnected"),
+        Err(e) => tracing::info!(error = %e, "connection closed"),
+    }
+}
+
+fn buffered_halves<S: Transport>(stream: S) -> (BufReader<S::R>, BufWriter<S::W>) {
+    let (reader, writer) = stream.into_halves();
+    (BufReader::with_capacity(READ_BUFFER_BYTES, reader), BufWriter::with_capacity(WRITE_BUFFER_BYTES, writer))
+}
+
+/// Hands a stopped connection to the handover collector, with the bytes its reader held.
+fn park<S: Transport>(reader: BufReader<S::R>, w: S::W, session: Session, handover: &Handover) {
+    let mut unread = reader.buffer().to_vec();
+    match S::park(reader.into_inner(), w) {
+        Some((fd, kind, rest)) => {
+            unread.extend_from_slice(&rest);
+            tracing::debug!(unread_bytes = unread.len(), "connection parked for the handover");
+            handover.deposit(ParkedConnection { fd, kind, session, unread });
+        }
+        None => tracing::warn!("this connection cannot be handed over; closed"),
     }
 }
 

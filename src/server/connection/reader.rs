@@ -37,6 +37,21 @@ struct Dispatch<V> {
     zero_copy_min: Option<u32>,
 }
 
+/// How the transmission phase ended: the connection closed, or it stopped between requests with
+/// nothing in flight for a handover, its reader (with what it buffered) and writer half intact.
+pub(super) enum Ended<R, W> {
+    Closed,
+    Parked(BufReader<R>, W),
+}
+
+/// Why the reader stopped taking requests.
+enum Stopped {
+    /// DISC, EOF, or the writer gave up: the connection ends.
+    Client,
+    /// The server is stopping (shutdown or handover).
+    Server,
+}
+
 pub(super) async fn transmission<R, W, V>(
     mut reader: BufReader<R>,
     writer: BufWriter<W>,
@@ -44,7 +59,8 @@ pub(super) async fn transmission<R, W, V>(
     volume: Arc<V>,
     limits: Arc<ConnLimits>,
     shutdown: watch::Receiver<bool>,
-) -> io::Result<()>
+    parkable: bool,
+) -> io::Result<Ended<R, W>>
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: ReplySink,
@@ -56,8 +72,17 @@ where
     // socket find the client's next request sooner than the runtime would.
     let reader_idle = Arc::new(AtomicBool::new(false));
     let idle_poll = IdlePoll::new(limits.idle_poll, reader_idle.clone(), limits.stats.clone());
-    let writer_task =
-        tokio::spawn(write_replies(writer, rx, volume.clone(), limits.stats.clone(), send_mode, idle_poll));
+    // Set before the last reply is written when this connection parks instead of closing.
+    let park = Arc::new(AtomicBool::new(false));
+    let writer_task = tokio::spawn(write_replies(
+        writer,
+        rx,
+        volume.clone(),
+        limits.stats.clone(),
+        send_mode,
+        idle_poll,
+        park.clone(),
+    ));
     let budget_units = (limits.max_inflight_bytes / BUDGET_UNIT_BYTES).max(1);
     // The budget must admit the largest single request, or such a request would wait forever.
     let budget_units = budget_units.max((limits.export.max_payload_bytes as usize).div_ceil(BUDGET_UNIT_BYTES) + 1);
@@ -71,11 +96,18 @@ where
         reserve: Arc::new(Semaphore::new(CONN_RESERVE_BYTES / BUDGET_UNIT_BYTES)),
     };
     let read_result = read_requests(&mut reader, &d, &reader_idle, shutdown).await;
+    if parkable && matches!(read_result, Ok(Stopped::Server)) && d.limits.handover.requested() {
+        park.store(true, Ordering::SeqCst);
+    }
     // Every started request holds a sender; the writer ends once the last reply is written, which
     // is how DISC and shutdown "finish outstanding requests, then close".
     drop(d);
     let write_result = writer_task.await.map_err(|e| io::Error::other(format!("writer task failed: {e}")))?;
-    read_result.and(write_result)
+    read_result?;
+    Ok(match write_result? {
+        Some(w) => Ended::Parked(reader, w),
+        None => Ended::Closed,
+    })
 }
 
 async fn read_requests<R: AsyncRead + Unpin, V: Volume>(
@@ -83,39 +115,59 @@ async fn read_requests<R: AsyncRead + Unpin, V: Volume>(
     d: &Dispatch<V>,
     reader_idle: &AtomicBool,
     mut shutdown: watch::Receiver<bool>,
-) -> io::Result<()> {
+) -> io::Result<Stopped> {
     loop {
         let mut hdr = [0u8; REQUEST_HEADER_BYTES];
         reader_idle.store(reader.buffer().is_empty(), Ordering::Relaxed);
-        // Cancelling a half-read header is fine: we only cancel to close the connection.
         let got = if take_buffered(reader, &mut hdr) {
             // Already here (a pipelining client's requests arrive in batches): nothing to wait
             // for, so no timeout to arm and no clock to read.
             Ok(true)
         } else {
-            tokio::select! {
+            // Only the wait for the first byte races the stop, and it consumes nothing: a
+            // connection that parks for a handover must not lose half a header.
+            let readable = tokio::select! {
                 biased;
-                r = read_header(reader, &mut hdr, d.limits.idle_timeout) => r,
+                r = wait_readable(reader, d.limits.idle_timeout) => r,
                 _ = shutdown.wait_for(|s| *s) => {
-                    tracing::debug!("shutdown: no more requests on this connection");
-                    return Ok(());
+                    tracing::debug!("stopping: no more requests on this connection");
+                    return Ok(Stopped::Server);
                 }
                 // The writer gave up (the client stopped reading, or the socket broke): its error
                 // is the connection's; stop taking requests whose replies could not be sent.
-                _ = d.tx.closed() => return Ok(()),
+                _ = d.tx.closed() => return Ok(Stopped::Client),
+            };
+            match readable {
+                Ok(true) => read_header(reader, &mut hdr, d.limits.idle_timeout).await,
+                other => other,
             }
         };
         reader_idle.store(false, Ordering::Relaxed);
         if !got? {
-            return Ok(()); // EOF between requests: the client hung up
+            return Ok(Stopped::Client); // EOF between requests: the client hung up
         }
         let h = request::decode_header(&hdr).map_err(|e| protocol_error(e.to_string()))?;
         match request::validate(&h, &d.limits.export, &d.session) {
-            Ok(Op::Disconnect) => return Ok(()),
+            Ok(Op::Disconnect) => return Ok(Stopped::Client),
             Ok(op) => start(reader, d, h.cookie, op).await?,
             Err(err) => refuse(reader, d, &h, err).await?,
         }
     }
+}
+
+/// Waits until the socket has a byte for us (true) or the client closed it (false), without
+/// consuming anything; `idle` (zero: none) bounds the wait.
+async fn wait_readable<R: AsyncRead + Unpin>(reader: &mut BufReader<R>, idle: std::time::Duration) -> io::Result<bool> {
+    use tokio::io::AsyncBufReadExt;
+    let filled = if idle.is_zero() {
+        reader.fill_buf().await
+    } else {
+        match tokio::time::timeout(idle, reader.fill_buf()).await {
+            Ok(r) => r,
+            Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")),
+        }
+    };
+    Ok(!filled?.is_empty())
 }
 
 /// Answers a request the spec says to refuse. The payload of a refused write is still on the wire:

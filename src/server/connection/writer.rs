@@ -28,7 +28,8 @@ pub(super) async fn write_replies<W: ReplySink, V: Volume>(
     stats: Arc<ServerStats>,
     send_mode: ZeroCopyReads,
     mut idle_poll: IdlePoll,
-) -> io::Result<()> {
+    park: Arc<AtomicBool>,
+) -> io::Result<Option<W>> {
     // The handshake's buffered bytes are all flushed; replies are written with writev from their
     // own buffers (header and data in one syscall, no copy into a staging buffer).
     writer.flush().await?;
@@ -52,7 +53,12 @@ pub(super) async fn write_replies<W: ReplySink, V: Volume>(
         }
     }
     sock.flush().await?;
-    sock.shutdown().await
+    // Parking: every reply is out and the socket stays open for the next process.
+    if park.load(Ordering::SeqCst) {
+        return Ok(Some(sock));
+    }
+    sock.shutdown().await?;
+    Ok(None)
 }
 
 /// Polling for the client's next request after the last reply is out, before the writer's

@@ -207,6 +207,12 @@ impl<D: BlockDevice> Guarded<D> {
         self.shared.overlaps_abandoned(start, end)
     }
 
+    /// Operations the device has not answered although their callers gave up or they stalled:
+    /// each may still reach the device, so no other process may write there meanwhile.
+    pub fn ops_in_doubt(&self) -> u64 {
+        self.shared.stalled() + self.shared.abandoned_count.load(std::sync::atomic::Ordering::SeqCst) as u64
+    }
+
     /// Whether some operation is stalled (past its attempt timeout, not yet answered).
     pub fn in_outage(&self) -> bool {
         self.shared.stalled() > 0
@@ -350,6 +356,9 @@ impl<D: BlockDevice> BlockDevice for Guarded<D> {
 
     fn drop_cached(&self, offset: u64, len: u64) {
         self.inner.drop_cached(offset, len);
+    }
+    fn open_files(&self, out: &mut Vec<crate::device::OpenFile>) {
+        self.inner.open_files(out)
     }
 
     async fn read(&self, offset: u64, buf: AlignedBuf) -> (AlignedBuf, io::Result<()>) {
