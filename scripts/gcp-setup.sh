@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Sets up superdisk on a Google Cloud VM: the local SSDs become the read mirror of a persistent
-# disk, the kernel's nbd-client attaches the export as /dev/nbdX, and XFS on it is mounted for the
+# disk, `superdisk attach` attaches the export as /dev/nbdX (and keeps it attached through daemon
+# restarts and upgrades), and XFS on it is mounted for the
 # database (/var/lib/scylla by default).
 #
 #   scripts/gcp-setup.sh [--dry-run] [--name NAME] [--pd-name DEVICE_NAME | --backing PATH]
 #                        [--cache PATH]... [--mountpoint DIR] [--nbd-device /dev/nbdN]
-#                        [--connections N] [--timeout SECS] [--metrics [HOST:]PORT | --metrics ""]
+#                        [--connections N] [--io-timeout SECS] [--dead-timeout SECS]
+#                        [--metrics [HOST:]PORT | --metrics ""]
 #                        [--for-service UNIT | --for-service ""] [--binary PATH]
 #                        [--replace-config] [--take-over-cache] [--no-mount] [--root DIR]
 #
@@ -19,8 +21,9 @@
 #                      /dev/disk/by-id/google-local-nvme-ssd-* and google-local-ssd-* link
 #   --mountpoint       where the XFS filesystem is mounted                (default /var/lib/scylla)
 #   --nbd-device       the kernel device                                         (default /dev/nbd0)
-#   --connections      nbd-client connections (-C)                                       (default 4)
-#   --timeout          nbd-client request timeout in seconds (-t)                      (default 120)
+#   --connections      connections the kernel spreads requests over                      (default 4)
+#   --io-timeout       seconds before an unanswered request is resent                   (default 10)
+#   --dead-timeout     seconds I/O waits for the daemon to come back before failing   (default 120)
 #   --metrics          Prometheus endpoint of the daemon ("" for none)      (default 127.0.0.1:9510)
 #   --for-service      a unit that needs the mount: gets a RequiresMountsFor= drop-in, so it starts
 #                      after the mount and stops before it          (default scylla-server.service)
@@ -56,7 +59,8 @@ caches=()
 mountpoint="/var/lib/scylla"
 nbd_device="/dev/nbd0"
 connections=4
-timeout_secs=120
+io_timeout_secs=10
+dead_timeout_secs=120
 metrics="127.0.0.1:9510"
 for_service="scylla-server.service"
 binary=""
@@ -77,7 +81,8 @@ while [ $# -gt 0 ]; do
         --mountpoint) need_arg "$1" $#; mountpoint="$2"; shift ;;
         --nbd-device) need_arg "$1" $#; nbd_device="$2"; shift ;;
         --connections) need_arg "$1" $#; connections="$2"; shift ;;
-        --timeout) need_arg "$1" $#; timeout_secs="$2"; shift ;;
+        --io-timeout) need_arg "$1" $#; io_timeout_secs="$2"; shift ;;
+        --dead-timeout) need_arg "$1" $#; dead_timeout_secs="$2"; shift ;;
         --metrics) need_arg "$1" $#; metrics="$2"; shift ;;
         --for-service) need_arg "$1" $#; for_service="$2"; shift ;;
         --binary) need_arg "$1" $#; binary="$2"; shift ;;
@@ -103,7 +108,8 @@ nbd_index="${BASH_REMATCH[1]}"
 if ! [[ "$connections" =~ ^[1-9][0-9]*$ ]] || [ "$connections" -gt 64 ]; then
     die "--connections '$connections': a number from 1 to 64"
 fi
-[[ "$timeout_secs" =~ ^[1-9][0-9]*$ ]] || die "--timeout '$timeout_secs': a whole number of seconds, at least 1"
+[[ "$io_timeout_secs" =~ ^[1-9][0-9]*$ ]] || die "--io-timeout '$io_timeout_secs': a whole number of seconds, at least 1"
+[[ "$dead_timeout_secs" =~ ^[1-9][0-9]*$ ]] || die "--dead-timeout '$dead_timeout_secs': a whole number of seconds, at least 1"
 [[ "$mountpoint" == /* && "$mountpoint" != "/" ]] || die "--mountpoint '$mountpoint' must be an absolute path other than /"
 [ -z "$metrics" ] || [[ "$metrics" =~ ^(([A-Za-z0-9.-]+|\[[0-9A-Fa-f:]+\])?:)?[0-9]{1,5}$ ]] \
     || die "--metrics '$metrics' is not [HOST:]PORT"
@@ -143,7 +149,6 @@ if [ "$dry_run" = 0 ]; then
     need systemctl "apt-get install systemd"
     need udevadm "apt-get install udev"
     need findmnt "apt-get install util-linux"
-    need nbd-client "apt-get install nbd-client"
     need modprobe "apt-get install kmod"
     [ "$no_mount" = 1 ] || need mkfs.xfs "apt-get install xfsprogs"
 fi
@@ -435,7 +440,7 @@ done
     for c in "${caches[@]}"; do echo "    \"$c\","; done
     echo "]"
     echo "export = \"$name\""
-    echo "# No TCP listener: nbd-client attaches over the Unix socket. superdisk@$name.service passes"
+    echo "# No TCP listener: superdisk attach connects over the Unix socket. superdisk@$name.service passes"
     echo "# these two socket paths on its command line too (its RuntimeDirectory holds them)."
     echo "listen = \"\""
     echo "unix = \"/run/superdisk/$name/nbd.sock\""
@@ -461,7 +466,8 @@ shopt -u nullglob
     echo "NBD_EXPORT=$name"
     echo "NBD_CONNECTIONS=$connections"
     echo "NBD_BLOCK_SIZE=4096"
-    echo "NBD_TIMEOUT=$timeout_secs"
+    echo "NBD_IO_TIMEOUT=$io_timeout_secs"
+    echo "NBD_DEAD_TIMEOUT=$dead_timeout_secs"
 } >"$work/nbd.env"
 install_file "$nbd_env" 0644 "$work/nbd.env" config
 
@@ -558,7 +564,7 @@ for u in "superdisk@$name.service" "superdisk-nbd@$name.service"; do
     fi
 done
 if [ "$dry_run" = 0 ]; then
-    # nbd-client has configured the device when its unit is active; wait for the size to show and
+    # superdisk attach has configured the device when its unit is active; wait for the size to show and
     # for udev to finish with it (the mount waits for its .device unit, which udev marks ready).
     for _ in $(seq 120); do
         nbd_attached && [ "$(cat "/sys/block/nbd$nbd_index/size" 2>/dev/null || echo 0)" -gt 0 ] && break

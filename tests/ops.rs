@@ -1,4 +1,4 @@
-//! Operations files: the systemd units (`systemd-analyze verify`, and the daemon and nbd-client
+//! Operations files: the systemd units (`systemd-analyze verify`, and the daemon and the supervisor
 //! accept the command lines the units run, under the unit's restrictions where they can be
 //! reproduced without systemd), `scripts/gcp-setup.sh` (dry runs against fake
 //! /dev/disk/by-id links) and the fio job files (`fio --parse-only`).
@@ -106,7 +106,6 @@ fn unit_dir_with_repo_units() -> tempfile::TempDir {
 #[test]
 fn every_unit_passes_systemd_analyze_verify() {
     install_binary();
-    require_tool("nbd-client");
     // Every file in systemd/ is covered here or by name below, so a new unit cannot slip past.
     let mut files: Vec<String> = std::fs::read_dir(repo("systemd"))
         .unwrap()
@@ -256,7 +255,8 @@ fn service_command_lines_work_without_capabilities() {
     require_tool("nbdinfo");
     let unit = std::fs::read_to_string(repo("systemd/superdisk@.service")).unwrap();
     assert_eq!(unit_value(&unit, "Type"), "notify");
-    assert_eq!(unit_value(&unit, "NotifyAccess"), "main");
+    // all: an upgraded daemon (a child of the old one) notifies before it becomes MAINPID.
+    assert_eq!(unit_value(&unit, "NotifyAccess"), "all");
     assert_eq!(unit_value(&unit, "RuntimeDirectory"), "superdisk/%i");
     assert_eq!(unit_value(&unit, "CapabilityBoundingSet"), "");
     let instance = "opstest";
@@ -378,6 +378,17 @@ echo 'log_level = "debug"' >>/etc/superdisk/$I.toml
 systemctl reload $U; echo "reload_rc=$?"
 sleep 1
 echo "after_reload=$(systemctl is-active $U)"
+old=$(systemctl show -p MainPID --value $U)
+/usr/local/bin/superdisk upgrade --instance $I; echo "upgrade_rc=$?"
+sleep 1
+new=$(systemctl show -p MainPID --value $U)
+if [ "$old" != "$new" ] && [ "$new" != 0 ]; then echo "upgrade_mainpid_followed=yes"; else echo "upgrade_mainpid_followed=no"; fi
+echo "after_upgrade=$(systemctl is-active $U)"
+if cmp -s /tmp/data <(nbdcopy "$URI" - | head -c 16M); then echo "data_after_upgrade=yes"; else echo "data_after_upgrade=no"; fi
+kill -KILL "$new"
+for _ in $(seq 100); do [ "$(systemctl show -p NRestarts --value $U)" = 1 ] && [ "$(systemctl is-active $U)" = active ] && break; sleep 0.1; done
+echo "after_crash=$(systemctl is-active $U) restarts=$(systemctl show -p NRestarts --value $U)"
+if cmp -s /tmp/data <(nbdcopy "$URI" - | head -c 16M); then echo "data_after_crash=yes"; else echo "data_after_crash=no"; fi
 pid=$(systemctl show -p MainPID --value $U)
 grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/$pid/status | tr -d '\t ' | sed 's/:/=/'
 echo "watchdog_ping_usec=$(systemctl show -p WatchdogTimestampMonotonic --value $U)"
@@ -392,8 +403,9 @@ kill -s RTMIN+4 1
 /// The daemon unit itself, under a real systemd (252 on Debian 12) as PID 1 of a container that
 /// boots the host's /usr: every sandboxing setting applies (empty capability set, seccomp filter,
 /// read-only filesystem, device policy), Type=notify start, RuntimeDirectory= sockets, data
-/// written and read back through the NBD socket, ExecReload= (SIGHUP), the watchdog, and a stop
-/// that drains, flushes and removes the runtime directory. The devices are loop devices.
+/// written and read back through the NBD socket, ExecReload= (SIGHUP), an in-place upgrade that
+/// systemd follows (MAINPID=), a SIGKILL that systemd restarts, the watchdog, and a stop that
+/// drains, flushes and removes the runtime directory. The devices are loop devices.
 #[test]
 fn daemon_unit_runs_under_systemd_in_a_container() {
     install_binary();
@@ -450,6 +462,13 @@ fn daemon_unit_runs_under_systemd_in_a_container() {
     assert_eq!((fact("write_rc"), fact("data_ok"), fact("status_rc")), ("0", "yes", "0"), "{context}");
     assert_eq!((fact("reload_rc"), fact("after_reload")), ("0", "active"), "{context}");
     assert!(result.contains("SIGHUP: configuration reloaded applied=log_level"), "{context}");
+    // An in-place upgrade: systemd follows the new main process, the unit never stops.
+    assert_eq!(fact("upgrade_rc"), "0", "{context}");
+    assert_eq!(fact("upgrade_mainpid_followed"), "yes", "{context}");
+    assert_eq!((fact("after_upgrade"), fact("data_after_upgrade")), ("active", "yes"), "{context}");
+    // A crash of the upgraded process: systemd restarts it (Restart=on-failure) and the data is there.
+    assert_eq!(fact("after_crash"), "active restarts=1", "{context}");
+    assert_eq!(fact("data_after_crash"), "yes", "{context}");
     assert_eq!((fact("CapEff"), fact("CapBnd")), ("0000000000000000", "0000000000000000"), "{context}");
     assert_eq!((fact("NoNewPrivs"), fact("Seccomp")), ("1", "2"), "{context}");
     assert!(fact("watchdog_ping_usec").parse::<u64>().unwrap() > 0, "no watchdog ping recorded; {context}");
@@ -520,18 +539,22 @@ fn parse_env_file(text: &str) -> HashMap<String, String> {
         .collect()
 }
 
-/// The attach unit's nbd-client command line, with the example environment file, against the
-/// daemon's Unix socket: every connection (-connections) negotiates the export. This machine
-/// has no nbd module, so nbd-client stops where it would configure the kernel; where the
-/// module exists the device attaches and the unit's ExecStop= lines detach it.
+/// The attach unit's `superdisk attach` command line, with the example environment file, against
+/// the daemon's Unix socket: every connection negotiates the export (the supervisor dials them all
+/// before it asks the kernel for the device). Where the nbd module exists the device attaches, the
+/// unit's READY comes once it answers, and the ExecStop= lines detach it; this machine has no nbd
+/// module, so attach must stop with a one-line error that says so, leaving nothing attached.
 #[test]
 fn nbd_unit_command_line_negotiates_every_connection() {
-    require_tool("nbd-client");
+    install_binary();
     let unit = std::fs::read_to_string(repo("systemd/superdisk-nbd@.service")).unwrap();
-    assert_eq!(unit_value(&unit, "Type"), "oneshot");
-    assert_eq!(unit_value(&unit, "RemainAfterExit"), "yes");
-    assert_eq!(unit_value(&unit, "BindsTo"), "superdisk@%i.service");
+    assert_eq!(unit_value(&unit, "Type"), "notify");
+    assert_eq!(unit_value(&unit, "Wants"), "superdisk@%i.service");
+    assert!(!unit.contains("BindsTo=") && !unit.contains("PartOf="), "a daemon restart must not detach the device");
     assert_eq!(unit_value(&unit, "EnvironmentFile"), "/etc/superdisk/%i.nbd.env");
+    let daemon_unit = std::fs::read_to_string(repo("systemd/superdisk@.service")).unwrap();
+    assert_eq!(unit_value(&daemon_unit, "PropagatesStopTo"), "superdisk-nbd@%i.service");
+    assert_eq!(unit_value(&daemon_unit, "NotifyAccess"), "all", "an upgraded daemon notifies before it is MAINPID");
     let mut env: HashMap<String, String> = HashMap::new();
     for line in unit_values(&unit, "Environment") {
         env.extend(parse_env_file(&line.split_whitespace().collect::<Vec<_>>().join("\n")));
@@ -556,43 +579,49 @@ fn nbd_unit_command_line_negotiates_every_connection() {
         let line = line.replace("%i", instance).replace("/run/superdisk/", &format!("{}/", run.display()));
         systemd_expand(&line, &env)
     };
-    // The refusal check (ExecStartPre=) passes for a device that is not attached.
-    for pre in unit_values(&unit, "ExecStartPre") {
-        let argv = expand(&pre);
-        if argv[0] == "/sbin/modprobe" {
-            continue; // loads a kernel module: not something a test does to the machine
-        }
-        let out = Command::new(&argv[0]).args(&argv[1..]).envs(&env).output().unwrap();
-        assert!(out.status.success(), "{argv:?}: {}", text(&out));
-    }
     let argv = expand(&unit_value(&unit, "ExecStart"));
-    let out = output_within(Command::new(&argv[0]).args(&argv[1..]), Duration::from_secs(60));
+    assert_eq!(argv[..2], [INSTALLED_BIN.to_string(), "attach".to_string()]);
+    let nbd_present = Path::new("/sys/module/nbd").exists();
+    let child =
+        Command::new(&argv[0]).args(&argv[1..]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let connections: usize = env["NBD_CONNECTIONS"].parse().unwrap();
     assert!(connections > 1, "the example uses several connections");
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(20);
     while d.log_since(mark).matches("client connected").count() < connections {
-        assert!(
-            Instant::now() < deadline,
-            "{argv:?} did not open {connections} connections to the export: {}\ndaemon log:\n{}",
-            text(&out),
-            d.log_since(mark)
-        );
+        assert!(Instant::now() < deadline, "{argv:?} did not open {connections} connections:\n{}", d.log_since(mark));
         std::thread::sleep(Duration::from_millis(50));
     }
-    if out.status.success() {
-        // The kernel took the device: detach it as the unit's stop does.
+    if nbd_present {
+        // The kernel took the device: detach it as the unit's stop does, then stop the supervisor.
         for stop in unit_values(&unit, "ExecStop") {
             let argv = expand(stop.trim_start_matches('-'));
             run_ok(Command::new(&argv[0]).args(&argv[1..]));
         }
-    } else {
-        assert!(
-            !Path::new("/sys/module/nbd").exists() && text(&out).contains("netlink"),
-            "nbd-client failed for a reason other than a missing nbd module: {}",
-            text(&out)
-        );
+        // SAFETY: signalling the supervisor this test started.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    }
+    let out = output_within_child(child, Duration::from_secs(30));
+    if !nbd_present {
+        assert!(!out.status.success());
+        let err = text(&out);
+        assert!(err.contains("no NBD driver") && err.lines().count() == 1, "attach without the module: {err}");
     }
     d.assert_alive();
+}
+
+fn output_within_child(child: std::process::Child, limit: Duration) -> std::process::Output {
+    let id = child.id() as i32;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|_| {
+            // SAFETY: killing the process this test started.
+            unsafe { libc::kill(id, libc::SIGKILL) };
+            panic!("superdisk attach did not finish within {limit:?}")
+        })
+        .unwrap()
 }
 
 // --- scripts/gcp-setup.sh ------------------------------------------------------------------------
@@ -731,7 +760,8 @@ fn gcp_setup_dry_run_prints_the_config_and_every_command_in_order() {
         ("NBD_EXPORT", "disk0"),
         ("NBD_CONNECTIONS", "4"),
         ("NBD_BLOCK_SIZE", "4096"),
-        ("NBD_TIMEOUT", "120"),
+        ("NBD_IO_TIMEOUT", "10"),
+        ("NBD_DEAD_TIMEOUT", "120"),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))

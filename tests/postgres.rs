@@ -678,6 +678,25 @@ fn check_cluster(pg: &Postgres, d: &Daemon, scripts: &Scripts, tpcb_done: u64) {
     );
 }
 
+/// initdb on `data` (a directory it creates), postgres started, the pgbench tables and the ledger.
+fn start_cluster(d: &Daemon, data: &Path, t0: Instant) -> Postgres {
+    std::fs::create_dir(data).unwrap();
+    let mut pg = Postgres::new(d.dir.path(), data.to_path_buf());
+    chown(data, pg.uid, pg.gid);
+    set_mode(data, 0o700);
+    pg.initdb();
+    pg.start(WAIT);
+    phase(t0, "initdb done, postgres up");
+    let init = output_within(
+        pg.client("pgbench").args(["-i", "-q", "-s", &SCALE.to_string(), "postgres"]),
+        Duration::from_secs(300),
+    );
+    assert!(init.status.success(), "pgbench -i failed:\n{}", String::from_utf8_lossy(&init.stderr));
+    pg.sql("CREATE TABLE ledger (id bigserial PRIMARY KEY, key bigint NOT NULL, payload text NOT NULL)");
+    phase(t0, &format!("pgbench tables at scale {SCALE} and the ledger table created"));
+    pg
+}
+
 #[test]
 fn postgres_survives_sigkill_of_the_daemon_under_pgbench() {
     let t0 = Instant::now();
@@ -694,24 +713,10 @@ fn postgres_survives_sigkill_of_the_daemon_under_pgbench() {
     run_ok(Command::new("mkfs.xfs").arg("-q").arg(stack.dev()));
     stack.mount();
     let data = stack.mnt.join("pgdata");
-    std::fs::create_dir(&data).unwrap();
     // Declared after `stack`, so dropped before it: on a failure the cluster is killed before the
     // filesystem under it is unmounted.
-    let mut pg = Postgres::new(d.dir.path(), data.clone());
-    chown(&data, pg.uid, pg.gid);
-    set_mode(&data, 0o700);
-    pg.initdb();
-    pg.start(WAIT);
-    phase(t0, "initdb done, postgres up");
-
-    let init = output_within(
-        pg.client("pgbench").args(["-i", "-q", "-s", &SCALE.to_string(), "postgres"]),
-        Duration::from_secs(300),
-    );
-    assert!(init.status.success(), "pgbench -i failed:\n{}", String::from_utf8_lossy(&init.stderr));
-    pg.sql("CREATE TABLE ledger (id bigserial PRIMARY KEY, key bigint NOT NULL, payload text NOT NULL)");
+    let mut pg = start_cluster(&d, &data, t0);
     let scripts = Scripts::write(&d);
-    phase(t0, &format!("pgbench tables at scale {SCALE} and the ledger table created"));
 
     let mut tpcb_done = 0;
     for cycle in 1..=CYCLES {
@@ -768,4 +773,73 @@ fn postgres_survives_sigkill_of_the_daemon_under_pgbench() {
     let r = verify_clean(&d, &cache, "at the end");
     assert_eq!(r.regions_checked, SIZE / REGION, "a mirror stopped cleanly has every region valid:\n{}", r.output);
     phase(t0, "pg_checksums, xfs_repair -n and superdisk verify clean");
+}
+
+/// The same cluster and load, but the daemon is upgraded in place three times while pgbench runs:
+/// PostgreSQL never notices. Every pgbench run ends successfully with no failed transaction,
+/// every journaled commit is there, the TPC-B invariant holds and pg_amcheck is clean, without
+/// any crash recovery.
+#[test]
+fn postgres_stays_up_across_three_in_place_upgrades_under_pgbench() {
+    const UPGRADES: u32 = 3;
+    let t0 = Instant::now();
+    let (mut d, cache) = mirror_daemon();
+    set_mode(d.dir.path(), 0o755);
+    d.extra_args.extend(Daemon::admin_args(d.dir.path()));
+    let mark = d.log_mark();
+    d.spawn();
+    d.wait_mode(mark, "healthy", WAIT);
+    let mut stack = XfsStack::attach(&d, SIZE);
+    run_ok(Command::new("mkfs.xfs").arg("-q").arg(stack.dev()));
+    stack.mount();
+    let data = stack.mnt.join("pgdata");
+    let mut pg = start_cluster(&d, &data, t0);
+    let scripts = Scripts::write(&d);
+
+    let work = d.dir.path().to_path_buf();
+    let secs = (UPGRADES * 6 + 6).to_string();
+    let history_before = pg.sql_u64("SELECT count(*) FROM pgbench_history");
+    let mut tpcb =
+        Bench::spawn("tpcb", &work, pg.client("pgbench").args(["-n", "-c", "4", "-j", "2", "-T", &secs, "postgres"]));
+    let mut ledger = Bench::spawn(
+        "ledger",
+        &work,
+        pg.client("pgbench").args(["-n", "-c", "2", "-j", "2", "-T", &secs, "-f"]).arg(&scripts.ledger).arg("postgres"),
+    );
+    let mut checkpoints = Bench::spawn(
+        "checkpoint",
+        &work,
+        pg.client("pgbench").args(["-n", "-c", "1", "-T", &secs, "-f"]).arg(&scripts.checkpoint).arg("postgres"),
+    );
+    for n in 1..=UPGRADES {
+        std::thread::sleep(Duration::from_secs(5));
+        for b in [&mut tpcb, &mut ledger, &mut checkpoints] {
+            b.assert_running();
+        }
+        let (ok, text) = d.upgrade(Path::new(BIN));
+        assert!(ok, "upgrade {n} failed: {text}\nlog:\n{}", d.log());
+        phase(t0, &format!("upgrade {n}: {}", text.trim()));
+    }
+    for b in [&mut tpcb, &mut ledger, &mut checkpoints] {
+        let status = b.wait(Duration::from_secs(120));
+        let out = b.output();
+        assert!(status.success(), "pgbench ({}) failed across the upgrades:\n{out}", b.name);
+        assert!(
+            !out.contains("number of failed transactions") || out.contains("number of failed transactions: 0"),
+            "pgbench ({}) had failed transactions:\n{out}",
+            b.name
+        );
+    }
+    let tpcb_done = tpcb.processed();
+    let history = pg.sql_u64("SELECT count(*) FROM pgbench_history") - history_before;
+    println!("  pgbench: {tpcb_done} TPC-B transactions across {UPGRADES} upgrades ({history} new history rows)");
+    assert!(!pg.log_since(0).contains("PANIC"), "postgres saw an I/O problem");
+    check_cluster(&pg, &d, &scripts, tpcb_done);
+    pg.stop();
+    stack.umount();
+    stack.xfs_repair_clean("after the upgrades");
+    stack.detach();
+    assert!(d.stop().success(), "the upgraded daemon stops cleanly");
+    verify_clean(&d, &cache, "after the upgrades");
+    phase(t0, "ledger, TPC-B invariant, pg_amcheck, xfs_repair -n and superdisk verify clean");
 }

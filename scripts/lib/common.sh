@@ -10,16 +10,17 @@ log() { echo "$prog: $*" >&2; }
 # need TOOL HOW: fails with how to install TOOL if it is missing.
 need() { command -v "$1" >/dev/null 2>&1 || die "missing tool '$1' ($2)"; }
 
-# size_bytes SIZE: bytes of "4096", "64K", "256M" or "1G" (powers of 1024); dies on anything else.
+# size_bytes SIZE: bytes of "4096", "64K", "256M", "1G" or "1T" (powers of 1024); dies on anything else.
 size_bytes() {
     local s="$1" n mult=1
     case "$s" in
         *[kK]) mult=1024; n="${s%?}" ;;
         *[mM]) mult=$((1024 * 1024)); n="${s%?}" ;;
         *[gG]) mult=$((1024 * 1024 * 1024)); n="${s%?}" ;;
+        *[tT]) mult=$((1024 * 1024 * 1024 * 1024)); n="${s%?}" ;;
         *) n="$s" ;;
     esac
-    [[ "$n" =~ ^[0-9]+$ ]] || die "'$s' is not a size (bytes, or a number with K, M or G)"
+    [[ "$n" =~ ^[0-9]+$ ]] || die "'$s' is not a size (bytes, or a number with K, M, G or T)"
     echo $((n * mult))
 }
 

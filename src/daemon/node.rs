@@ -110,6 +110,16 @@ impl Node {
         }
     }
 
+    /// Writes back dirty data on every device before a handover pauses the clients.
+    pub(super) async fn write_back(&self) -> std::io::Result<()> {
+        use crate::volume::Volume;
+        match (&self.mirror, &self.plain) {
+            (Some(m), _) => m.write_back().await,
+            (None, Some(p)) => p.flush().await,
+            (None, None) => Ok(()),
+        }
+    }
+
     /// The operator's `upgrade BINARY`: answered once the new binary serves, or with why not.
     pub(super) async fn upgrade(&self, binary: std::path::PathBuf) -> Result<String, String> {
         let (reply, answer) = tokio::sync::oneshot::channel();

@@ -95,9 +95,15 @@ pub(super) async fn run<V: Volume>(
     let Some((standby, reply)) = pending else {
         return stop(volume, cfg, &notifier).await;
     };
-    let paused_at = Instant::now();
+    let paused_at = handover.requested_at().unwrap_or_else(Instant::now);
+    let drained_ms = paused_at.elapsed().as_millis();
     match park_volume(&*volume, &node).await {
         Ok(()) => {
+            tracing::info!(
+                drained_ms,
+                closed_ms = paused_at.elapsed().as_millis(),
+                "upgrade: clients parked, volume closed"
+            );
             let state = gather(&node, backing_file, kept, &handover);
             Ok(Outcome::HandOver(Box::new(HandOver { state, standby: Some(standby), reply, paused_at, notifier })))
         }
@@ -170,7 +176,13 @@ async fn prepare_upgrade(binary: &std::path::Path, node: &Node, handover: &Hando
         ));
     }
     let info = upgrade::check(binary).await?;
-    upgrade::start(binary, info).await
+    let standby = upgrade::start(binary, info).await?;
+    // While clients still run: the pause then only covers what they write from here on.
+    if let Err(e) = node.write_back().await {
+        standby.abandon_quietly();
+        return Err(format!("writing back before the handover failed: {e}"));
+    }
+    Ok(standby)
 }
 
 /// Every client is parked: close the volume cleanly for the successor.

@@ -21,7 +21,7 @@
 //! * While no socket is alive, new requests wait in the kernel up to `--dead-timeout-secs`, then
 //!   fail. On older kernels that wait shows up as hung-task warnings; it is still only a wait.
 //! * Events can be lost if the netlink socket overflows (ENOBUFS); a copy of every socket handed
-//!   to the kernel is kept, and one that hangs up with no event after [`EVENT_GRACE`] counts as
+//!   to the kernel is kept, and one that hangs up with no event after `EVENT_GRACE` (3 s) counts as
 //!   dead anyway.
 
 use super::dial::{dial, DialError};

@@ -458,6 +458,17 @@ impl<B: BlockDevice, C: BlockDevice> MirrorVolume<B, C> {
         self.inner.backing.ops_in_doubt() + self.inner.stats.cache_io.outstanding_total()
     }
 
+    /// Writes back what both devices hold dirty, while clients still run: a handover's final
+    /// flush, with every client paused, then has little left to write (a buffered file under
+    /// random writes can otherwise hold seconds of write-back).
+    pub async fn write_back(&self) -> io::Result<()> {
+        let backing = self.inner.backing.flush().await;
+        if let Some(set) = self.inner.cache_now() {
+            set.dev.flush().await?;
+        }
+        backing
+    }
+
     /// The attached cache set's files, with duplicates of their descriptors; `Some(empty)` when
     /// no set is attached (for an in-place upgrade).
     pub fn cache_files(&self) -> Vec<crate::device::OpenFile> {

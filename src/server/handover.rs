@@ -47,6 +47,7 @@ pub struct ParkedConnection {
 #[derive(Default)]
 pub struct Handover {
     requested: AtomicBool,
+    requested_at: Mutex<Option<std::time::Instant>>,
     parked: Mutex<Vec<ParkedConnection>>,
     /// Connections in the transmission phase over TLS right now (they cannot park).
     tls_open: AtomicUsize,
@@ -55,7 +56,13 @@ pub struct Handover {
 impl Handover {
     /// Makes the next stop a handover. Set before the stop signal, so every connection sees it.
     pub fn request(&self) {
+        *self.requested_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
         self.requested.store(true, Ordering::SeqCst);
+    }
+
+    /// When the handover was requested: the moment clients stopped being served.
+    pub fn requested_at(&self) -> Option<std::time::Instant> {
+        *self.requested_at.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn requested(&self) -> bool {
