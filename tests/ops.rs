@@ -582,8 +582,7 @@ fn nbd_unit_command_line_negotiates_every_connection() {
     let argv = expand(&unit_value(&unit, "ExecStart"));
     assert_eq!(argv[..2], [INSTALLED_BIN.to_string(), "attach".to_string()]);
     let nbd_present = Path::new("/sys/module/nbd").exists();
-    let child =
-        Command::new(&argv[0]).args(&argv[1..]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let child = Command::new(&argv[0]).args(&argv[1..]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let connections: usize = env["NBD_CONNECTIONS"].parse().unwrap();
     assert!(connections > 1, "the example uses several connections");
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -510,6 +510,26 @@ impl Scripts {
     }
 }
 
+/// The three pgbench runs of the load, for `secs` seconds: TPC-B, the journaled ledger, checkpoints.
+fn start_load(pg: &Postgres, scripts: &Scripts, work: &Path, secs: &str) -> [Bench; 3] {
+    [
+        Bench::spawn("tpcb", work, pg.client("pgbench").args(["-n", "-c", "4", "-j", "2", "-T", secs, "postgres"])),
+        Bench::spawn(
+            "ledger",
+            work,
+            pg.client("pgbench")
+                .args(["-n", "-c", "2", "-j", "2", "-T", secs, "-f"])
+                .arg(&scripts.ledger)
+                .arg("postgres"),
+        ),
+        Bench::spawn(
+            "checkpoint",
+            work,
+            pg.client("pgbench").args(["-n", "-c", "1", "-T", secs, "-f"]).arg(&scripts.checkpoint).arg("postgres"),
+        ),
+    ]
+}
+
 /// Loads the running cluster until enough has committed, then SIGKILLs superdisk and kills what
 /// is left of PostgreSQL and pgbench. Returns the TPC-B transactions pgbench counted as done.
 fn load_and_kill(d: &mut Daemon, pg: &mut Postgres, scripts: &Scripts, t0: Instant) -> u64 {
@@ -518,18 +538,7 @@ fn load_and_kill(d: &mut Daemon, pg: &mut Postgres, scripts: &Scripts, t0: Insta
     let journal_before = journal_len(&scripts.journal);
     let history_before = pg.sql_u64("SELECT count(*) FROM pgbench_history");
     let secs = BENCH_SECS.to_string();
-    let mut tpcb =
-        Bench::spawn("tpcb", &work, pg.client("pgbench").args(["-n", "-c", "4", "-j", "2", "-T", &secs, "postgres"]));
-    let mut ledger = Bench::spawn(
-        "ledger",
-        &work,
-        pg.client("pgbench").args(["-n", "-c", "2", "-j", "2", "-T", &secs, "-f"]).arg(&scripts.ledger).arg("postgres"),
-    );
-    let mut checkpoints = Bench::spawn(
-        "checkpoint",
-        &work,
-        pg.client("pgbench").args(["-n", "-c", "1", "-T", &secs, "-f"]).arg(&scripts.checkpoint).arg("postgres"),
-    );
+    let [mut tpcb, mut ledger, mut checkpoints] = start_load(pg, scripts, &work, &secs);
     let load_start = Instant::now();
     let deadline = load_start + Duration::from_secs(90);
     loop {
@@ -799,18 +808,7 @@ fn postgres_stays_up_across_three_in_place_upgrades_under_pgbench() {
     let work = d.dir.path().to_path_buf();
     let secs = (UPGRADES * 6 + 6).to_string();
     let history_before = pg.sql_u64("SELECT count(*) FROM pgbench_history");
-    let mut tpcb =
-        Bench::spawn("tpcb", &work, pg.client("pgbench").args(["-n", "-c", "4", "-j", "2", "-T", &secs, "postgres"]));
-    let mut ledger = Bench::spawn(
-        "ledger",
-        &work,
-        pg.client("pgbench").args(["-n", "-c", "2", "-j", "2", "-T", &secs, "-f"]).arg(&scripts.ledger).arg("postgres"),
-    );
-    let mut checkpoints = Bench::spawn(
-        "checkpoint",
-        &work,
-        pg.client("pgbench").args(["-n", "-c", "1", "-T", &secs, "-f"]).arg(&scripts.checkpoint).arg("postgres"),
-    );
+    let [mut tpcb, mut ledger, mut checkpoints] = start_load(&pg, &scripts, &work, &secs);
     for n in 1..=UPGRADES {
         std::thread::sleep(Duration::from_secs(5));
         for b in [&mut tpcb, &mut ledger, &mut checkpoints] {
