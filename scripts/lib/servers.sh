@@ -4,8 +4,15 @@
 # qemu-nbd, nbdkit null), their images, start-up, readiness and clean-up, done the same way for all
 # of them. The caller sets `run_dir`, `size_b` and `servers` (a word list); tool paths may be
 # overridden with FIO, NBDKIT, NBDINFO, QEMU_NBD, and NBDKIT_PLUGINS names a directory of plugins.
+#
+# `bench_path` picks how the servers are reached and open their files: `buffered` (the default, and
+# all that bench-scale.sh and bench-ab.sh use) is TCP loopback with page-cache-warm images;
+# `direct` (bench.sh --path direct, the production path) is a Unix socket per server, every image
+# opened O_DIRECT where the server can, and `device`: no server at all, fio on its own image file.
 
+: "${bench_path:=buffered}"
 known_servers="superdisk superdisk-mirror nbdkit-file nbdkit-file-cache qemu-nbd nbdkit-null"
+known_direct_servers="device nbdkit-null superdisk superdisk-mirror qemu-nbd nbdkit-file"
 fio="${FIO:-fio}"; nbdkit="${NBDKIT:-nbdkit}"; nbdinfo="${NBDINFO:-nbdinfo}"; qemu_nbd="${QEMU_NBD:-qemu-nbd}"
 declare -A pid_of uri_of port_of
 pids=()
@@ -18,17 +25,27 @@ plugin_arg() {
     if [ -n "${NBDKIT_PLUGINS:-}" ]; then echo "$NBDKIT_PLUGINS/nbdkit-$1-plugin.so"; else echo "$1"; fi
 }
 
+# The server every ratio is relative to: nbdkit file on the buffered path; on the direct path
+# qemu-nbd, the peer that opens its image O_DIRECT (nbdkit 1.32's file plugin cannot).
+bench_baseline() {
+    if [ "$bench_path" = direct ]; then echo qemu-nbd; else echo nbdkit-file; fi
+}
+
 # The tools every listed server and fio's nbd engine need; dies naming what is missing.
 bench_check_tools() {
-    local s plugin
+    local s plugin known="$known_servers" base
     need "$fio" "apt-get install fio"
     need "$nbdinfo" "apt-get install libnbd-bin"
     need python3 "apt-get install python3"
     need getconf "libc-bin"
     "$fio" --enghelp=nbd 2>/dev/null | grep -q uri || die "this fio has no nbd engine ($fio --enghelp=nbd)"
+    [ "$bench_path" != direct ] || known="$known_direct_servers"
     for s in $servers; do
+        [[ " $known " == *" $s "* ]] || die "unknown server '$s' for the $bench_path path (known: $known)"
         case "$s" in
             superdisk|superdisk-mirror) ;;
+            device)
+                "$fio" --enghelp=io_uring >/dev/null 2>&1 || die "this fio has no io_uring engine" ;;
             nbdkit-file|nbdkit-null|nbdkit-file-cache)
                 need "$nbdkit" "apt-get install nbdkit"
                 plugin="${s#nbdkit-}"; plugin="${plugin%-cache}"
@@ -38,13 +55,10 @@ bench_check_tools() {
                     || die "nbdkit has no cache filter"
                 ;;
             qemu-nbd) need "$qemu_nbd" "apt-get install qemu-utils" ;;
-            *) die "unknown server '$s' (known: $known_servers)" ;;
         esac
     done
-    case " $servers " in
-        *" nbdkit-file "*) ;;
-        *) die "nbdkit-file must be among the servers: every ratio is relative to it" ;;
-    esac
+    base="$(bench_baseline)"
+    [[ " $servers " == *" $base "* ]] || die "$base must be among the servers: every ratio is relative to it"
 }
 
 # Which superdisk is measured: the commit, and whether the tree has edits on top. Taken before the
@@ -78,7 +92,7 @@ bench_cleanup() {
     [ -z "$fio_pid" ] || kill -TERM "$fio_pid" 2>/dev/null || true
     for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
     for p in "${pids[@]}"; do stop_pid "$p"; done
-    rm -f "$run_dir"/*.img "$run_dir"/data.raw
+    rm -f "$run_dir"/*.img "$run_dir"/*.sock "$run_dir"/data.raw
     exit "$rc"
 }
 bench_traps() {
@@ -88,26 +102,46 @@ bench_traps() {
 }
 
 # Random bytes, so that reads move real data (a zero-filled file is sparse and reads of holes are
-# cheaper than reads of data); every file server gets its own copy of the same bytes, and every
-# image is read once so that the page cache is warm for all alike.
+# cheaper than reads of data); every file server (and the direct path's device) gets its own copy
+# of the same bytes. Buffered: every image is read once so that the page cache is warm for all
+# alike. Direct: written back and dropped from the page cache instead, so that nbdkit file (which
+# cannot open O_DIRECT) starts as cold as the others, and O_DIRECT writes have no cached pages to
+# invalidate.
 bench_make_images() {
     local s
     log "writing $size_b bytes of random data to $run_dir"
     head -c "$size_b" /dev/urandom >"$run_dir/data.raw"
     for s in $servers; do
         case "$s" in
-            nbdkit-file|nbdkit-file-cache|qemu-nbd) cp "$run_dir/data.raw" "$run_dir/$s.img" ;;
+            nbdkit-file|nbdkit-file-cache|qemu-nbd|device) cp "$run_dir/data.raw" "$run_dir/$s.img" ;;
             superdisk|superdisk-mirror) bench_create_superdisk "$s" ;;
         esac
     done
     rm -f "$run_dir/data.raw"
-    cat "$run_dir"/*.img >/dev/null 2>&1 || true
+    if [ "$bench_path" = direct ]; then
+        sync
+        bench_evict "$run_dir"/*.img
+    else
+        cat "$run_dir"/*.img >/dev/null 2>&1 || true
+    fi
+}
+
+# bench_evict FILE…: drops the files' clean pages from the page cache (after a sync, all of them).
+# Not on tmpfs: there the pages are the data itself, and eviction could only push them to swap.
+bench_evict() {
+    [ "$(stat -f -c %T "$1")" != tmpfs ] || return 0
+    python3 -c 'import os, sys
+for path in sys.argv[1:]:
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)' "$@"
 }
 
 # Starts server $1 on a free loopback port, in the foreground of its own process so that $! is the
-# server and its CPU time is its own.
+# server and its CPU time is its own. The direct path has its own start-up, bench_start_direct.
 bench_start_server() {
     local s="$1" port errlog="$run_dir/$1.log"
+    [ "$bench_path" != direct ] || { bench_start_direct "$s"; return; }
     port="$(free_port)"
     # shellcheck disable=SC2034  # read by bench-scale.sh, which counts connections per port
     port_of[$s]="$port"
@@ -141,6 +175,42 @@ bench_start_server() {
     pids+=("$!")
 }
 
+# The direct path's server $1: a Unix socket in the run directory (no TCP: the production client
+# is local), the image opened O_DIRECT. `device` starts nothing; its "URI" is the image that fio
+# opens itself. nbdkit 1.32's file plugin has no O_DIRECT; cache=none (buffered I/O that drops
+# the pages it used) is its closest.
+bench_start_direct() {
+    local s="$1" sock="$run_dir/$1.sock" img="$run_dir/$1.img" errlog="$run_dir/$1.log"
+    # sun_path holds 108 bytes with the terminating NUL; a longer path fails late and obscurely.
+    [ "${#sock}" -le 107 ] || die "socket path $sock is longer than 107 bytes: use a shorter BENCH_DIR"
+    rm -f "$sock"
+    case "$s" in
+        device) uri_of[$s]="$img"; return ;;
+        superdisk|superdisk-mirror)
+            local cache_args=()
+            [ "$s" = superdisk ] || cache_args=(--cache "$run_dir/$s.cache.img" --cache-direct true)
+            # shellcheck disable=SC2086  # the *_ARGS are word lists on purpose
+            "$superdisk_bin" serve --backing "$img" "${cache_args[@]}" --unix "$sock" --listen "" \
+                --direct true ${SUPERDISK_ARGS:-} ${cache_args:+${SUPERDISK_MIRROR_ARGS:-}} 2>"$errlog" &
+            uri_of[$s]="nbd+unix:///superdisk?socket=$sock"
+            ;;
+        qemu-nbd)
+            "$qemu_nbd" -f raw -t -e 64 -x bench -k "$sock" --cache=none --aio=io_uring "$img" 2>"$errlog" &
+            uri_of[$s]="nbd+unix:///bench?socket=$sock"
+            ;;
+        nbdkit-file)
+            "$nbdkit" -f -U "$sock" "$(plugin_arg file)" "$img" cache=none 2>"$errlog" &
+            uri_of[$s]="nbd+unix:///?socket=$sock"
+            ;;
+        nbdkit-null)
+            "$nbdkit" -f -U "$sock" "$(plugin_arg null)" "$size_b" 2>"$errlog" &
+            uri_of[$s]="nbd+unix:///?socket=$sock"
+            ;;
+    esac
+    pid_of[$s]=$!
+    pids+=("$!")
+}
+
 # Up means: the process still runs and a real NBD client completes a handshake and sees the size.
 bench_wait_up() {
     local s="$1" got=""
@@ -157,7 +227,10 @@ bench_wait_up() {
 bench_start_all() {
     local s
     for s in $servers; do bench_start_server "$s"; done
-    for s in $servers; do bench_wait_up "$s"; log "$s up at ${uri_of[$s]} (pid ${pid_of[$s]})"; done
+    for s in $servers; do
+        [ "$s" != device ] || continue  # no server: fio opens the image itself
+        bench_wait_up "$s"; log "$s up at ${uri_of[$s]} (pid ${pid_of[$s]})"
+    done
     [[ " $servers " != *" superdisk-mirror "* ]] || bench_wait_mirror_rebuilt
 }
 
@@ -167,9 +240,11 @@ bench_start_all() {
 # seconds after fio reports its connections (fio takes a few hundred ms to start, too much to
 # guess) and closes when fio exits, after which the server is idle.
 bench_open_window() {
-    local s="$1" json="$2" n="$3" label="$4" seen=0
+    local s="$1" json="$2" n="$3" label="$4" seen=0 got
     for _ in $(seq 2000); do
-        [ "$(grep -c "connected to NBD server" "$json" 2>/dev/null || true)" -ge "$n" ] && { seen=1; break; }
+        # Empty until the backgrounded fio's shell has created JSON: count that as none yet.
+        got="$(grep -c "connected to NBD server" "$json" 2>/dev/null || true)"
+        [ "${got:-0}" -ge "$n" ] && { seen=1; break; }
         kill -0 "$fio_pid" 2>/dev/null || break
         sleep 0.005
     done
@@ -208,7 +283,8 @@ bench_wait_mirror_rebuilt() {
         sleep 0.1
     done
     grep -q "rebuild complete" "$run_dir/superdisk-mirror.log" || die "superdisk-mirror did not finish its rebuild in 10 min"
-    bench_warm_without_readahead "$run_dir/superdisk-mirror.cache.img"
+    # An O_DIRECT cache never reads through the page cache; warming it would only cost time.
+    [ "$bench_path" = direct ] || bench_warm_without_readahead "$run_dir/superdisk-mirror.cache.img"
     log "superdisk-mirror: cache rebuilt"
 }
 

@@ -1,6 +1,7 @@
 //! The real device: a regular file or a block device, opened buffered or O_DIRECT, with its
-//! geometry (BLKGETSIZE64, BLKSSZGET) and an exclusive lock, its requests issued by one of two
-//! engines (io_uring on a ring thread, or pread/pwrite on the blocking pool). Byte-granular
+//! geometry (BLKGETSIZE64, BLKSSZGET) and an exclusive lock, its requests issued by one of three
+//! engines: io_uring on the calling worker's own ring (`uring_inline`, the default), io_uring on
+//! a ring thread per device (`uring`), or pread/pwrite on the blocking pool (`psync`). Byte-granular
 //! requests on an aligned-only device go through `device::align`.
 
 pub mod page_cache;
@@ -9,6 +10,7 @@ mod psync;
 #[cfg(test)]
 pub(crate) mod tests;
 pub mod uring;
+mod uring_inline;
 
 use super::{align, AlignedBuf, BlockDevice, DeviceId, Extent, FileSlice, RangeLocks};
 use page_cache::PageCacheFile;
@@ -26,9 +28,13 @@ use uring::{UringEngine, UringOp};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum EngineKind {
-    /// io_uring, falling back to psync if the kernel refuses it.
+    /// io_uring, each operation submitted on the runtime worker's own ring (`uring_inline`),
+    /// falling back to psync if the kernel refuses io_uring.
     #[default]
     Uring,
+    /// io_uring through one ring thread per device (the engine before `uring_inline`; kept to
+    /// compare against).
+    UringThread,
     Psync,
 }
 
@@ -37,8 +43,9 @@ impl std::str::FromStr for EngineKind {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "uring" | "io_uring" => Ok(EngineKind::Uring),
+            "uring-thread" => Ok(EngineKind::UringThread),
             "psync" | "sync" => Ok(EngineKind::Psync),
-            _ => Err(format!("unknown I/O engine {s:?}: expected \"uring\" or \"psync\"")),
+            _ => Err(format!("unknown I/O engine {s:?}: expected \"uring\", \"uring-thread\" or \"psync\"")),
         }
     }
 }
@@ -203,7 +210,11 @@ impl FileDevice {
         let remote_fs = !is_block_device && on_remote_filesystem(raw);
         let engine = match opts.engine {
             EngineKind::Psync => Engine::Sync,
-            EngineKind::Uring => match UringEngine::new(&path.file_name().unwrap_or_default().to_string_lossy(), raw) {
+            EngineKind::Uring | EngineKind::UringThread => match UringEngine::new(
+                &path.file_name().unwrap_or_default().to_string_lossy(),
+                raw,
+                opts.engine == EngineKind::Uring,
+            ) {
                 Ok(u) => Engine::Uring(u),
                 Err(e) => {
                     tracing::warn!(path = %path.display(), error = %e, "io_uring unavailable; using psync");

@@ -16,7 +16,11 @@ fn open(engine: EngineKind, direct: bool) -> (tempfile::TempDir, FileDevice) {
 }
 
 fn variants() -> Vec<(EngineKind, bool)> {
-    vec![(EngineKind::Uring, false), (EngineKind::Uring, true), (EngineKind::Psync, false), (EngineKind::Psync, true)]
+    let mut v = Vec::new();
+    for e in [EngineKind::Uring, EngineKind::UringThread, EngineKind::Psync] {
+        v.extend([(e, false), (e, true)]);
+    }
+    v
 }
 
 async fn read(dev: &FileDevice, offset: u64, len: usize) -> Vec<u8> {
@@ -165,10 +169,17 @@ fn second_opener_is_refused() {
 }
 
 /// Many callers each waiting for one operation at a time: the ring thread parks and is woken over
-/// and over, the case where a lost wake-up would leave an operation waiting forever.
+/// and over, the case where a lost wake-up would leave an operation waiting forever; and the same
+/// on the workers' own rings, whose futures move between threads while their operations fly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn uring_engine_loses_no_wake_up_and_uses_its_registered_file() {
-    let (_dir, dev) = open(EngineKind::Uring, true);
+    for engine in [EngineKind::UringThread, EngineKind::Uring] {
+        no_lost_wake_up(engine).await;
+    }
+}
+
+async fn no_lost_wake_up(kind: EngineKind) {
+    let (_dir, dev) = open(kind, true);
     let Engine::Uring(engine) = &dev.engine else { panic!("io_uring unavailable here") };
     assert!(engine.fixed_file(), "the device's descriptor should be registered with the ring");
     let dev = Arc::new(dev);
@@ -194,7 +205,7 @@ async fn uring_engine_loses_no_wake_up_and_uses_its_registered_file() {
     for t in tasks {
         tokio::time::timeout(std::time::Duration::from_secs(120), t)
             .await
-            .expect("an operation was never woken")
+            .unwrap_or_else(|_| panic!("{kind:?}: an operation was never woken"))
             .unwrap();
     }
     let Engine::Uring(engine) = &dev.engine else { unreachable!() };
@@ -252,14 +263,8 @@ async fn devices_write_one_shared_buffer_at_once() {
             chunk.copy_from_slice(&rng.gen::<u64>().to_le_bytes());
         }
         let data = Arc::new(buf);
-        let [(_, a), (_, b), (_, c), (_, d)] = &devs[..] else { panic!("four variants") };
-        let (ra, rb, rc, rd) = tokio::join!(
-            a.write_shared(offset, data.clone(), false),
-            b.write_shared(offset, data.clone(), false),
-            c.write_shared(offset, data.clone(), false),
-            d.write_shared(offset, data.clone(), false)
-        );
-        for r in [ra, rb, rc, rd] {
+        let writes: Vec<_> = devs.iter().map(|(_, dev)| dev.write_shared(offset, data.clone(), false)).collect();
+        for r in crate::device::join::join_all(writes).await {
             r.unwrap();
         }
         let data = Arc::try_unwrap(data).unwrap_or_else(|_| panic!("a device kept the shared buffer"));

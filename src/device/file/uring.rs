@@ -68,6 +68,9 @@ struct Pending {
 }
 
 pub struct UringEngine {
+    /// Submit on the calling worker's own ring (`uring_inline`); the ring thread only serves
+    /// callers outside a runtime.
+    inline: bool,
     tx: mpsc::Sender<Pending>,
     wake: Arc<OwnedFd>,
     shared: Arc<Shared>,
@@ -84,15 +87,16 @@ struct Shared {
     fixed: Option<RawFd>,
     /// The arena registered with the ring as buffer 0, if registration succeeded.
     fixed_buffers: Option<&'static Arena>,
-    /// Reads and writes submitted from a registered buffer (each resubmission counts).
-    fixed_buffer_ops: AtomicU64,
+    /// Reads and writes submitted from a registered buffer (each resubmission counts), on the
+    /// ring thread or a worker's ring.
+    fixed_buffer_ops: Arc<AtomicU64>,
 }
 
 impl UringEngine {
     /// Fails when io_uring is not available (old kernel, seccomp); the caller falls back to psync.
     /// `fd` is the device's descriptor, registered with the ring (operations on any other
     /// descriptor still work, unregistered).
-    pub fn new(name: &str, fd: RawFd) -> io::Result<Self> {
+    pub fn new(name: &str, fd: RawFd, inline: bool) -> io::Result<Self> {
         let ring = IoUring::builder().build(RING_ENTRIES)?;
         // Not fatal: a kernel or seccomp profile that refuses registration still runs the ring.
         let fixed = ring.submitter().register_files(&[fd]).ok().map(|()| fd);
@@ -124,12 +128,12 @@ impl UringEngine {
             pokes: AtomicU64::new(0),
             fixed,
             fixed_buffers,
-            fixed_buffer_ops: AtomicU64::new(0),
+            fixed_buffer_ops: Arc::new(AtomicU64::new(0)),
         });
         let (w, s) = (wake.clone(), shared.clone());
         let thread =
             std::thread::Builder::new().name(format!("uring-{name}")).spawn(move || ring_thread(ring, rx, w, s))?;
-        Ok(UringEngine { tx, wake, shared, thread: Some(thread) })
+        Ok(UringEngine { inline, tx, wake, shared, thread: Some(thread) })
     }
 
     /// Whether the device's descriptor is registered with the ring.
@@ -153,6 +157,14 @@ impl UringEngine {
     }
 
     pub(crate) async fn submit(&self, op: UringOp) -> (Option<AlignedBuf>, io::Result<()>) {
+        let op = if self.inline {
+            match super::uring_inline::submit(op, &self.shared.fixed_buffer_ops) {
+                Ok(submitted) => return submitted.await,
+                Err(op) => op,
+            }
+        } else {
+            op
+        };
         let (reply, rx) = oneshot::channel();
         if self.tx.send(Pending { op, done_bytes: 0, reply }).is_err() {
             return (None, Err(io::Error::other("io_uring thread has stopped")));
@@ -198,9 +210,22 @@ macro_rules! with_target {
     };
 }
 
+/// What a ring has registered: the descriptor in fixed-file slot 0 and the arena as buffer 0.
+#[derive(Clone, Copy)]
+pub(super) struct Registered {
+    pub fixed: Option<RawFd>,
+    pub arena: Option<&'static Arena>,
+}
+
+impl Shared {
+    fn registered(&self) -> Registered {
+        Registered { fixed: self.fixed, arena: self.fixed_buffers }
+    }
+}
+
 /// Whether `buf` lies in the arena registered with this ring (then it is registered buffer 0).
-fn registered(shared: &Shared, buf: &AlignedBuf) -> bool {
-    shared.fixed_buffers.is_some_and(|a| a.contains(buf.as_ptr()))
+fn registered(reg: Registered, buf: &AlignedBuf) -> bool {
+    reg.arena.is_some_and(|a| a.contains(buf.as_ptr()))
 }
 
 /// A write of `buf[done..]` at `offset + done`.
@@ -210,7 +235,7 @@ fn write_sqe(
     done: usize,
     offset: u64,
     dsync: bool,
-    shared: &Shared,
+    reg: Registered,
 ) -> io_uring::squeue::Entry {
     let len = u32::try_from(buf.len() - done).expect("I/O sizes fit in u32");
     let flags = if dsync { libc::RWF_DSYNC } else { 0 };
@@ -219,34 +244,35 @@ fn write_sqe(
     // until its completion arrives.)
     let ptr = unsafe { buf.as_ptr().add(done) };
     let at = offset + done as u64;
-    if registered(shared, buf) {
-        with_target!(fd, shared.fixed, |t| opcode::WriteFixed::new(t, ptr, len, 0).offset(at).rw_flags(flags).build())
+    if registered(reg, buf) {
+        with_target!(fd, reg.fixed, |t| opcode::WriteFixed::new(t, ptr, len, 0).offset(at).rw_flags(flags).build())
     } else {
-        with_target!(fd, shared.fixed, |t| opcode::Write::new(t, ptr, len).offset(at).rw_flags(flags).build())
+        with_target!(fd, reg.fixed, |t| opcode::Write::new(t, ptr, len).offset(at).rw_flags(flags).build())
     }
 }
 
-fn sqe_for(p: &mut Pending, key: u64, shared: &Shared) -> io_uring::squeue::Entry {
-    let d = p.done_bytes;
-    let fixed = shared.fixed;
-    let sqe = match &mut p.op {
+/// The SQE for `op`, `d` bytes of it already done, tagged `key`. The caller keeps `op` (and with
+/// it the buffer the SQE points into) alive until the completion for `key` is reaped.
+pub(super) fn sqe_for(op: &mut UringOp, d: usize, key: u64, reg: Registered) -> io_uring::squeue::Entry {
+    let fixed = reg.fixed;
+    let sqe = match op {
         UringOp::Read { fd, buf, offset } => {
             let len = u32::try_from(buf.len() - d).expect("I/O sizes fit in u32");
             let at = *offset + d as u64;
-            let reg = registered(shared, buf);
+            let in_arena = registered(reg, buf);
             // SAFETY: `d` < the buffer's length, so the pointer stays inside it. (The kernel's use
-            // of it is safe because the buffer lives in `p`, which stays in the slab until its
-            // completion arrives.)
+            // of it is safe because the buffer lives in the operation, which the caller keeps
+            // until its completion arrives.)
             let ptr = unsafe { buf.as_mut_ptr().add(d) };
-            if reg {
+            if in_arena {
                 with_target!(fd, fixed, |t| opcode::ReadFixed::new(t, ptr, len, 0).offset(at).build())
             } else {
                 with_target!(fd, fixed, |t| opcode::Read::new(t, ptr, len).offset(at).build())
             }
         }
-        UringOp::Write { fd, buf, offset, dsync } => write_sqe(fd, buf, d, *offset, *dsync, shared),
-        // The Arc in `p` keeps the shared memory alive as the owned buffer does for Write.
-        UringOp::WriteShared { fd, buf, offset, dsync } => write_sqe(fd, buf, d, *offset, *dsync, shared),
+        UringOp::Write { fd, buf, offset, dsync } => write_sqe(fd, buf, d, *offset, *dsync, reg),
+        // The Arc in the operation keeps the shared memory alive as the owned buffer does for Write.
+        UringOp::WriteShared { fd, buf, offset, dsync } => write_sqe(fd, buf, d, *offset, *dsync, reg),
         UringOp::Fsync { fd } => {
             with_target!(fd, fixed, |t| opcode::Fsync::new(t).flags(types::FsyncFlags::DATASYNC).build())
         }
@@ -323,7 +349,7 @@ impl RingThread {
                 self.slab.push(None);
                 self.slab.len() - 1
             });
-            let sqe = sqe_for(&mut p, key as u64, &self.shared);
+            let sqe = sqe_for(&mut p.op, p.done_bytes, key as u64, self.shared.registered());
             // SAFETY: the buffer the SQE points into is owned by `p`, moved into the slab below
             // and kept there until the completion for `key` is reaped.
             if unsafe { self.ring.submission().push(&sqe) }.is_err() {
@@ -384,11 +410,7 @@ impl RingThread {
                 let _ = p.reply.send((buf_of(p.op), Err(io::Error::from_raw_os_error(-res))));
                 continue;
             }
-            let total = match &p.op {
-                UringOp::Read { buf, .. } | UringOp::Write { buf, .. } => buf.len(),
-                UringOp::WriteShared { buf, .. } => buf.len(),
-                _ => 0,
-            };
+            let total = p.op.transfer_bytes();
             p.done_bytes += res as usize;
             if p.done_bytes < total {
                 if res == 0 {
@@ -403,7 +425,18 @@ impl RingThread {
     }
 }
 
-fn buf_of(op: UringOp) -> Option<AlignedBuf> {
+impl UringOp {
+    /// Bytes a read or write moves (0 for the others): a completion short of it is resubmitted.
+    pub(super) fn transfer_bytes(&self) -> usize {
+        match self {
+            UringOp::Read { buf, .. } | UringOp::Write { buf, .. } => buf.len(),
+            UringOp::WriteShared { buf, .. } => buf.len(),
+            _ => 0,
+        }
+    }
+}
+
+pub(super) fn buf_of(op: UringOp) -> Option<AlignedBuf> {
     match op {
         UringOp::Read { buf, .. } | UringOp::Write { buf, .. } => Some(buf),
         _ => None,
