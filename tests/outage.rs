@@ -367,3 +367,49 @@ fn a_failed_backing_flush_fails_every_later_flush_until_the_operator_clears_it()
     let r = d.verify_offline(std::slice::from_ref(&cache), &[]);
     assert!(r.exit_code == Some(0) && r.mismatch_count == 0, "offline verify:\n{}", r.output);
 }
+
+/// SIGTERM while the backing does not answer: the daemon finishes what clients have in flight (at
+/// their deadline), writes the cache's metadata, gives the backing's flush its deadline, and exits
+/// with status 75 saying the stop is not recorded as clean. The next start treats it as a crash
+/// (the write-intent regions are resynced) and every byte is there.
+#[test]
+fn sigterm_during_a_backing_outage_exits_75_and_the_next_start_recovers() {
+    let mut d = Daemon::unstarted();
+    let image = d.backing.clone();
+    let cache = d.path("cache.img");
+    std::fs::File::create(&cache).unwrap().set_len(SIZE + CACHE_SLACK).unwrap();
+    d.create_with(SIZE, &["--region-size".as_ref(), "256K".as_ref(), "--cache".as_ref(), cache.as_os_str()]);
+    let mut backing = StallableBacking::start(&image);
+    d.backing = backing.path();
+    let config = write_config(&d, "");
+    d.extra_args = vec!["--config".into(), config.display().to_string(), "--cache".into(), cache.display().to_string()];
+    let mark = d.log_mark();
+    d.spawn();
+    d.wait_mode(mark, "healthy", WAIT);
+    let expect = d.path("expect.img");
+    let expect_s = expect.display().to_string();
+    client(&mut d, &["fill", "--expect", &expect_s, "--size", &SIZE.to_string(), "--seed", "11"]);
+
+    backing.stall();
+    d.term();
+    // The stop decides within the deadline; the process then finishes exiting only once the
+    // kernel's operations on the stalled file return (Linux does not let a process go while
+    // its io_uring workers wait in the kernel), i.e. once the backing answers again.
+    d.wait_log(mark, "stopped without recording a clean shutdown", Duration::from_millis(DEADLINE_MS * 3 + 10_000));
+    backing.answer();
+    let status = d.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(75), "exit status {status} after SIGTERM in an outage; log:\n{}", d.log());
+
+    let mark = d.log_mark();
+    d.spawn();
+    d.wait_log(mark, "did not stop cleanly", WAIT);
+    d.wait_mode(mark, "healthy", WAIT);
+    // No write failed: the stop came while no client was writing.
+    let none = d.path("none.json");
+    std::fs::write(&none, "[]").unwrap();
+    client(&mut d, &["after", "--expect", &expect_s, "--failed", &none.display().to_string(), "--seed", "12"]);
+    assert!(d.stop().success(), "a clean stop once the backing answers; log:\n{}", d.log());
+    d.backing = image;
+    let r = d.verify_offline(std::slice::from_ref(&cache), &[]);
+    assert!(r.exit_code == Some(0) && r.mismatch_count == 0, "{}", r.output);
+}

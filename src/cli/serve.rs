@@ -118,7 +118,20 @@ pub fn serve_cmd(args: ServeArgs) -> Result<(), AnyError> {
         false => None,
     };
     init_logging(&cfg.log_level);
-    runtime()?.block_on(daemon::serve_with(cfg, reload, stdio, takeover, |_| {}))
+    let rt = runtime()?;
+    let r = rt.block_on(daemon::serve_with(cfg, reload, stdio, takeover, |_| {}));
+    if let Err(e) = &r {
+        if e.is::<daemon::UncleanStop>() {
+            // Operations the backing never answered still sit in the kernel; tearing the runtime
+            // down would wait for them (blocking threads, ring threads) for as long as the outage
+            // lasts. Nothing is left to do: the metadata that could be written was.
+            eprintln!("superdisk: error: {e}");
+            std::process::exit(i32::from(daemon::UncleanStop::EXIT_CODE));
+        }
+    }
+    // A bounded wait for blocking threads that are still busy (a stalled file): the work is done.
+    rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    r
 }
 
 /// Writes the flags given on the command line over the file's keys.

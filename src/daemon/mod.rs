@@ -35,6 +35,7 @@ pub mod status;
 
 pub use node::Node;
 pub use open::open_caches;
+pub use run::UncleanStop;
 
 use crate::config::ServeConfig;
 use crate::device::layer::injected_stall::Stalled;

@@ -134,6 +134,7 @@ fn cache_status(m: &Mirror) -> CacheStatus {
     let tunables = m.tunables();
     let (from_cache, from_backing) = (st.read_bytes_cache.load(Relaxed), st.read_bytes_backing.load(Relaxed));
     let total = from_cache + from_backing;
+    let decision = st.attach_decision.lock().expect("decision poisoned").clone();
     CacheStatus {
         reads_from_cache_total: st.reads_cache.load(Relaxed),
         reads_from_backing_total: st.reads_backing.load(Relaxed),
@@ -155,6 +156,7 @@ fn cache_status(m: &Mirror) -> CacheStatus {
             timed_out_total: st.cache_io.timed_out.load(Relaxed),
             abandoned_now: st.cache_io.abandoned_now.load(Relaxed),
         },
+        attach_decision: decision,
     }
 }
 

@@ -246,10 +246,38 @@ async fn stop<V: Volume>(volume: Arc<V>, cfg: &ServeConfig, notifier: &Notifier)
         let _ = std::fs::remove_file(path);
     }
     notifier.notify("STOPPING=1\nSTATUS=flushing the devices");
-    volume.shutdown().await.map_err(|e| format!("flush at shutdown failed: {e}"))?;
+    if let Err(e) = volume.shutdown().await {
+        let stop = UncleanStop(e.to_string());
+        tracing::error!("{stop}");
+        return Err(Box::new(stop));
+    }
     tracing::info!("flushed; clean shutdown recorded");
     Ok(Outcome::Stopped)
 }
+
+/// A stop that could not be recorded as clean, typically because the backing does not answer
+/// (an outage): the daemon exits with [`UncleanStop::EXIT_CODE`] and says what the next start does.
+#[derive(Debug)]
+pub struct UncleanStop(pub String);
+
+impl UncleanStop {
+    /// EX_TEMPFAIL: stopped, nothing acknowledged lost, but the record of a clean stop is missing.
+    pub const EXIT_CODE: u8 = 75;
+}
+
+impl std::fmt::Display for UncleanStop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "stopped without recording a clean shutdown ({}). Every acknowledged write is on the backing, and \
+             the cache's metadata was written first; the next start treats this as a crash and resyncs the \
+             regions marked in the write-intent bitmap",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for UncleanStop {}
 
 /// What the NBD front end is told: the export as the volume presents it, and the config's limits.
 fn server_config<V: Volume>(

@@ -96,6 +96,9 @@ pub struct CacheStatus {
     pub read_error_budget: u32,
     pub hedge: HedgeStatus,
     pub timeout: CacheTimeoutStatus,
+    /// What the last attach decided about the cache set, and why (a reuse, or a format and why).
+    #[serde(default)]
+    pub attach_decision: String,
 }
 
 /// The cache devices' time limit (`cache_timeout_ms`) and what it caught.
@@ -319,6 +322,9 @@ fn render_backing(o: &mut String, io: &BackingIoStatus) {
 }
 
 fn render_cache(o: &mut String, c: &CacheStatus) {
+    if !c.attach_decision.is_empty() {
+        let _ = writeln!(o, "cache set: {}", c.attach_decision);
+    }
     let _ = writeln!(
         o,
         "cache reads: {:.1}% of read bytes from the cache; {} repairs, {} errors (budget {}), {} failures",

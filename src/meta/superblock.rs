@@ -68,6 +68,11 @@ pub struct Superblock {
     pub member_count: u32,
     /// Cache: the stripe unit of the set (0 for a single member).
     pub stripe_bytes: u32,
+    /// Cache: the backing superblock's `generation` when this set last recorded it, after the
+    /// backing was made to advance past every write the set may hold (see `mirror::attach`). A
+    /// backing whose generation is lower was rolled back (restored from a snapshot): the set is
+    /// newer than it. 0: never recorded (a set from before this field). Backing: unused (0).
+    pub backing_generation_seen: u64,
 }
 
 impl Default for Superblock {
@@ -91,6 +96,7 @@ impl Default for Superblock {
             member_index: 0,
             member_count: 0,
             stripe_bytes: 0,
+            backing_generation_seen: 0,
         }
     }
 }
@@ -109,7 +115,7 @@ pub enum SuperblockError {
 
 const CRC_OFFSET: usize = SUPERBLOCK_BYTES - 4;
 /// Bytes used by the fields; the rest up to the CRC is reserved and written as zeroes.
-const ENCODED_FIELDS_BYTES: usize = 156;
+const ENCODED_FIELDS_BYTES: usize = 164;
 
 impl Superblock {
     pub fn encode(&self) -> [u8; SUPERBLOCK_BYTES] {
@@ -135,6 +141,7 @@ impl Superblock {
         w.put(&self.member_index.to_le_bytes());
         w.put(&self.member_count.to_le_bytes());
         w.put(&self.stripe_bytes.to_le_bytes());
+        w.put(&self.backing_generation_seen.to_le_bytes());
         debug_assert_eq!(w.pos, ENCODED_FIELDS_BYTES);
         let crc = crc32c::crc32c(&b[..CRC_OFFSET]);
         b[CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
@@ -178,6 +185,8 @@ impl Superblock {
             member_index: r.u32(),
             member_count: r.u32(),
             stripe_bytes: r.u32(),
+            // Zero in superblocks written before the field existed: the bytes were padding.
+            backing_generation_seen: r.u64(),
         };
         debug_assert_eq!(r.pos, ENCODED_FIELDS_BYTES);
         sb.check()?;
@@ -193,6 +202,7 @@ impl Superblock {
             ("epoch", self.epoch),
             ("changed_since_epoch", self.changed_since_epoch),
             ("mirror_generation", self.mirror_generation),
+            ("backing_generation_seen", self.backing_generation_seen),
         ] {
             if value >= crate::meta::bitmap::MAX_COUNTER {
                 return Err(SuperblockError::Invalid { field, reason: format!("{value} is beyond any real count") });
@@ -335,6 +345,7 @@ mod tests {
                         member_index: count - 1,
                         member_count: count,
                         stripe_bytes: 1 << stripe,
+                        backing_generation_seen: generation / 2,
                     }
                 },
             )

@@ -28,6 +28,26 @@ impl From<AttachError> for io::Error {
     }
 }
 
+/// A set that recorded a backing generation above the backing's own is newer than the backing:
+/// the backing was rolled back (restored from a snapshot taken before the set's last record).
+/// Its valid bits describe data the backing no longer has, so it is rebuilt from the backing.
+fn rolled_back<C>(found: Found<C>, backing_generation: u64) -> Found<C> {
+    match found {
+        Found::Existing { members, sbs, .. } if sbs.iter().any(|s| s.backing_generation_seen > backing_generation) => {
+            let seen = sbs.iter().map(|s| s.backing_generation_seen).max().unwrap_or(0);
+            let reason = format!(
+                "the backing is older than this cache set (backing generation {backing_generation}, the set \
+                 recorded {seen}): it was restored from a snapshot or otherwise rolled back, so the cache may \
+                 hold newer data than the backing; rebuilding it from the backing"
+            );
+            tracing::warn!(backing_generation, recorded = seen, "backing rolled back under its cache set");
+            let generations = sbs.iter().map(|s| s.generation).collect();
+            Found::Format { members, generations, reason }
+        }
+        other => other,
+    }
+}
+
 impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
     /// Detaches a failing set and records the degraded period on the backing in the background.
     pub(super) fn fail_set(&self, set: &Arc<Set<C>>, why: &str) {
@@ -105,7 +125,15 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
         self.intents.commit(&self.backing).await
     }
 
-    pub(super) async fn attach(&self, members: Vec<C>, take_over: bool) -> Result<(), AttachError> {
+    /// Attaches `members` as the cache set. `backing_generation` is the backing's generation to
+    /// judge a rollback against: as found on disk at start-up (this run has advanced it since),
+    /// else the current one.
+    pub(super) async fn attach(
+        &self,
+        members: Vec<C>,
+        take_over: bool,
+        backing_generation: Option<u64>,
+    ) -> Result<(), AttachError> {
         let _t = self.transition.lock().await;
         self.refuse_outstanding(&members).await?;
         let wire = Arc::new(Tripwire::default());
@@ -127,6 +155,7 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
         }
         // After the detach: the epoch it bumped is what the new set is judged against.
         let bsb = self.intents.sb();
+        let found = rolled_back(found, backing_generation.unwrap_or(bsb.generation));
         let (members, generations, reason) = match found {
             Found::Existing { members, sbs, bitmaps, valid } => {
                 match self.reattach(members, sbs, bitmaps, valid, &bsb, &wire).await? {
@@ -184,6 +213,7 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
             // Outside the intent store's lock: a wire tripped already fails the set at once, and
             // failing detaches, which takes that lock. A trip in between is seen here.
             self.arm_wire(&set);
+            self.decided("the paired set, reused: regions valid on it and not marked by the write-intent or changed record are trusted".into());
             self.finish_reattach(set, bsb, set_epoch).await.map_err(AttachError::Io)?;
             return Ok(None);
         }
@@ -208,6 +238,7 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
         wire: Arc<Tripwire>,
     ) -> Result<(), AttachError> {
         tracing::info!(reason = %reason, "formatting the cache set; full rebuild");
+        self.decided(format!("formatted, full rebuild: {reason}"));
         let set = CacheSet::format(members, generations, bsb, self.opts.stripe_bytes, bsb.epoch, wire).await.map_err(
             |e| {
                 if e.kind() == io::ErrorKind::InvalidInput {
@@ -236,8 +267,27 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
             *self.cache.write().expect("cache pointer poisoned") = Some(set.clone());
             Some(())
         });
+        self.record_generation(&set).await;
         self.started_rebuild(&set);
         Ok(())
+    }
+
+    fn decided(&self, what: String) {
+        *self.stats.attach_decision.lock().expect("decision poisoned") = what;
+    }
+
+    /// Advances the backing's generation (durably) and records it on `set`: any write the set
+    /// takes after this is newer than every backing snapshot taken before. A failure only weakens
+    /// the detection of a later rollback (an older record), so it is logged, not fatal.
+    pub(super) async fn record_generation(&self, set: &Arc<Set<C>>) {
+        let r = async {
+            self.intents.update_sb(&self.backing, |_| {}).await?;
+            set.record_backing_generation(self.intents.sb().generation).await
+        }
+        .await;
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "cannot record the backing generation on the cache set");
+        }
     }
 
     /// Persists what re-attaching the paired set invalidated, then marks it in sync with the

@@ -290,6 +290,8 @@ impl<C: BlockDevice> CacheSet<C> {
                 member_index: i as u32,
                 member_count: n as u32,
                 stripe_bytes: if n > 1 { stripe_bytes } else { 0 },
+                // Nothing in a new set is valid yet, so it cannot be newer than the backing.
+                backing_generation_seen: bsb.generation,
             };
             // Bitmap first, superblock last: until the superblock lands, the old identity (if any)
             // stays in force, and its bitmap pages no longer match (new owner uuid) — all invalid.
@@ -355,6 +357,22 @@ impl<C: BlockDevice> CacheSet<C> {
             bm.store(m, &pages, &snap).await?;
         }
         *persisted = snap;
+        Ok(())
+    }
+
+    /// Records on every member that the backing has reached `generation`, which the caller made
+    /// durable after every write this set may hold: a backing found older later was rolled back.
+    pub async fn record_backing_generation(&self, generation: u64) -> io::Result<()> {
+        let mut meta = self.meta.lock().await;
+        for (m, sb) in self.dev.members().iter().zip(meta.sbs.iter_mut()) {
+            if sb.backing_generation_seen < generation {
+                let mut next = sb.clone();
+                next.backing_generation_seen = generation;
+                next.generation += 1;
+                write_superblock(m, &next).await?;
+                *sb = next;
+            }
+        }
         Ok(())
     }
 

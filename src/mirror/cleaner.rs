@@ -169,6 +169,7 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
                 self.cache_meta_failed(set, &e);
                 return Ok(());
             }
+            self.heartbeat(set).await;
         }
         if !clearing || self.degrade_pending.load(Ordering::Acquire) || self.backing.durability().is_lost() {
             // Nothing to clear, durability lost meanwhile, or a set was detached during the pass
@@ -177,6 +178,16 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
         }
         self.intents.clear_idle(&self.backing, &cands).await?;
         Ok(())
+    }
+
+    /// When clients wrote since the last pass: advance the backing's generation past those writes
+    /// and record it on the set, so that a backing snapshot taken before them, restored later
+    /// under this set, is recognised as older (see `attach::rolled_back`).
+    async fn heartbeat(&self, set: &Arc<Set<C>>) {
+        let writes = self.stats.writes.load(Ordering::Relaxed);
+        if self.heartbeat_writes.swap(writes, Ordering::AcqRel) != writes {
+            self.record_generation(set).await;
+        }
     }
 
     pub(super) fn cache_meta_failed(&self, set: &Arc<Set<C>>, e: &io::Error) {

@@ -170,6 +170,8 @@ pub struct MirrorStats {
     pub hedge: Arc<HedgeStats>,
     /// The cache devices' time limit, timeouts, and given-up operations not yet answered.
     pub cache_io: Arc<CacheTimeouts>,
+    /// What the last attach decided about the cache set, and why (status shows it).
+    pub attach_decision: Mutex<String>,
 }
 
 pub(crate) struct Inner<B: BlockDevice, C: BlockDevice> {
@@ -206,6 +208,8 @@ pub(crate) struct Inner<B: BlockDevice, C: BlockDevice> {
     closed: AtomicBool,
     /// The backing's durability loss is recorded on its superblock (`FLAG_FLUSH_FAILED`).
     loss_persisted: AtomicBool,
+    /// Client writes counted at the cleaner's last generation record (`cleaner::heartbeat`).
+    heartbeat_writes: AtomicU64,
 }
 
 pub struct MirrorVolume<B: BlockDevice, C: BlockDevice> {
@@ -277,13 +281,14 @@ impl<B: BlockDevice, C: BlockDevice> MirrorVolume<B, C> {
             fg_ops: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             loss_persisted: AtomicBool::new(false),
+            heartbeat_writes: AtomicU64::new(0),
         });
         inner.recall_durability_loss(&sb);
         if caches.is_empty() {
             tracing::warn!("no cache device: serving degraded from the backing");
             inner.start_degraded().await?;
         } else {
-            match inner.attach(caches, inner.opts.take_over_foreign_cache).await {
+            match inner.attach(caches, inner.opts.take_over_foreign_cache, Some(sb.generation)).await {
                 Ok(()) => {}
                 Err(AttachError::Refused(e)) => return Err(e),
                 Err(AttachError::Io(e)) => {
@@ -346,7 +351,7 @@ impl<B: BlockDevice, C: BlockDevice> MirrorVolume<B, C> {
             self.fail_cache().await;
             return Ok(());
         }
-        self.inner.attach(caches, take_over).await.map_err(io::Error::from)
+        self.inner.attach(caches, take_over, None).await.map_err(io::Error::from)
     }
 
     /// Takes the cache set out of service on purpose (before pulling an SSD): its progress is made
@@ -665,8 +670,10 @@ impl<B: BlockDevice, C: BlockDevice> Volume for MirrorVolume<B, C> {
         let inner = &self.inner;
         let _t = inner.transition.lock().await;
         inner.closed.store(true, Ordering::Release);
-        inner.complete_degrade().await?;
-        let rb = inner.backing.flush().await;
+        // The cache first: its metadata needs nothing from the backing, so a stop while the
+        // backing does not answer still leaves the set's valid bitmap current. (A region persisted
+        // as valid before the backing was flushed keeps its write-intent bit, which only the
+        // clean end below clears.)
         if let Some(set) = inner.cache_now() {
             let r = async {
                 set.dev.flush().await?;
@@ -676,9 +683,10 @@ impl<B: BlockDevice, C: BlockDevice> Volume for MirrorVolume<B, C> {
             if let Err(e) = r {
                 inner.detach(&set, "cannot write its metadata at shutdown");
                 tracing::error!(error = %e, "cache metadata not written at shutdown");
-                inner.complete_degrade().await?;
             }
         }
+        inner.complete_degrade().await?;
+        let rb = inner.backing.flush().await;
         // With durability lost the stop is not clean: FLAG_OPEN stays and every intent bit with
         // it, so the next start resyncs every region written since the last good flush.
         inner.check_durable().await?;
@@ -689,6 +697,13 @@ impl<B: BlockDevice, C: BlockDevice> Volume for MirrorVolume<B, C> {
         };
         inner.intents.clear_all_idle(&inner.backing, keep).await?;
         inner.intents.update_sb(&inner.backing, |sb| sb.flags &= !FLAG_OPEN).await?;
+        // The clean stop's generation is past every write of this run: the set records it, so a
+        // backing restored from any earlier snapshot is recognised as older at the next start.
+        if let Some(set) = inner.cache_now() {
+            if let Err(e) = set.record_backing_generation(inner.intents.sb().generation).await {
+                tracing::warn!(error = %e, "cannot record the backing generation on the cache set at shutdown");
+            }
+        }
         Ok(())
     }
 }

@@ -231,6 +231,28 @@ impl Daemon {
         }
     }
 
+    /// SIGTERM without waiting (see [`Daemon::wait_exit`]).
+    pub fn term(&self) {
+        // SAFETY: signalling the daemon this test started.
+        unsafe { libc::kill(self.pid() as i32, libc::SIGTERM) };
+    }
+
+    /// Waits up to `limit` for the daemon (our child) to exit; its status.
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running (and our child)");
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("superdisk did not exit within {limit:?}; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGKILL: the crash case.
     pub fn kill(&mut self) {
         if let Some(pid) = self.adopted.take() {
