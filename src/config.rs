@@ -3,6 +3,7 @@
 //! that names the key and the reason.
 
 use crate::device::{EngineKind, IoPolicy};
+use crate::mirror::slow::{SlowCachePolicy, SlowPolicy};
 use crate::mirror::{HedgePolicy, Tunables};
 pub use crate::server::tls::{TlsMode, TlsSettings, TlsVersion};
 pub use crate::server::{Cidr, Policy, ZeroCopyReads, DEFAULT_IDLE_POLL_US, MAX_IDLE_POLL_US};
@@ -153,6 +154,12 @@ pub struct FileConfig {
     pub hedge_max_percent: Option<u32>,
     // How long a cache device may take before the cache set is given up on (device::layer::cache_time_limit).
     pub cache_timeout_ms: Option<u64>,
+    // A cache member slower than the backing (mirror::slow): what it gets, and when.
+    pub slow_cache_policy: Option<String>,
+    pub slow_cache_factor: Option<u32>,
+    pub slow_cache_min_latency_us: Option<u64>,
+    pub slow_cache_window_ms: Option<u64>,
+    pub slow_cache_fail_after_ms: Option<u64>,
 }
 
 impl FileConfig {
@@ -289,7 +296,7 @@ impl ServeConfig {
 }
 
 /// The keys in the order the file documents them (changed keys are reported in this order).
-const FIELD_ORDER: [&str; 45] = [
+const FIELD_ORDER: [&str; 50] = [
     "backing",
     "listen",
     "unix",
@@ -334,6 +341,11 @@ const FIELD_ORDER: [&str; 45] = [
     "hedge_max_us",
     "hedge_max_percent",
     "cache_timeout_ms",
+    "slow_cache_policy",
+    "slow_cache_factor",
+    "slow_cache_min_latency_us",
+    "slow_cache_window_ms",
+    "slow_cache_fail_after_ms",
     "",
 ];
 
@@ -574,6 +586,22 @@ fn backing_io(f: &FileConfig) -> Result<IoPolicy, ConfigError> {
     })
 }
 
+fn slow_policy(f: &FileConfig) -> Result<SlowPolicy, ConfigError> {
+    let d = SlowPolicy::default();
+    let mode = match f.slow_cache_policy.as_deref() {
+        None => d.mode,
+        Some(s) => SlowCachePolicy::parse(s)
+            .ok_or_else(|| invalid("slow_cache_policy", format!("{s:?} is not one of \"route\", \"fail\", \"off\"")))?,
+    };
+    Ok(SlowPolicy {
+        mode,
+        factor: f.slow_cache_factor.unwrap_or(d.factor),
+        min_latency: f.slow_cache_min_latency_us.map_or(d.min_latency, Duration::from_micros),
+        window: f.slow_cache_window_ms.map_or(d.window, Duration::from_millis),
+        fail_after: f.slow_cache_fail_after_ms.map_or(d.fail_after, Duration::from_millis),
+    })
+}
+
 /// The live keys, defaulted and checked by [`Tunables::validate`].
 fn tunables(f: &FileConfig) -> Result<Tunables, ConfigError> {
     let d = Tunables::default();
@@ -590,6 +618,7 @@ fn tunables(f: &FileConfig) -> Result<Tunables, ConfigError> {
             max_percent: f.hedge_max_percent.unwrap_or(d.hedge.max_percent),
         },
         cache_timeout: f.cache_timeout_ms.map_or(d.cache_timeout, Duration::from_millis),
+        slow: slow_policy(f)?,
     };
     t.validate().map_err(|r| invalid(r.key, r.reason))?;
     Ok(t)

@@ -67,6 +67,7 @@ pub fn render(node: &Node) -> String {
         let st = m.stats();
         render_mirror_reads(&mut o, &st);
         render_hedging(&mut o, &st);
+        render_slow_members(&mut o, &st);
         render_mirror_state(&mut o, m, &st);
     }
     o.0
@@ -260,6 +261,60 @@ fn render_mirror_reads(o: &mut Out, st: &MirrorStats) {
     o.sample("superdisk_cache_read_ratio", &[], if total == 0 { 1.0 } else { cache_bytes as f64 / total as f64 });
     o.family("superdisk_cache_repairs_total", "counter", "Cache ranges rewritten from the backing after a read error.");
     o.sample("superdisk_cache_repairs_total", &[], st.repairs.load(Relaxed));
+}
+
+/// Each cache member against the backing (mirror::slow).
+fn render_slow_members(o: &mut Out, st: &MirrorStats) {
+    use crate::mirror::slow::MemberState;
+    let members = st.slow.members.lock().expect("views poisoned").clone();
+    o.family(
+        "superdisk_cache_member_state",
+        "gauge",
+        "1 for the state each cache member is in: normal, slow (reads go to the backing) or failed.",
+    );
+    for (i, m) in members.iter().enumerate() {
+        let member = i.to_string();
+        for state in MemberState::ALL {
+            o.sample(
+                "superdisk_cache_member_state",
+                &[("member", &member), ("state", state.as_str())],
+                u8::from(m.state == state),
+            );
+        }
+    }
+    o.family(
+        "superdisk_cache_member_slow_transitions_total",
+        "counter",
+        "State changes of a cache member: normal to slow, slow to normal, slow to failed.",
+    );
+    for (i, m) in members.iter().enumerate() {
+        o.sample("superdisk_cache_member_slow_transitions_total", &[("member", &i.to_string())], m.transitions_total);
+    }
+    o.family(
+        "superdisk_cache_member_mean_latency_seconds",
+        "gauge",
+        "Mean latency of small (<= 128 KiB) operations over the slow-member watch's last tick, per member and \
+         op; member=\"backing\" is the backing's figure it is compared with.",
+    );
+    let mut mean = |who: &str, op: &str, v: Option<f64>| {
+        if let Some(us) = v {
+            o.sample("superdisk_cache_member_mean_latency_seconds", &[("member", who), ("op", op)], us / 1e6);
+        }
+    };
+    for (i, m) in members.iter().enumerate() {
+        mean(&i.to_string(), "read", m.read_latency_us);
+        mean(&i.to_string(), "write", m.write_latency_us);
+    }
+    if let Some(m) = members.first() {
+        mean("backing", "read", m.backing_read_latency_us);
+        mean("backing", "write", m.backing_write_latency_us);
+    }
+    o.family(
+        "superdisk_slow_member_routed_reads_total",
+        "counter",
+        "Reads of valid regions answered by the backing because a cache member they touch is slow.",
+    );
+    o.sample("superdisk_slow_member_routed_reads_total", &[], st.slow.routed_reads.load(Relaxed));
 }
 
 /// Hedged cache reads.

@@ -225,7 +225,23 @@ impl Node {
                 if m.rebuild_paused() { ", paused" } else { "" }
             );
         }
-        format!("serving, mode {mode}")
+        format!("serving, mode {mode}{}", self.slow_members_note())
+    }
+
+    /// `, cache member 1 slow (reads from the backing)` for the STATUS line.
+    fn slow_members_note(&self) -> String {
+        let Some(m) = &self.mirror else { return String::new() };
+        let views = m.stats().slow.members.lock().expect("views poisoned").clone();
+        let slow: Vec<String> = views
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.state == crate::mirror::slow::MemberState::Slow)
+            .map(|(i, _)| i.to_string())
+            .collect();
+        if slow.is_empty() {
+            return String::new();
+        }
+        format!(", cache member {} slow (reads from the backing)", slow.join(", "))
     }
 
     /// SIGHUP: re-reads the configuration and applies what can change while serving.

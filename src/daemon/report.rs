@@ -135,6 +135,7 @@ fn cache_status(m: &Mirror) -> CacheStatus {
     let (from_cache, from_backing) = (st.read_bytes_cache.load(Relaxed), st.read_bytes_backing.load(Relaxed));
     let total = from_cache + from_backing;
     let decision = st.attach_decision.lock().expect("decision poisoned").clone();
+    let members = st.slow.members.lock().expect("views poisoned").clone();
     CacheStatus {
         reads_from_cache_total: st.reads_cache.load(Relaxed),
         reads_from_backing_total: st.reads_backing.load(Relaxed),
@@ -157,6 +158,9 @@ fn cache_status(m: &Mirror) -> CacheStatus {
             abandoned_now: st.cache_io.abandoned_now.load(Relaxed),
         },
         attach_decision: decision,
+        members,
+        slow_policy: tunables.slow.mode.as_str().into(),
+        routed_reads_total: st.slow.routed_reads.load(Relaxed),
     }
 }
 

@@ -99,6 +99,14 @@ pub struct CacheStatus {
     /// What the last attach decided about the cache set, and why (a reuse, or a format and why).
     #[serde(default)]
     pub attach_decision: String,
+    /// Each member against the backing (`slow_cache_*`): state and the last means compared.
+    #[serde(default)]
+    pub members: Vec<crate::mirror::slow::MemberView>,
+    #[serde(default)]
+    pub slow_policy: String,
+    /// Reads of valid regions answered by the backing because a member they touch is slow.
+    #[serde(default)]
+    pub routed_reads_total: u64,
 }
 
 /// The cache devices' time limit (`cache_timeout_ms`) and what it caught.
@@ -321,10 +329,32 @@ fn render_backing(o: &mut String, io: &BackingIoStatus) {
     }
 }
 
+fn render_members(o: &mut String, c: &CacheStatus) {
+    let us = |v: Option<f64>| v.map_or("-".to_string(), human_us);
+    for (i, m) in c.members.iter().enumerate() {
+        let _ = writeln!(
+            o,
+            "cache member {i}: {}{} (reads {}, writes {}; backing reads {}, writes {}){}",
+            m.state.as_str().to_uppercase(),
+            if m.state == crate::mirror::slow::MemberState::Slow { ", its reads go to the backing" } else { "" },
+            us(m.read_latency_us),
+            us(m.write_latency_us),
+            us(m.backing_read_latency_us),
+            us(m.backing_write_latency_us),
+            if m.transitions_total > 0 { format!(", {} state changes", m.transitions_total) } else { String::new() },
+        );
+    }
+    if c.routed_reads_total > 0 || !c.slow_policy.is_empty() {
+        let _ =
+            writeln!(o, "slow members: policy {}, {} reads routed to the backing", c.slow_policy, c.routed_reads_total);
+    }
+}
+
 fn render_cache(o: &mut String, c: &CacheStatus) {
     if !c.attach_decision.is_empty() {
         let _ = writeln!(o, "cache set: {}", c.attach_decision);
     }
+    render_members(o, c);
     let _ = writeln!(
         o,
         "cache reads: {:.1}% of read bytes from the cache; {} repairs, {} errors (budget {}), {} failures",

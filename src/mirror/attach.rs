@@ -316,6 +316,9 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
             self.intents.reset_changed();
             self.intents.commit(&self.backing).await?;
         }
+        // A reused set holds writes from before this start; a backing restored to a copy from
+        // before now must be told apart from this one (FORMAT.md §5a).
+        self.record_generation(&set).await;
         self.started_rebuild(&set);
         Ok(())
     }

@@ -34,6 +34,9 @@ pub(crate) struct CacheSet<C> {
     /// Shared by the members' time limits: tripped when one of them timed out, or when the set
     /// is failed, so nothing keeps waiting on it.
     pub wire: Arc<Tripwire>,
+    /// A bit per member found slower than the backing (`mirror::slow`): reads touching it go to
+    /// the backing.
+    pub slow_members: AtomicU64,
     meta: tokio::sync::Mutex<SetMeta>,
 }
 
@@ -307,6 +310,7 @@ impl<C: BlockDevice> CacheSet<C> {
             failed: AtomicBool::new(false),
             errors: AtomicU64::new(0),
             wire,
+            slow_members: AtomicU64::new(0),
             meta: tokio::sync::Mutex::new(SetMeta { sbs, bitmaps, persisted: none }),
         })
     }
@@ -330,6 +334,7 @@ impl<C: BlockDevice> CacheSet<C> {
             failed: AtomicBool::new(false),
             errors: AtomicU64::new(0),
             wire,
+            slow_members: AtomicU64::new(0),
             meta: tokio::sync::Mutex::new(SetMeta { sbs, bitmaps, persisted }),
         }
     }

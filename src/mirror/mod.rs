@@ -43,6 +43,7 @@ mod intent;
 mod read;
 mod rebuild;
 pub mod region;
+pub mod slow;
 
 mod tunables;
 mod util;
@@ -172,6 +173,8 @@ pub struct MirrorStats {
     pub cache_io: Arc<CacheTimeouts>,
     /// What the last attach decided about the cache set, and why (status shows it).
     pub attach_decision: Mutex<String>,
+    /// Each cache member's latency against the backing's, and its state ([`slow`]).
+    pub slow: slow::SlowStats,
 }
 
 pub(crate) struct Inner<B: BlockDevice, C: BlockDevice> {
@@ -210,6 +213,8 @@ pub(crate) struct Inner<B: BlockDevice, C: BlockDevice> {
     loss_persisted: AtomicBool,
     /// Client writes counted at the cleaner's last generation record (`cleaner::heartbeat`).
     heartbeat_writes: AtomicU64,
+    /// The slow-member watch's memory between ticks ([`slow`]).
+    slow_watch: Mutex<slow::Watch>,
 }
 
 pub struct MirrorVolume<B: BlockDevice, C: BlockDevice> {
@@ -282,6 +287,7 @@ impl<B: BlockDevice, C: BlockDevice> MirrorVolume<B, C> {
             closed: AtomicBool::new(false),
             loss_persisted: AtomicBool::new(false),
             heartbeat_writes: AtomicU64::new(0),
+            slow_watch: Mutex::new(slow::Watch::default()),
         });
         inner.recall_durability_loss(&sb);
         if caches.is_empty() {
@@ -301,12 +307,30 @@ impl<B: BlockDevice, C: BlockDevice> MirrorVolume<B, C> {
             tokio::spawn(rebuild::rebuild_loop(inner.clone())),
             tokio::spawn(cleaner_loop(inner.clone())),
             tokio::spawn(durability_watch(inner.clone())),
+            tokio::spawn(slow::watch_loop(inner.clone())),
         ];
         Ok(MirrorVolume { inner, tasks: Mutex::new(tasks) })
     }
 
     pub fn stats(&self) -> Arc<MirrorStats> {
         self.inner.stats.clone()
+    }
+
+    /// Marks a member of the attached set slow (its reads go to the backing) or normal, as the
+    /// slow-member watch would, so the model tests can put the state anywhere in a sequence.
+    /// False when no set is attached or it has no such member.
+    #[cfg(feature = "sim")]
+    pub fn set_member_slow(&self, member: usize, slow: bool) -> bool {
+        let Some(set) = self.inner.cache_now() else { return false };
+        if member >= set.dev.members().len() {
+            return false;
+        }
+        if slow {
+            set.slow_members.fetch_or(1 << member, Ordering::Relaxed);
+        } else {
+            set.slow_members.fetch_and(!(1 << member), Ordering::Relaxed);
+        }
+        true
     }
 
     pub fn mode(&self) -> Mode {

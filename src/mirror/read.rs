@@ -6,6 +6,7 @@ use super::region::RegionState;
 use super::util::region_span;
 use super::{out_of_range, Inner, Set};
 use crate::device::{AlignedBuf, BlockDevice, FileSlice};
+use crate::telemetry::timed;
 use std::collections::{HashSet, VecDeque};
 use std::io;
 use std::sync::atomic::Ordering;
@@ -128,6 +129,9 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
         if region_span(offset, len, self.region_bytes).any(|r| set.table.get(r) != RegionState::Valid) {
             return None;
         }
+        if set.slow_members.load(Ordering::Relaxed) != 0 {
+            return None;
+        }
         let slice = set.dev.zero_copy_source(offset, len_usize)?;
         self.fg_ops.fetch_add(1, Ordering::Relaxed);
         self.stats.reads_cache.fetch_add(1, Ordering::Relaxed);
@@ -136,6 +140,11 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
     }
 
     pub(super) async fn read_backing(&self, offset: u64, buf: AlignedBuf) -> (AlignedBuf, io::Result<()>) {
+        let len = buf.len();
+        timed(&self.stats.slow.backing.read, len, self.read_backing_untimed(offset, buf)).await
+    }
+
+    pub(super) async fn read_backing_untimed(&self, offset: u64, buf: AlignedBuf) -> (AlignedBuf, io::Result<()>) {
         let len = buf.len() as u64;
         let (buf, r) = self.backing.read(offset, buf).await;
         self.stats.reads_backing.fetch_add(1, Ordering::Relaxed);
@@ -154,6 +163,13 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
         buf: AlignedBuf,
     ) -> (AlignedBuf, io::Result<()>) {
         let len = buf.len() as u64;
+        let slow = set.slow_members.load(Ordering::Relaxed);
+        if slow != 0 && set.dev.members_touched(offset, len) & slow != 0 {
+            // A member slower than the backing: the backing answers (it has every acknowledged
+            // write); the watch keeps measuring the member with probes and writes.
+            self.stats.slow.routed_reads.fetch_add(1, Ordering::Relaxed);
+            return self.read_backing(offset, buf).await;
+        }
         let (buf, r) = if self.hedger.eligible(buf.len()) {
             match self.read_cache_hedged(set, offset, buf).await {
                 Hedged::Cache(buf, r) => (buf, r),
@@ -209,7 +225,9 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
             return Hedged::Cache(buf, r);
         }
         // The backing has every acknowledged write, so its copy is never older than the cache's.
-        let mut backing = std::pin::pin!(self.read_backing(offset, AlignedBuf::uninit_for_fill(len)));
+        // Not timed for the slow-member watch: a race's loser is dropped, and a mean of the
+        // winners would make the backing look faster than it is.
+        let mut backing = std::pin::pin!(self.read_backing_untimed(offset, AlignedBuf::uninit_for_fill(len)));
         tokio::select! {
             biased;
             (buf, r) = &mut cache => Hedged::Cache(buf, r),

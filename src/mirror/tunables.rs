@@ -3,6 +3,7 @@
 //! is a field here, its default and check in [`Tunables::validate`], and its use in the engine.
 
 use super::hedge::HedgePolicy;
+use super::slow::{SlowCachePolicy, SlowPolicy};
 use std::time::Duration;
 
 /// md leaves a hung member to the SCSI/NVMe layer's 30 s timeouts and retries; a local SSD that
@@ -24,6 +25,9 @@ pub struct Tunables {
     /// [`crate::device::layer::cache_time_limit::FLUSH_TIMEOUT_FACTOR`] times as long) before the
     /// whole set is given up on (`cache_timeout_ms`); zero for no limit.
     pub cache_timeout: Duration,
+    /// When a cache member slower than the backing is routed around or failed
+    /// (`slow_cache_*` config keys).
+    pub slow: SlowPolicy,
 }
 
 impl Default for Tunables {
@@ -34,6 +38,7 @@ impl Default for Tunables {
             read_error_budget: 20,
             hedge: HedgePolicy::default(),
             cache_timeout: DEFAULT_CACHE_TIMEOUT,
+            slow: SlowPolicy::default(),
         }
     }
 }
@@ -51,7 +56,7 @@ fn reject(key: &'static str, reason: String) -> Result<(), Rejected> {
 
 impl Tunables {
     /// The config keys these knobs are set by (all live: SIGHUP applies them).
-    pub const KEYS: [&'static str; 8] = [
+    pub const KEYS: [&'static str; 13] = [
         "rebuild_min_bytes_per_s",
         "rebuild_max_bytes_per_s",
         "read_error_budget",
@@ -60,6 +65,11 @@ impl Tunables {
         "hedge_max_us",
         "hedge_max_percent",
         "cache_timeout_ms",
+        "slow_cache_policy",
+        "slow_cache_factor",
+        "slow_cache_min_latency_us",
+        "slow_cache_window_ms",
+        "slow_cache_fail_after_ms",
     ];
 
     pub fn validate(&self) -> Result<(), Rejected> {
@@ -87,6 +97,31 @@ impl Tunables {
         if t != 0 && !(100..=3_600_000).contains(&t) {
             return reject("cache_timeout_ms", format!("{t} is outside 100..=3600000 (or 0 for no limit)"));
         }
+        self.validate_slow()
+    }
+
+    fn validate_slow(&self) -> Result<(), Rejected> {
+        let s = &self.slow;
+        if !(2..=1000).contains(&s.factor) {
+            return reject("slow_cache_factor", format!("{} is outside 2..=1000", s.factor));
+        }
+        let floor = s.min_latency.as_micros();
+        if !(100..=10_000_000).contains(&floor) {
+            return reject("slow_cache_min_latency_us", format!("{floor} is outside 100..=10000000"));
+        }
+        let w = s.window.as_millis();
+        if !(500..=3_600_000).contains(&w) {
+            return reject("slow_cache_window_ms", format!("{w} is outside 500..=3600000"));
+        }
+        let f = s.fail_after.as_millis();
+        if s.mode == SlowCachePolicy::Fail && !(w..=86_400_000).contains(&f) {
+            return reject(
+                "slow_cache_fail_after_ms",
+                format!(
+                    "{f} is outside slow_cache_window_ms ({w}) ..= 86400000: a member must be slow before it is failed"
+                ),
+            );
+        }
         Ok(())
     }
 
@@ -102,6 +137,11 @@ impl Tunables {
             a.hedge.max != b.hedge.max,
             a.hedge.max_percent != b.hedge.max_percent,
             a.cache_timeout != b.cache_timeout,
+            a.slow.mode != b.slow.mode,
+            a.slow.factor != b.slow.factor,
+            a.slow.min_latency != b.slow.min_latency,
+            a.slow.window != b.slow.window,
+            a.slow.fail_after != b.slow.fail_after,
         ];
         Self::KEYS.iter().zip(differs).filter(|(_, d)| *d).map(|(k, _)| *k).collect()
     }
@@ -125,6 +165,10 @@ mod tests {
         assert_eq!(bad(|t| t.hedge.max = Duration::from_micros(20)), "hedge_max_us");
         assert_eq!(bad(|t| t.hedge.max_percent = 101), "hedge_max_percent");
         assert_eq!(bad(|t| t.cache_timeout = Duration::from_millis(50)), "cache_timeout_ms");
+        assert_eq!(bad(|t| t.slow.factor = 1), "slow_cache_factor");
+        assert_eq!(bad(|t| t.slow.min_latency = Duration::from_micros(10)), "slow_cache_min_latency_us");
+        assert_eq!(bad(|t| t.slow.window = Duration::from_millis(10)), "slow_cache_window_ms");
+        assert_eq!(bad(|t| t.slow.fail_after = Duration::from_millis(600)), "slow_cache_fail_after_ms");
         let t = Tunables { cache_timeout: Duration::ZERO, ..Tunables::default() };
         assert_eq!(t.validate(), Ok(()));
         assert_eq!(Tunables::default().changed_keys(&t), vec!["cache_timeout_ms"]);

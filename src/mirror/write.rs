@@ -7,6 +7,7 @@ use super::util::region_span;
 use super::{enospc, out_of_range, Inner, Set};
 use crate::device::layer::backing_guard as guard;
 use crate::device::{AlignedBuf, BlockDevice};
+use crate::telemetry::timed;
 use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -114,7 +115,7 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
         let data = Arc::new(buf);
         m.armed = true;
         let (rb, rc) = tokio::join!(
-            self.backing.write_shared(offset, data.clone(), fua),
+            timed(&self.stats.slow.backing.write, data.len(), self.backing.write_shared(offset, data.clone(), fua)),
             set.dev.write_shared(offset, data.clone(), false)
         );
         self.finish(m, &rb, Some(rc));

@@ -6,7 +6,7 @@
 //! bit operations. Prometheus gets the cumulative counts at every power of two (they nest exactly).
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Values below 2^MIN_OCTAVE ns (1.024 µs) share bucket 0.
 const MIN_OCTAVE: u32 = 10;
@@ -170,6 +170,48 @@ impl OpSnapshot {
             latency: self.latency.since(&older.latency),
         }
     }
+}
+
+/// Operations up to this size have their latency compared between devices
+/// (`mirror::slow`); larger ones are dominated by transfer time.
+pub const SMALL_OP_BYTES: usize = 128 << 10;
+
+/// Running totals of one kind of operation's latency; the watch reads them as deltas.
+#[derive(Debug, Default)]
+pub struct LatencySum {
+    total_us: AtomicU64,
+    count: AtomicU64,
+}
+
+impl LatencySum {
+    pub fn record(&self, took: Duration) {
+        self.total_us.fetch_add(took.as_micros() as u64, Relaxed);
+        self.count.fetch_add(1, Relaxed);
+    }
+
+    pub fn read(&self) -> (u64, u64) {
+        (self.total_us.load(Relaxed), self.count.load(Relaxed))
+    }
+}
+
+/// Read and write latency of one device.
+#[derive(Debug, Default)]
+pub struct DeviceLatency {
+    pub read: LatencySum,
+    pub write: LatencySum,
+}
+
+/// Times `f` into `sum` when the operation is small enough to compare. Only completions count:
+/// a caller that may drop the future early (a race) must not use this, or the mean would keep
+/// only the operations that were fast enough to finish.
+pub async fn timed<T>(sum: &LatencySum, len: usize, f: impl std::future::Future<Output = T>) -> T {
+    if len > SMALL_OP_BYTES {
+        return f.await;
+    }
+    let t = Instant::now();
+    let out = f.await;
+    sum.record(t.elapsed());
+    out
 }
 
 #[cfg(test)]

@@ -28,6 +28,7 @@
 //! answers, and the mirror refuses to attach a device with operations still outstanding.
 
 use crate::device::{AlignedBuf, BlockDevice, DeviceId, Extent};
+use crate::telemetry::{DeviceLatency, LatencySum, SMALL_OP_BYTES};
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
@@ -204,18 +205,57 @@ impl<T: Send + 'static> GiveUp for io::Result<T> {
     }
 }
 
+/// Holds a pending operation; if dropped with it still there, lets it finish in a task.
+struct FinishOnDrop<T: Send + 'static>(Option<Pin<Box<dyn Future<Output = T> + Send>>>);
+
+impl<T: Send + 'static> Drop for FinishOnDrop<T> {
+    fn drop(&mut self) {
+        if let (Some(fut), Ok(rt)) = (self.0.take(), tokio::runtime::Handle::try_current()) {
+            rt.spawn(async move {
+                let _ = fut.await;
+            });
+        }
+    }
+}
+
 /// A cache device with a time limit (see the module docs).
 pub struct Timed<D> {
     inner: Arc<D>,
     id: Option<DeviceId>,
     shared: Arc<CacheTimeouts>,
     wire: Arc<Tripwire>,
+    /// Small reads' and writes' latency to completion (`mirror::slow` compares it with the
+    /// backing's). Taken inside the operation, so one the caller stopped waiting for (a hedged
+    /// read the backing won) still counts its whole time.
+    latency: Arc<DeviceLatency>,
 }
 
 impl<D: BlockDevice> Timed<D> {
     pub fn new(inner: D, shared: Arc<CacheTimeouts>, wire: Arc<Tripwire>) -> Self {
         let id = inner.identity();
-        Timed { inner: Arc::new(inner), id, shared, wire }
+        Timed { inner: Arc::new(inner), id, shared, wire, latency: Arc::default() }
+    }
+
+    pub fn latency(&self) -> &DeviceLatency {
+        &self.latency
+    }
+
+    /// `fut`, timed into `sum` from inside when small enough to compare.
+    fn timed_op<T: Send + 'static>(
+        &self,
+        len: usize,
+        pick: fn(&DeviceLatency) -> &LatencySum,
+        fut: impl Future<Output = T> + Send + 'static,
+    ) -> impl Future<Output = T> + Send + 'static {
+        let latency = (len <= SMALL_OP_BYTES).then(|| self.latency.clone());
+        async move {
+            let started = Instant::now();
+            let out = fut.await;
+            if let Some(l) = latency {
+                pick(&l).record(started.elapsed());
+            }
+            out
+        }
     }
 
     pub fn inner(&self) -> &D {
@@ -243,13 +283,21 @@ impl<D: BlockDevice> Timed<D> {
             }
             tokio::time::sleep_until((started + limit).into()).await;
         };
+        // Dropped while pending (the caller stopped waiting: a hedged read the backing won), the
+        // operation finishes in a task of its own, as the engine would run it on anyway: its
+        // latency is then still counted in full.
+        let mut guard = FinishOnDrop(Some(fut));
+        let fut = guard.0.as_mut().expect("operation present");
         let timed_out = tokio::select! {
             biased;
-            v = &mut fut => return v,
+            v = fut => {
+                guard.0 = None;
+                return v;
+            }
             _ = self.wire.tripped() => false,
             _ = timer => true,
         };
-        self.abandon(fut);
+        self.abandon(guard.0.take().expect("operation present"));
         if timed_out {
             self.shared.timed_out.fetch_add(1, Ordering::Relaxed);
             tracing::error!(
@@ -305,15 +353,15 @@ impl<D: BlockDevice> BlockDevice for Timed<D> {
     }
     async fn read(&self, offset: u64, buf: AlignedBuf) -> (AlignedBuf, io::Result<()>) {
         let (d, len) = (self.inner.clone(), buf.len());
-        self.run(len, 1, async move { d.read(offset, buf).await }).await
+        self.run(len, 1, self.timed_op(len, |l| &l.read, async move { d.read(offset, buf).await })).await
     }
     async fn write(&self, offset: u64, buf: AlignedBuf, fua: bool) -> (AlignedBuf, io::Result<()>) {
         let (d, len) = (self.inner.clone(), buf.len());
-        self.run(len, 1, async move { d.write(offset, buf, fua).await }).await
+        self.run(len, 1, self.timed_op(len, |l| &l.write, async move { d.write(offset, buf, fua).await })).await
     }
     async fn write_shared(&self, offset: u64, data: Arc<AlignedBuf>, fua: bool) -> io::Result<()> {
-        let d = self.inner.clone();
-        self.run(0, 1, async move { d.write_shared(offset, data, fua).await }).await
+        let (d, len) = (self.inner.clone(), data.len());
+        self.run(0, 1, self.timed_op(len, |l| &l.write, async move { d.write_shared(offset, data, fua).await })).await
     }
     async fn flush(&self) -> io::Result<()> {
         let d = self.inner.clone();

@@ -53,6 +53,19 @@ impl<C: BlockDevice> Striped<C> {
         self.member_data_bytes
     }
 
+    /// A bit per member that `[offset, +len)` touches.
+    pub fn members_touched(&self, offset: u64, len: u64) -> u64 {
+        let n = self.members.len() as u64;
+        if n == 1 || len == 0 {
+            return 1;
+        }
+        let (first, last) = (offset / self.stripe_bytes, (offset + len - 1) / self.stripe_bytes);
+        if last - first + 1 >= n {
+            return (1u64 << n) - 1;
+        }
+        (first..=last).fold(0, |mask, stripe| mask | 1 << (stripe % n))
+    }
+
     pub fn into_members(self) -> Vec<C> {
         self.members
     }

@@ -38,6 +38,7 @@ impl std::fmt::Debug for ByteSet {
 const SHADOW_CHUNK_BYTES: usize = 4096;
 
 /// A write the model has seen since the last flush.
+#[derive(Clone)]
 struct Logged {
     offset: u64,
     /// None: zeroes.
@@ -79,6 +80,7 @@ fn to_ranges(bytes: Vec<u64>) -> Vec<Range<u64>> {
 ///
 /// Bytes that are known cost a memcpy or memcmp per request; only undecided bytes are tracked one
 /// by one, so the model stays cheap enough for many seeds in an unoptimised test build.
+#[derive(Clone)]
 pub struct ShadowDisk {
     /// The value a read must return, where `known`.
     cur: Vec<u8>,
