@@ -8,7 +8,7 @@
 #                        [--cache PATH]... [--mountpoint DIR] [--nbd-device /dev/nbdN]
 #                        [--connections N] [--io-timeout SECS] [--dead-timeout SECS]
 #                        [--metrics [HOST:]PORT | --metrics ""]
-#                        [--for-service UNIT | --for-service ""] [--binary PATH]
+#                        [--for-service UNIT | --for-service ""] [--binary PATH | --deb PATH]
 #                        [--replace-config] [--take-over-cache] [--no-mount] [--root DIR]
 #
 #   --dry-run          print every step and every command, change nothing
@@ -28,6 +28,10 @@
 #   --for-service      a unit that needs the mount: gets a RequiresMountsFor= drop-in, so it starts
 #                      after the mount and stops before it          (default scylla-server.service)
 #   --binary           install this superdisk binary as /usr/local/bin/superdisk first
+#   --deb              install this superdisk package (scripts/package.sh) with apt-get instead:
+#                      /usr/bin/superdisk and the units in /usr/lib/systemd/system come from it,
+#                      and the script writes only the drop-ins and the mount unit. A superdisk@NAME
+#                      already running keeps its binary until `superdisk upgrade --instance NAME`
 #   --replace-config   overwrite an existing /etc/superdisk/NAME.toml or NAME.nbd.env that differs
 #                      from what this script would write (the old one is kept as .bak)
 #   --take-over-cache  let `superdisk create` format local SSDs that hold other data
@@ -64,6 +68,7 @@ dead_timeout_secs=120
 metrics="127.0.0.1:9510"
 for_service="scylla-server.service"
 binary=""
+deb=""
 replace_config=0
 take_over_cache=0
 no_mount=0
@@ -86,6 +91,7 @@ while [ $# -gt 0 ]; do
         --metrics) need_arg "$1" $#; metrics="$2"; shift ;;
         --for-service) need_arg "$1" $#; for_service="$2"; shift ;;
         --binary) need_arg "$1" $#; binary="$2"; shift ;;
+        --deb) need_arg "$1" $#; deb="$2"; shift ;;
         --replace-config) replace_config=1 ;;
         --take-over-cache) take_over_cache=1 ;;
         --no-mount) no_mount=1 ;;
@@ -103,6 +109,7 @@ done
 [ -z "$pd_name" ] || [[ "$pd_name" =~ ^[A-Za-z0-9][A-Za-z0-9_-]*$ ]] \
     || die "--pd-name '$pd_name' is not a GCP device name (letters, digits, '-', '_')"
 [ -z "$pd_name" ] || [ -z "$backing" ] || die "give --pd-name or --backing, not both"
+[ -z "$binary" ] || [ -z "$deb" ] || die "give --binary or --deb, not both"
 [[ "$nbd_device" =~ ^/dev/nbd([0-9]+)$ ]] || die "--nbd-device '$nbd_device' is not /dev/nbdN"
 nbd_index="${BASH_REMATCH[1]}"
 if ! [[ "$connections" =~ ^[1-9][0-9]*$ ]] || [ "$connections" -gt 64 ]; then
@@ -129,6 +136,8 @@ mounts_file="$root/proc/self/mounts"
 swaps_file="$root/proc/swaps"
 sys_block="$root/sys/class/block"
 bin_path="$root/usr/local/bin/superdisk"
+# The package installs the binary where packages do.
+[ -z "$deb" ] || bin_path="$root/usr/bin/superdisk"
 config="$etc_dir/$name.toml"
 nbd_env="$etc_dir/$name.nbd.env"
 where="$root$mountpoint"
@@ -153,8 +162,23 @@ if [ "$dry_run" = 0 ]; then
     [ "$no_mount" = 1 ] || need mkfs.xfs "apt-get install xfsprogs"
 fi
 for u in superdisk@.service superdisk-nbd@.service; do
-    [ -f "$units_src/$u" ] || die "$units_src/$u is missing (run the script from a superdisk checkout)"
+    if [ -n "$deb" ]; then
+        # A copy in /etc/systemd/system (an earlier setup without the package) would override the
+        # package's unit and keep running /usr/local/bin/superdisk.
+        [ ! -e "$unit_dir/$u" ] || die "$unit_dir/$u overrides the package's unit (it runs \
+/usr/local/bin/superdisk): remove it (and /usr/local/bin/superdisk) first, or leave out --deb"
+    else
+        [ -f "$units_src/$u" ] || die "$units_src/$u is missing (run the script from a superdisk checkout)"
+    fi
 done
+if [ -n "$deb" ]; then
+    need dpkg-deb "apt-get install dpkg"
+    [ -f "$deb" ] || die "--deb $deb is not a file"
+    deb="$(cd "$(dirname "$deb")" && pwd)/$(basename "$deb")"
+    deb_name="$(dpkg-deb -f "$deb" Package 2>/dev/null)" || die "--deb $deb is not a Debian package"
+    [ "$deb_name" = superdisk ] || die "--deb $deb is the package '$deb_name', not superdisk"
+    deb_version="$(dpkg-deb -f "$deb" Version)"
+fi
 
 # --- how commands and files are handled --------------------------------------------------------------
 
@@ -413,7 +437,18 @@ fi
 # --- step 3: the binary -----------------------------------------------------------------------------
 
 say "step 3: superdisk binary"
-if [ -n "$binary" ]; then
+if [ -n "$deb" ]; then
+    installed=""
+    [ -n "$root" ] || installed="$(dpkg-query -W -f='${Status} ${Version}' superdisk 2>/dev/null || true)"
+    if [ "$installed" = "install ok installed $deb_version" ] && [ -x "$bin_path" ]; then
+        say "unchanged: superdisk package $deb_version"
+    else
+        changes=$((changes + 1))
+        # Installs or upgrades the files only: no unit is enabled, started or restarted by it.
+        run apt-get install -y "$deb"
+    fi
+    [ "$dry_run" = 1 ] || [ -x "$bin_path" ] || die "the package did not install $bin_path"
+elif [ -n "$binary" ]; then
     [ -x "$binary" ] || die "--binary $binary is not an executable file"
     if [ -f "$bin_path" ] && cmp -s "$binary" "$bin_path"; then
         say "unchanged: $bin_path"
@@ -498,8 +533,12 @@ fi
 
 say "step 6: systemd units"
 units_before=$changes
-install_file "$unit_dir/superdisk@.service" 0644 "$units_src/superdisk@.service" copy
-install_file "$unit_dir/superdisk-nbd@.service" 0644 "$units_src/superdisk-nbd@.service" copy
+if [ -n "$deb" ]; then
+    say "  superdisk@.service and superdisk-nbd@.service: the package's"
+else
+    install_file "$unit_dir/superdisk@.service" 0644 "$units_src/superdisk@.service" copy
+    install_file "$unit_dir/superdisk-nbd@.service" 0644 "$units_src/superdisk-nbd@.service" copy
+fi
 
 # Wait for udev's links at boot: the backing is required, a missing SSD only delays the start
 # (by the device timeout) and then the daemon serves degraded.

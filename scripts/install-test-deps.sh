@@ -16,6 +16,14 @@ pkgs+=(systemd systemd-container kmod)
 pkgs+=(openssl)
 # scripts/test.sh: the shell scripts are linted like the Rust is.
 pkgs+=(shellcheck)
+# tests/monitoring.rs: promtool checks and unit-tests docs/monitoring/superdisk-alerts.yml; Debian
+# ships it in the prometheus package. Where systemd runs services (no policy-rc.d denying them) the
+# install also enables and starts a Prometheus on :9090 scraping itself and :9100: harmless, the
+# tests use ports the kernel hands out.
+pkgs+=(prometheus)
+# tests/package.rs: scripts/package.sh builds the .deb (cargo-deb needs dpkg-shlibdeps and strip),
+# lintian checks it, man renders its pages.
+pkgs+=(lintian dpkg-dev binutils man-db)
 missing_pkgs() {
   local p
   for p in "${pkgs[@]}"; do
@@ -41,3 +49,5 @@ if ((${#missing[@]})); then
   echo "install-test-deps: still not installed after two passes: ${missing[*]}" >&2
   exit 1
 fi
+# tests/package.rs: cargo-deb, pinned in scripts/package.sh (compiled once: about a minute on 2 cores).
+"$(dirname "$0")/package.sh" --install-tools

@@ -128,7 +128,11 @@ enum Command {
     /// Print what a running daemon checks before handing over to this binary (JSON).
     #[command(hide = true)]
     HandoverInfo,
-    /// Serve the disk over NBD (boxed: its flags outweigh every other command).
+    /// Write the man pages and shell completions (for packaging: scripts/package.sh).
+    #[command(hide = true)]
+    GenerateDocs(cli::gendocs::GenDocsArgs),
+    /// Serve the disk over NBD, from the local-SSD mirror, writing through to the backing.
+    // Boxed: its flags outweigh every other command.
     Serve(Box<ServeArgs>),
     /// Create demo images in DIR (default ./superdisk-demo) and serve them.
     Demo {
@@ -147,6 +151,7 @@ enum Command {
 enum RebuildAction {
     /// Freeze the copy; invalid regions keep being read from the backing.
     Pause,
+    /// Carry on with a paused copy.
     Resume,
     /// Set the rate limits, e.g. `rate 50M` or `rate 50M 500M` (bytes per second).
     Rate {
@@ -249,6 +254,7 @@ fn main() -> ExitCode {
             println!("{}", serde_json::to_string(&superdisk::daemon::handover::BuildInfo::this()).unwrap_or_default());
             Ok(())
         }
+        Command::GenerateDocs(args) => cli::gendocs::generate_docs(args),
         Command::Serve(args) => serve_cmd(*args),
         Command::Demo { dir, listen, size, no_cache } => demo(dir, listen, size, no_cache),
     };

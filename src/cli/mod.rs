@@ -5,6 +5,7 @@
 pub mod admin_client;
 pub mod attach;
 pub mod create;
+pub mod gendocs;
 pub mod offline;
 pub mod serve;
 

@@ -10,30 +10,32 @@ use superdisk::daemon::{self, AnyError};
 
 #[derive(clap::Args, Default, Clone)]
 pub struct ServeArgs {
-    /// TOML configuration file; flags given here override its keys.
+    /// TOML configuration file; flags given here override its keys [command line only].
     #[arg(long)]
     config: Option<PathBuf>,
+    /// The durable device or image file, prepared by `superdisk create` [config: backing].
     #[arg(long)]
     backing: Option<PathBuf>,
-    /// TCP address (HOST:PORT; "" disables TCP). Default 127.0.0.1:10809.
+    /// TCP address (HOST:PORT; "" disables TCP). Default 127.0.0.1:10809 [config: listen].
     #[arg(long)]
     listen: Option<String>,
-    /// Also listen on this Unix socket.
+    /// Also listen on this Unix socket [config: unix].
     #[arg(long)]
     unix: Option<PathBuf>,
-    /// Export name (the empty name also selects it).
+    /// Export name (the empty name also selects it) [config: export].
     #[arg(long)]
     export: Option<String>,
+    /// Refuse writes with EPERM [config: read_only].
     #[arg(long)]
     read_only: bool,
-    /// I/O engine: uring (default, falls back to psync) or psync.
+    /// I/O engine: uring (default, falls back to psync) or psync [config: io_engine].
     #[arg(long)]
     io_engine: Option<String>,
     /// Memory registered with io_uring as fixed buffers, e.g. 36M; 0 turns them off (config key
     /// registered_buffer_bytes).
     #[arg(long, value_parser = parse_size)]
     registered_buffer_bytes: Option<u64>,
-    /// O_DIRECT on the backing (default: on for block devices, off for files).
+    /// O_DIRECT on the backing (default: on for block devices, off for files) [config: direct].
     #[arg(long)]
     direct: Option<bool>,
     /// O_DIRECT on the cache devices (config key cache_direct; default: on for block devices).
@@ -47,25 +49,31 @@ pub struct ServeArgs {
     /// (config key idle_poll_us; default 50).
     #[arg(long)]
     idle_poll_us: Option<u64>,
+    /// error, warn, info (default), debug or trace [config: log_level].
     #[arg(long)]
     log_level: Option<String>,
-    /// A local SSD holding the mirror; repeat to stripe several.
+    /// A local SSD holding the mirror; repeat to stripe several [config: cache].
     #[arg(long)]
     cache: Vec<PathBuf>,
-    /// Format a cache that belongs to another superdisk (or holds unknown data) and rebuild it.
+    /// Format a cache that belongs to another superdisk (or holds unknown data) and rebuild it
+    /// [config: take_over_foreign_cache].
     #[arg(long)]
     take_over_cache: bool,
-    /// Local control socket (mode 0600) for `superdisk status`, `cache`, `rebuild`, `verify`.
+    /// Local control socket (mode 0600) for `superdisk status`, `cache`, `rebuild`, `verify`
+    /// [config: admin_socket].
     #[arg(long)]
     admin_socket: Option<PathBuf>,
-    /// Serve Prometheus metrics at http://[HOST:]PORT/metrics (loopback without a host).
+    /// Serve Prometheus metrics at http://[HOST:]PORT/metrics (loopback without a host)
+    /// [config: metrics].
     #[arg(long, value_name = "[HOST:]PORT")]
     metrics: Option<String>,
     /// Serve one client on stdin/stdout, then exit (as `nbdkit -s`: for a parent that hands us one
-    /// end of a socketpair, e.g. libnbd's nbd_connect_command). Logs stay on stderr.
+    /// end of a socketpair, e.g. libnbd's nbd_connect_command). Logs stay on stderr
+    /// [command line only].
     #[arg(long, conflicts_with_all = ["listen", "unix"])]
     stdio: bool,
-    /// Allow TCP clients from this network only (CIDR, e.g. 10.0.0.0/8); repeat for several.
+    /// Allow TCP clients from this network only (CIDR, e.g. 10.0.0.0/8); repeat for several
+    /// [config: allow].
     #[arg(long, value_name = "CIDR")]
     allow: Vec<String>,
     // Boxed: `Command` holds ServeArgs inline, and clippy limits how much larger one variant may be.
@@ -78,16 +86,17 @@ pub struct ServeArgs {
 
 #[derive(clap::Args, Default, Clone)]
 pub struct TlsArgs {
-    /// TLS: off (default), on (clients may use STARTTLS) or require.
+    /// TLS: off (default), on (clients may use STARTTLS) or require [config: tls].
     #[arg(long = "tls", value_name = "off|on|require")]
     mode: Option<String>,
-    /// PEM certificate chain for TLS (server certificate first).
+    /// PEM certificate chain for TLS (server certificate first) [config: tls_cert].
     #[arg(long)]
     tls_cert: Option<PathBuf>,
-    /// PEM private key of --tls-cert.
+    /// PEM private key of --tls-cert [config: tls_key].
     #[arg(long)]
     tls_key: Option<PathBuf>,
-    /// PEM CA certificate(s): clients must present a certificate signed by one (mutual TLS).
+    /// PEM CA certificate(s): clients must present a certificate signed by one (mutual TLS)
+    /// [config: tls_ca].
     #[arg(long)]
     tls_ca: Option<PathBuf>,
 }
@@ -135,7 +144,7 @@ pub fn serve_cmd(args: ServeArgs) -> Result<(), AnyError> {
 }
 
 /// Writes the flags given on the command line over the file's keys.
-fn merge_flags(mut f: FileConfig, args: &ServeArgs) -> FileConfig {
+pub(super) fn merge_flags(mut f: FileConfig, args: &ServeArgs) -> FileConfig {
     let args = args.clone();
     if args.backing.is_some() {
         f.backing = args.backing;

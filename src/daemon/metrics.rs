@@ -79,7 +79,7 @@ fn render_identity(o: &mut Out, node: &Node) {
     o.family("superdisk_build_info", "gauge", "Always 1; the labels say which superdisk this is.");
     o.sample("superdisk_build_info", &[("version", env!("CARGO_PKG_VERSION"))], 1);
     o.family("superdisk_start_time_seconds", "gauge", "When the daemon started, in seconds since the epoch.");
-    let started = std::time::SystemTime::now() - node.started.elapsed();
+    let started = node.started_unix;
     o.sample(
         "superdisk_start_time_seconds",
         &[],

@@ -34,6 +34,8 @@ pub(super) struct LastVerify {
 /// What the daemon's control paths (admin socket, metrics, SIGHUP, mode monitor) share.
 pub struct Node {
     pub(super) started: Instant,
+    /// The same moment on the wall clock, taken once so the metric never moves.
+    pub(super) started_unix: std::time::SystemTime,
     pub(super) cfg: Mutex<ServeConfig>,
     pub(super) export_size_bytes: u64,
     pub backing: Arc<DeviceStats>,
@@ -86,6 +88,7 @@ impl Node {
         Node {
             backing_io,
             started: Instant::now(),
+            started_unix: std::time::SystemTime::now(),
             cfg: Mutex::new(cfg),
             export_size_bytes,
             backing: parts.backing,
