@@ -77,23 +77,12 @@ fio --enghelp=nbd 2>/dev/null | grep -q uri || die "this fio has no nbd engine (
 nbdkit file --filter=delay --version >/dev/null 2>&1 || die "nbdkit has no delay filter"
 [ -e /dev/fuse ] || die "/dev/fuse is missing (nbdfuse needs FUSE)"
 
-if [ -n "${SUPERDISK:-}" ]; then
-    sd="$SUPERDISK"
-else
-    need cargo "install a Rust toolchain, or set SUPERDISK to a built binary"
-    log "building superdisk (cargo build --release)"
-    (cd "$repo" && cargo build --release --quiet) || die "cargo build --release failed"
-    sd="$repo/target/release/superdisk"
-fi
-[ -x "$sd" ] || die "superdisk binary '$sd' is missing or not executable"
+find_superdisk
 
 # --- set-up ----------------------------------------------------------------------------------------
 
-loadavg_start="$(cut -d' ' -f1-3 /proc/loadavg)"
-awk '{ exit !($1 > 1.0) }' /proc/loadavg \
-    && log "warning: load average is $loadavg_start before we start; figures will be noisy"
-run="$bench_dir/run-$(date +%Y%m%d-%H%M%S)"
-mkdir -p "$run/fio" "$run/fuse"
+start_run_dir
+mkdir -p "$run/fuse"
 [ -n "$out" ] || { if [ "$quick" = 1 ]; then out="$run/BENCHMARKS-MIRROR.md"; else out="$repo/docs/BENCHMARKS-MIRROR.md"; fi; }
 
 # shellcheck source=scripts/lib/delayed-backing.sh

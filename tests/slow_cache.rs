@@ -158,11 +158,13 @@ fn a_slow_cache_member_is_routed_around_and_serves_again_when_it_recovers() {
     assert!(st["mode"] == "healthy", "a slow member must not cost the mirror: {st}");
 
     let mark = d.log_mark();
+    let restored = std::time::Instant::now();
     slow.set_rate("10G");
     // Reads given up on while it was slow (hedged to the backing) are still queued in the
     // filter: the member is fast again once they have drained.
     let log = d.wait_log(mark, "cache member is fast again", Duration::from_secs(90));
     assert!(log.contains("member=1"), "{log}");
+    eprintln!("fast again {:.1} s after the rate was restored", restored.elapsed().as_secs_f64());
     assert_eq!(member_states(&d), ["normal", "normal"]);
     let recovered = reads(&d, &data, 2, 4);
     let log = d.log_since(0);

@@ -58,3 +58,26 @@ need_fio_nbd() {
     need fio "apt-get install fio"
     fio --enghelp=nbd 2>/dev/null | grep -q uri || die "this fio has no nbd engine (fio --enghelp=nbd)"
 }
+
+# Sets sd: $SUPERDISK, or a fresh `cargo build --release` of the checkout at $repo.
+find_superdisk() {
+    if [ -n "${SUPERDISK:-}" ]; then
+        sd="$SUPERDISK"
+    else
+        need cargo "install a Rust toolchain, or set SUPERDISK to a built binary"
+        log "building superdisk (cargo build --release)"
+        (cd "${repo:?}" && cargo build --release --quiet) || die "cargo build --release failed"
+        sd="$repo/target/release/superdisk"
+    fi
+    [ -x "$sd" ] || die "superdisk binary '$sd' is missing or not executable"
+}
+
+# Sets loadavg_start (warning when the machine is already busy) and run, a fresh directory under
+# $bench_dir with fio/ inside it.
+start_run_dir() {
+    loadavg_start="$(cut -d' ' -f1-3 /proc/loadavg)"
+    awk '{ exit !($1 > 1.0) }' /proc/loadavg \
+        && log "warning: load average is $loadavg_start before we start; figures will be noisy"
+    run="${bench_dir:?}/run-$(date +%Y%m%d-%H%M%S)"
+    mkdir -p "$run/fio"
+}

@@ -73,15 +73,9 @@ bench_revision() {
 # Sets superdisk_bin: $SUPERDISK, or a fresh `cargo build --release`; only when a superdisk runs.
 bench_superdisk_bin() {
     [[ " $servers " == *" superdisk "* || " $servers " == *" superdisk-mirror "* ]] || return 0
-    if [ -n "${SUPERDISK:-}" ]; then
-        superdisk_bin="$SUPERDISK"
-    else
-        need cargo "install a Rust toolchain, or set SUPERDISK to a built binary"
-        log "building superdisk (cargo build --release)"
-        (cd "$repo" && cargo build --release --quiet) || die "cargo build --release failed"
-        superdisk_bin="$repo/target/release/superdisk"
-    fi
-    [ -x "$superdisk_bin" ] || die "superdisk binary '$superdisk_bin' is missing or not executable"
+    local sd
+    find_superdisk
+    superdisk_bin="$sd"
 }
 
 # Installed as the EXIT trap: stops a running fio and every server this script started (by PID,

@@ -165,6 +165,8 @@ pub struct MemberView {
 #[derive(Debug, Default)]
 pub struct SlowStats {
     pub members: Mutex<Vec<MemberView>>,
+    /// The watch's probe reads of the backing (kept apart from the client's: see `Watch`).
+    pub backing_probes: LatencySum,
     /// Reads of valid regions sent to the backing because a member they touch is slow.
     pub routed_reads: AtomicU64,
     /// Backing latency, counted by the engine's reads and writes of it.
@@ -245,6 +247,9 @@ pub(super) struct Watch {
     backing_deltas: [Delta; 2],
     /// The backing's last figures and when they were taken, for ticks where it had no operations.
     backing_ref: [Option<(f64, Instant)>; 2],
+    /// The backing's reads by the watch's own probes: what a routed member's probes are judged
+    /// against, so idle reads are compared with idle reads, not with reads under client load.
+    backing_probe_delta: Delta,
     rng: u64,
     /// The policy was on at the last look: turning it off clears what it had routed (once, so
     /// `off` also leaves alone what it never set).
@@ -275,6 +280,11 @@ impl Watch {
             out[i] = self.backing_ref[i].filter(|(_, at)| now.duration_since(*at) < REFERENCE_MAX_AGE).map(|(m, _)| m);
         }
         out
+    }
+
+    /// The mean of the watch's own backing probes since its last figure.
+    pub(super) fn backing_probe_mean(&mut self, sum: &LatencySum, now: Instant, max_age: Duration) -> Option<f64> {
+        self.backing_probe_delta.mean_us(sum, now, max_age)
     }
 
     pub(super) fn member_means(
@@ -402,7 +412,18 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
             .map(|(i, m)| watch.member_means(i, m.latency(), now, max_age))
             .collect();
         let backing = watch.backing_means(&self.stats.slow.backing, now, max_age);
-        let transitions = (0..n).map(|i| watch.observe(i, now, members[i], backing, p)).collect();
+        let probed = watch.backing_probe_mean(&self.stats.slow.backing_probes, now, max_age);
+        let routed = set.slow_members.load(Ordering::Relaxed);
+        let transitions = (0..n)
+            .map(|i| {
+                // A routed member is only read by probes: judge them against the backing's probes.
+                let reference = match probed {
+                    Some(r) if routed & (1 << i) != 0 => [Some(r), backing[1]],
+                    _ => backing,
+                };
+                watch.observe(i, now, members[i], reference, p)
+            })
+            .collect();
         Some((members, backing, transitions))
     }
 
@@ -471,15 +492,23 @@ impl<B: BlockDevice, C: BlockDevice> Inner<B, C> {
     ) {
         let slow = set.slow_members.load(Ordering::Relaxed);
         let suspect = members.iter().any(|m| Watch::suspect(*m, p));
-        if backing[0].is_none() && (suspect || slow != 0) && !self.backing.in_outage() {
+        let outage = self.backing.in_outage();
+        if backing[0].is_none() && suspect && !outage {
             probe(&self.backing, self.data_bytes, Some(&self.stats.slow.backing.read), &self.slow_watch).await;
         }
-        for (i, m) in set.dev.members().iter().enumerate() {
-            if slow & (1 << i) != 0 {
-                // Timed into the member's own figures by its time-limit layer.
-                probe(m, set.dev.member_data_bytes(), None, &self.slow_watch).await;
-            }
+        if slow == 0 {
+            return;
         }
+        // The routed members and the backing, probed the same way at the same moment. The
+        // members' probes are timed into their own figures by their time-limit layer.
+        let members = set.dev.members().iter().enumerate().filter(|(i, _)| slow & (1 << i) != 0);
+        let member_probes = members.map(|(_, m)| probe(m, set.dev.member_data_bytes(), None, &self.slow_watch));
+        let backing_probe = async {
+            if !outage {
+                probe(&self.backing, self.data_bytes, Some(&self.stats.slow.backing_probes), &self.slow_watch).await;
+            }
+        };
+        tokio::join!(crate::device::join::join_all(member_probes.collect()), backing_probe);
     }
 
     fn reset_views(&self, n: usize) {
