@@ -36,6 +36,8 @@ EOF
 }
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=scripts/lib/kernel-guest.sh
+. "$REPO/scripts/lib/kernel-guest.sh"
 ACCEL=${E2E_ACCEL:-auto}
 KEEP=0
 GUEST_TIMEOUT_SECS=600
@@ -48,6 +50,8 @@ DISK_SIZE=1G
 MODULES=(crc32c_generic virtio_pci virtio_net nbd xfs)
 HOST_PACKAGES=(qemu-system-x86 busybox-static nbd-client xfsprogs fio cpio gzip xz-utils zstd apt dpkg)
 GUEST_PROGRAMS=(nbd-client mkfs.xfs fio)
+# The module list never changes here: keep the kit, not the .deb it came from.
+KG_KEEP_DEB=0
 # Seconds the guest's verifying writer runs while the host breaks the daemon (0: skip that phase).
 RESTART_SECS=${E2E_RESTART_SECS:-75}
 ADMIN_SOCK=
@@ -124,23 +128,11 @@ parse_args() {
   [[ "$GUEST_TIMEOUT_SECS" =~ ^[0-9]+$ ]] || { echo "--timeout takes seconds" >&2; exit 2; }
 }
 
-install_deps() {
-  local p missing=()
-  for p in "${HOST_PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-  done
-  if ((${#missing[@]})); then
-    [ "$(id -u)" = 0 ] || die "need root to install: ${missing[*]}"
-    log "installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  fi
-}
-
 locate_superdisk() {
   if [ -n "${SUPERDISK_BIN:-}" ]; then
-    SD=$SUPERDISK_BIN
+    # Absolute, so build_second_binary recognises a cargo output however it was named
+    # (scripts/test.sh passes target/debug/superdisk).
+    SD=$(realpath "$SUPERDISK_BIN")
   else
     # Cheap when up to date, and it keeps a stale binary from being tested.
     (cd "$REPO" && cargo build --release --quiet) || die "cargo build --release failed"
@@ -157,129 +149,27 @@ kernel_package() {
   pkg=$(apt-cache depends linux-image-amd64 2>/dev/null |
     awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9]/ { print $2; exit }')
   [ -n "$pkg" ] || return 0
-  ver=$(apt-cache show --no-all-versions "$pkg" 2>/dev/null | awk '$1 == "Version:" { print $2; exit }')
-  [ -n "$ver" ] && echo "$pkg $ver"
-}
-
-# find_module TREE NAME: the module's file (maybe compressed); module names treat - and _ alike.
-find_module() {
-  local a=${2//-/_} b=${2//_/-}
-  find "$1" \( -name "$a.ko" -o -name "$a.ko.*" -o -name "$b.ko" -o -name "$b.ko.*" \) -print -quit
-}
-
-is_builtin() {
-  local a=${2//-/_} b=${2//_/-}
-  grep -q -E "/($a|$b)\.ko$" "$1/modules.builtin"
-}
-
-decompress_module() {
-  case "$1" in
-    *.ko) cp "$1" "$2" ;;
-    *.ko.xz) xz -dc "$1" >"$2" ;;
-    *.ko.zst) zstd -dcq "$1" >"$2" ;;
-    *.ko.gz) gzip -dc "$1" >"$2" ;;
-    *) die "unknown module compression: $1" ;;
-  esac
-}
-
-# add_module MODDIR KIT NAME: copies NAME and, first, what it depends on into KIT/modules,
-# appending to KIT/modules/order in load order. Dependencies come from the module's own
-# .modinfo "depends=" string (no depmod needed).
-declare -A ADDED=()
-add_module() {
-  local moddir=$1 kit=$2 name=$3 src base dep deps
-  [ -z "${ADDED[$name]:-}" ] || return 0
-  ADDED[$name]=1
-  if is_builtin "$moddir" "$name"; then
-    log "  $name: built into the kernel"
-    return 0
-  fi
-  src=$(find_module "$moddir/kernel" "$name")
-  [ -n "$src" ] || die "module $name not found in the kernel package"
-  base=$(basename "$src")
-  base=${base%%.ko*}
-  decompress_module "$src" "$kit/modules/$base.ko.tmp"
-  deps=$(tr '\0' '\n' <"$kit/modules/$base.ko.tmp" | sed -n 's/^depends=//p' | head -n 1 | tr ',' ' ')
-  for dep in $deps; do add_module "$moddir" "$kit" "$dep"; done
-  mv "$kit/modules/$base.ko.tmp" "$kit/modules/$base.ko"
-  echo "$base" >>"$kit/modules/order"
-  log "  $name: ${src#"$moddir"/}${deps:+ (after $deps)}"
+  ver=$(kg_candidate "$pkg")
+  [ -z "$ver" ] || echo "$pkg $ver"
 }
 
 # Downloads Debian's kernel package (never installs it) and keeps, per package version and module
 # list, a small kit: vmlinuz, its config and the modules the guest needs, uncompressed.
 fetch_kernel() {
-  local found pkg ver tag dl deb moddir m
-  mkdir -p "$CACHE_DIR"
-  found=$(kernel_package)
-  if [ -z "$found" ] && [ "$(id -u)" = 0 ]; then
-    apt-get update -qq
-    found=$(kernel_package)
-  fi
-  tag=$(printf '%s\n' "${MODULES[@]}" | sha256sum | cut -c1-12)
-  if [ -z "$found" ]; then
-    # No package lists (and not root): fall back to the newest kit already built.
-    KIT=$(find "$CACHE_DIR" -maxdepth 2 -name complete -path "*-$tag/complete" -printf '%T@ %h\n' 2>/dev/null |
-      sort -rn | head -n 1 | cut -d' ' -f2-)
-    [ -n "$KIT" ] || die "apt knows no linux-image-amd64 (run apt-get update) and no kernel is cached"
-    log "apt has no package lists; using the cached $KIT"
-    return 0
-  fi
-  read -r pkg ver <<<"$found"
-  KIT=$CACHE_DIR/${pkg}_$ver-$tag
-  if [ -e "$KIT/complete" ]; then
-    log "kernel $pkg $ver: cached in $KIT"
-    return 0
-  fi
-  log "kernel $pkg $ver: downloading (apt-get download) into $CACHE_DIR"
-  rm -rf "$KIT"
-  dl=$(mktemp -d "$CACHE_DIR/download.XXXXXX")
-  (cd "$dl" && apt-get download "$pkg" >"$dl/apt.log" 2>&1) || { cat "$dl/apt.log" >&2; die "apt-get download $pkg failed"; }
-  deb=$(find "$dl" -maxdepth 1 -name '*.deb' -print -quit)
-  dpkg-deb -x "$deb" "$dl/root"
-  moddir=$(find "$dl/root/lib/modules" -mindepth 1 -maxdepth 1 -type d -print -quit)
-  mkdir -p "$KIT/modules"
-  cp "$dl"/root/boot/vmlinuz-* "$KIT/vmlinuz"
-  cp "$dl"/root/boot/config-* "$KIT/config"
-  basename "$moddir" >"$KIT/kernel-release"
-  : >"$KIT/modules/order"
-  for m in "${MODULES[@]}"; do add_module "$moddir" "$KIT" "$m"; done
-  rm -rf "$dl"
-  touch "$KIT/complete"
-}
-
-# copy_into ROOT PATH: copies PATH's contents to the same path under ROOT.
-copy_into() {
-  mkdir -p "$1$(dirname "$2")"
-  cp -L "$2" "$1$2"
-}
-
-# copy_program ROOT PROGRAM: the program and every shared library ldd names, at their host paths.
-copy_program() {
-  local root=$1 path lib
-  path=$(command -v "$2") || die "$2 not found on the host"
-  copy_into "$root" "$path"
-  if ldd "$path" | grep -q 'not found'; then die "ldd $path: $(ldd "$path" | grep 'not found')"; fi
-  for lib in $(ldd "$path" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }'); do
-    [ -e "$root$lib" ] || copy_into "$root" "$lib"
-  done
+  local found
+  found=$(kg_find_package kernel_package)
+  # No package lists (and not root): the newest kit already built.
+  kg_kit "$CACHE_DIR" 'linux-image-*' "$found" "${MODULES[@]}" ||
+    die "apt knows no linux-image-amd64 (run apt-get update) and no kernel is cached"
 }
 
 build_initramfs() {
-  local root=$WORK/initramfs busybox p
-  mkdir -p "$root"/{bin,sbin,dev,proc,sys,mnt,tmp,lib/modules/e2e}
-  busybox=$(command -v busybox) || die "busybox not found (busybox-static)"
-  if ldd "$busybox" >/dev/null 2>&1; then die "$busybox is dynamically linked; install busybox-static"; fi
-  cp "$busybox" "$root/bin/busybox"
-  install -m 0755 "$REPO/scripts/kernel-e2e/init" "$root/init"
-  for p in "${GUEST_PROGRAMS[@]}"; do copy_program "$root" "$p"; done
+  local root=$WORK/initramfs p
+  kg_initramfs_base "$root" "$REPO/scripts/kernel-e2e/init" /lib/modules/e2e
+  for p in "${GUEST_PROGRAMS[@]}"; do kg_copy_program "$root" "$p"; done
   # The supervisor under test, as the guest's `superdisk`.
-  copy_program "$root" "$SD"
-  mkdir -p "$root/usr/bin"
-  cp "$SD" "$root/usr/bin/superdisk"
-  cp "$KIT"/modules/*.ko "$KIT/modules/order" "$root/lib/modules/e2e/"
-  (cd "$root" && find . -print0 | cpio --null -o -H newc --quiet) | gzip -1 >"$WORK/initramfs.cpio.gz"
-  log "initramfs: $(du -sh "$root" | cut -f1) unpacked, $(du -h "$WORK/initramfs.cpio.gz" | cut -f1) gzipped"
+  kg_copy_program "$root" "$SD" /usr/bin/superdisk
+  kg_pack_initramfs "$root" "$WORK/initramfs.cpio.gz"
 }
 
 create_disk() {
@@ -313,9 +203,10 @@ start_daemon() {
 # the binary's own crate reads it, so this relinks one crate), then the first build is restored.
 build_second_binary() {
   local profile=() dir
+  local built=$SD
   cp "$SD" "$WORK/superdisk-a"
   SD=$WORK/superdisk-a
-  case "${SUPERDISK_BIN:-$REPO/target/release/superdisk}" in
+  case "$built" in
     */target/release/*) profile=(--release); dir=release ;;
     */target/debug/*) dir=debug ;;
     *) log "no cargo build to vary; the second upgrade reuses the same binary"; SD_B=$SD; return 0 ;;
@@ -328,63 +219,18 @@ build_second_binary() {
   log "second build: $("$SD_B" handover-info)"
 }
 
-# KVM needs /dev/kvm to open read-write and hardware virtualization behind it: a KVM without the
-# vmx/svm CPU flag (e.g. PVM, as inside some cloud sandboxes) runs only specially built guest
-# kernels, and Debian's hangs there right after the boot loader.
-kvm_usable() {
-  [ -c /dev/kvm ] && (exec 3<>/dev/kvm) 2>/dev/null && grep -qwE 'vmx|svm' /proc/cpuinfo
-}
-
-choose_accel() {
-  if [ "$ACCEL" = kvm ] || { [ "$ACCEL" = auto ] && kvm_usable; }; then
-    ACCEL=kvm
-    QEMU_ACCEL=(-accel kvm -cpu host)
-  else
-    if [ "$ACCEL" = auto ] && [ -c /dev/kvm ]; then
-      log "/dev/kvm is there but not usable for a stock kernel (not openable, or no vmx/svm CPU flag)"
-    fi
-    ACCEL=tcg
-    QEMU_ACCEL=(-accel "tcg,thread=multi" -cpu max)
-  fi
-  log "acceleration: $ACCEL"
-}
-
 boot_guest() {
-  local nonce console=$WORK/console.log rc=0 line tail_pid
-  nonce=$(od -An -N8 -tx8 /dev/urandom | tr -d ' ')
-  : >"$console"
+  local nonce
+  nonce=$(kg_nonce)
   # user networking: the guest's 10.0.2.2 is the host's loopback, so the daemon stays on 127.0.0.1.
   # romfile= : no iPXE option ROM is needed (or installed) for a -kernel boot.
-  timeout -k 5 "$GUEST_TIMEOUT_SECS" qemu-system-x86_64 "${QEMU_ACCEL[@]}" -smp 2 -m 1024 \
-    -nodefaults -no-user-config -display none -no-reboot -monitor none \
-    -serial "file:$console" \
-    -kernel "$KIT/vmlinuz" -initrd "$WORK/initramfs.cpio.gz" \
+  kg_boot_start "$WORK" "$GUEST_TIMEOUT_SECS" -smp 2 -m 1024 \
     -append "console=ttyS0 panic=-1 loglevel=4 e2e.nonce=$nonce e2e.port=$PORT e2e.fio_size=$FIO_SIZE e2e.restart_secs=$RESTART_SECS" \
-    -netdev user,id=n0,ipv6=off -device virtio-net-pci,netdev=n0,romfile= \
-    >"$WORK/qemu.log" 2>&1 &
-  QEMU_PID=$!
-  # In the background too, so that a signal to this script is handled at once (bash runs traps only
-  # between foreground commands, but interrupts wait).
-  tail -n +1 -f --pid="$QEMU_PID" "$console" | sed -u 's/\r$//; s/^/  guest| /' &
-  tail_pid=$!
-  [ "$RESTART_SECS" = 0 ] || run_events "$console" "$nonce"
-  wait "$QEMU_PID" || rc=$?
-  QEMU_PID=
-  wait "$tail_pid" || true
-  [ -s "$WORK/qemu.log" ] && sed 's/^/  qemu| /' "$WORK/qemu.log"
-  line=$(tr -d '\r' <"$console" | grep -a '^SUPERDISK-E2E-RESULT ' | tail -n 1 || true)
-  if [ "$line" = "SUPERDISK-E2E-RESULT PASS nonce=$nonce" ]; then
-    [ "$rc" = 0 ] || die "guest passed but qemu exited $rc"
-    log "guest: PASS"
-  elif [[ "$line" == "SUPERDISK-E2E-RESULT FAIL "*"nonce=$nonce" ]]; then
-    STEP="guest ${line#SUPERDISK-E2E-RESULT FAIL }"
-    STEP=${STEP% nonce=*}
-    die "the guest reported a failure (console above)"
-  elif [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
-    die "the guest did not finish within ${GUEST_TIMEOUT_SECS}s (--timeout); qemu killed"
-  else
-    die "qemu exited $rc without a result line from the guest (kernel panic or boot failure?)"
-  fi
+    -netdev user,id=n0,ipv6=off -device virtio-net-pci,netdev=n0,romfile=
+  [ "$RESTART_SECS" = 0 ] || run_events "$WORK/console.log" "$nonce"
+  kg_boot_wait "$WORK"
+  kg_guest_result "$WORK/console.log" SUPERDISK-E2E-RESULT "$nonce" "$BOOT_RC" "$GUEST_TIMEOUT_SECS"
+  log "guest: PASS"
 }
 
 # Once the guest's writer runs: SIGKILL + restart three times and upgrade twice, 12 s apart, each
@@ -483,7 +329,7 @@ main() {
   trap on_exit EXIT
   trap 'exit 130' INT TERM HUP
   step install-deps
-  install_deps
+  kg_install_packages "${HOST_PACKAGES[@]}"
   step superdisk-binary
   locate_superdisk
   step kernel
@@ -498,7 +344,8 @@ main() {
   step serve
   start_daemon
   step guest
-  choose_accel
+  kg_choose_accel "$ACCEL"
+  log "acceleration: $ACCEL"
   boot_guest
   step daemon-log
   check_daemon_log
