@@ -140,21 +140,6 @@ fn crash_seed() -> u64 {
     }
 }
 
-fn wait_child(child: &mut Child, limit: Duration, what: &str) -> std::process::ExitStatus {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{what} did not exit within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 /// Kills the python workload if the test fails while it runs.
 struct Reaper(Option<Child>);
 
@@ -253,7 +238,7 @@ fn sigkill_at_random_moments_loses_no_flushed_write() {
         } else {
             d.kill();
         }
-        let status = wait_child(py.0.as_mut().unwrap(), WAIT, "mirror_crash.py");
+        let status = wait_child(py.0.as_mut().unwrap(), WAIT, || "mirror_crash.py".into());
         py.0 = None;
         let py_out = std::fs::read_to_string(&out_path).unwrap_or_default();
         let py_err = std::fs::read_to_string(&err_path).unwrap_or_default();

@@ -142,15 +142,25 @@ fn wait_rebuilt(d: &mut Daemon) {
     }
 }
 
-#[test]
-fn mirror_serves_cached_reads_and_fails_writes_cleanly_while_the_backing_is_stalled() {
-    // Declared before the backing so that it is dropped after it: the daemon holds the FUSE file.
+/// A mirror daemon (256 KiB regions, a cache file) on a backing that can be stalled, started and
+/// rebuilt: the daemon, the backing, the cache file, the backing's image under the FUSE file and
+/// the log mark before the start. The daemon comes first so that it is dropped after the backing:
+/// it holds the FUSE file.
+struct StallableMirror {
+    d: Daemon,
+    backing: StallableBacking,
+    cache: PathBuf,
+    image: PathBuf,
+    mark: usize,
+}
+
+fn stallable_mirror() -> StallableMirror {
     let mut d = Daemon::unstarted();
     let image = d.backing.clone();
     let cache = d.path("cache.img");
     std::fs::File::create(&cache).unwrap().set_len(SIZE + CACHE_SLACK).unwrap();
     d.create_with(SIZE, &["--region-size".as_ref(), "256K".as_ref(), "--cache".as_ref(), cache.as_os_str()]);
-    let mut backing = StallableBacking::start(&image);
+    let backing = StallableBacking::start(&image);
     d.backing = backing.path();
     let config = write_config(&d, "");
     d.extra_args = vec!["--config".into(), config.display().to_string(), "--cache".into(), cache.display().to_string()];
@@ -158,6 +168,12 @@ fn mirror_serves_cached_reads_and_fails_writes_cleanly_while_the_backing_is_stal
     d.spawn();
     d.wait_log(mark, "rebuild complete", WAIT);
     d.wait_mode(mark, "healthy", WAIT);
+    StallableMirror { d, backing, cache, image, mark }
+}
+
+#[test]
+fn mirror_serves_cached_reads_and_fails_writes_cleanly_while_the_backing_is_stalled() {
+    let StallableMirror { mut d, mut backing, cache, image, mark } = stallable_mirror();
 
     let expect = d.path("expect.img");
     let failed = d.path("failed.json");
@@ -374,18 +390,7 @@ fn a_failed_backing_flush_fails_every_later_flush_until_the_operator_clears_it()
 /// (the write-intent regions are resynced) and every byte is there.
 #[test]
 fn sigterm_during_a_backing_outage_exits_75_and_the_next_start_recovers() {
-    let mut d = Daemon::unstarted();
-    let image = d.backing.clone();
-    let cache = d.path("cache.img");
-    std::fs::File::create(&cache).unwrap().set_len(SIZE + CACHE_SLACK).unwrap();
-    d.create_with(SIZE, &["--region-size".as_ref(), "256K".as_ref(), "--cache".as_ref(), cache.as_os_str()]);
-    let mut backing = StallableBacking::start(&image);
-    d.backing = backing.path();
-    let config = write_config(&d, "");
-    d.extra_args = vec!["--config".into(), config.display().to_string(), "--cache".into(), cache.display().to_string()];
-    let mark = d.log_mark();
-    d.spawn();
-    d.wait_mode(mark, "healthy", WAIT);
+    let StallableMirror { mut d, mut backing, cache, image, mark } = stallable_mirror();
     let expect = d.path("expect.img");
     let expect_s = expect.display().to_string();
     client(&mut d, &["fill", "--expect", &expect_s, "--size", &SIZE.to_string(), "--seed", "11"]);

@@ -388,22 +388,9 @@ impl Bench {
     /// Waits for it to end (its server is gone); kills it and fails if it hangs.
     fn wait(&mut self, limit: Duration) -> ExitStatus {
         let mut child = self.child.take().unwrap();
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                return s;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "pgbench ({}) still running {limit:?} after its server was killed\n{}",
-                    self.name,
-                    self.output()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_child(&mut child, limit, || {
+            format!("pgbench ({}) after its server was killed\n{}", self.name, self.output())
+        })
     }
 
     /// "number of transactions actually processed: N": transactions whose every command, their

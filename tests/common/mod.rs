@@ -240,17 +240,7 @@ impl Daemon {
     /// Waits up to `limit` for the daemon (our child) to exit; its status.
     pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running (and our child)");
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                return s;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("superdisk did not exit within {limit:?}; log:\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_child(&mut child, limit, || format!("superdisk; log:\n{}", self.log()))
     }
 
     /// SIGKILL: the crash case.
@@ -285,6 +275,23 @@ impl Daemon {
 
 /// Waits up to `limit` for process `pid` (our child, or a descendant we are subreaper for) to
 /// exit; its status, or None if it still runs.
+/// Waits up to `limit` for `child` to exit; past it, kills and reaps it and fails the test, naming
+/// it with `what()`.
+pub fn wait_child(child: &mut Child, limit: Duration, what: impl FnOnce() -> String) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{} did not exit within {limit:?}", what());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub fn wait_pid(pid: i32, limit: Duration) -> Option<std::process::ExitStatus> {
     use std::os::unix::process::ExitStatusExt;
     let deadline = Instant::now() + limit;

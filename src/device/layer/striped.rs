@@ -259,6 +259,21 @@ mod tests {
     use crate::device::sim::mem::MemDevice;
 
     #[test]
+    fn members_touched_names_exactly_the_members_of_the_pieces() {
+        let s = Striped::new(
+            vec![MemDevice::new(1 << 20), MemDevice::new(1 << 20), MemDevice::new(1 << 20)],
+            1 << 20,
+            4096,
+        );
+        for (offset, len) in [(0, 1), (4095, 2), (8192, 4096), (4000, 10000), (0, 3 << 20), (12288, 4096)] {
+            let want = s.pieces(offset, len).iter().fold(0u64, |m, p| m | 1 << p.member);
+            assert_eq!(s.members_touched(offset, len), want, "[{offset}, +{len})");
+        }
+        let one = Striped::new(vec![MemDevice::new(1 << 20)], 1 << 20, 4096);
+        assert_eq!(one.members_touched(12345, 678), 1);
+    }
+
+    #[test]
     fn pieces_cover_the_request_once() {
         let s = Striped::new(
             vec![MemDevice::new(1 << 20), MemDevice::new(1 << 20), MemDevice::new(1 << 20)],
