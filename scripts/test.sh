@@ -15,5 +15,8 @@ cargo test --lib --bins --tests -- --test-threads=2
 cargo build --benches --quiet
 # The kernel's own NBD client against the debug binary cargo test just built (about 1-2 min here).
 SUPERDISK_BIN=target/debug/superdisk scripts/kernel-e2e.sh
+# `serve --ublk` in Debian's 6.12 kernel with ublk_drv (this machine's kernel has none): XFS, fio
+# verification, SIGKILL and restart, in-place upgrade, stop/start, error lines (docs/UBLK.md).
+SUPERDISK_BIN=target/debug/superdisk scripts/ublk-e2e.sh
 # Every fuzz target from the committed corpus and past findings, 30 s each (docs/FUZZING.md).
 scripts/fuzz-ci.sh --seconds 30

@@ -160,6 +160,13 @@ pub struct FileConfig {
     pub slow_cache_min_latency_us: Option<u64>,
     pub slow_cache_window_ms: Option<u64>,
     pub slow_cache_fail_after_ms: Option<u64>,
+    /// Serve the volume as /dev/ublkbN through the kernel's ublk driver too (src/ublk).
+    pub ublk: Option<bool>,
+    /// The device number N of /dev/ublkbN; absent: the kernel picks a free one.
+    pub ublk_id: Option<u32>,
+    /// ublk hardware queues (one thread each) and requests in flight per queue.
+    pub ublk_queues: Option<u16>,
+    pub ublk_queue_depth: Option<u16>,
 }
 
 impl FileConfig {
@@ -205,6 +212,8 @@ pub struct ServeConfig {
     pub unix_group: Option<u32>,
     pub max_inflight_bytes_total: usize,
     pub backing_io: IoPolicy,
+    /// `ublk = true`: the device to add (or recover) beside the NBD listeners.
+    pub ublk: Option<crate::ublk::UblkOptions>,
     /// The keys SIGHUP applies to a running mirror (`rebuild_*`, `read_error_budget`, `hedge_*`,
     /// `cache_timeout_ms`): validated in one place, [`Tunables::validate`].
     pub tunables: Tunables,
@@ -251,7 +260,8 @@ impl ServeConfig {
             allow,
             unix_owner,
             unix_group,
-            max_inflight_bytes_total
+            max_inflight_bytes_total,
+            ublk
         );
         let (t, u) = (&self.tls, &other.tls);
         for (key, differs) in [
@@ -296,7 +306,7 @@ impl ServeConfig {
 }
 
 /// The keys in the order the file documents them (changed keys are reported in this order).
-const FIELD_ORDER: [&str; 50] = [
+const FIELD_ORDER: [&str; 51] = [
     "backing",
     "listen",
     "unix",
@@ -346,6 +356,7 @@ const FIELD_ORDER: [&str; 50] = [
     "slow_cache_min_latency_us",
     "slow_cache_window_ms",
     "slow_cache_fail_after_ms",
+    "ublk",
     "",
 ];
 
@@ -368,8 +379,8 @@ fn endpoints(f: &FileConfig) -> Result<Endpoints, ConfigError> {
         Some("") => None,
         Some(s) => Some(parse_listen(s).map_err(|r| invalid("listen", r))?),
     };
-    if listen.is_none() && f.unix.is_none() {
-        return Err(invalid("listen", "is empty and no `unix` socket is set: nothing to serve on"));
+    if listen.is_none() && f.unix.is_none() && f.ublk != Some(true) {
+        return Err(invalid("listen", "is empty, and neither a `unix` socket nor `ublk` is set: nothing to serve on"));
     }
     let unix_mode = match f.unix_mode.as_deref() {
         None => 0o660,
@@ -477,6 +488,42 @@ fn zero_copy_reads(f: &FileConfig) -> Result<ZeroCopyReads, ConfigError> {
             }
         },
     })
+}
+
+/// Default ublk queues: one per CPU (the runtime's worker count), at most this many.
+const MAX_DEFAULT_UBLK_QUEUES: usize = 8;
+/// Default requests in flight per ublk queue: the depth an NVMe or cloud disk is benchmarked at.
+const DEFAULT_UBLK_QUEUE_DEPTH: u16 = 64;
+
+fn ublk(f: &FileConfig) -> Result<Option<crate::ublk::UblkOptions>, ConfigError> {
+    if f.ublk != Some(true) {
+        for (key, set) in [
+            ("ublk_id", f.ublk_id.is_some()),
+            ("ublk_queues", f.ublk_queues.is_some()),
+            ("ublk_queue_depth", f.ublk_queue_depth.is_some()),
+        ] {
+            if set {
+                return Err(invalid(key, "is set but `ublk` is not true"));
+            }
+        }
+        return Ok(None);
+    }
+    if let Some(id) = f.ublk_id.filter(|id| *id >= 1 << 20) {
+        return Err(invalid("ublk_id", format!("{id} is outside 0..=1048575 (the kernel's device numbers)")));
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let queues = f.ublk_queues.unwrap_or(cpus.min(MAX_DEFAULT_UBLK_QUEUES) as u16);
+    if !(1..=64).contains(&queues) {
+        return Err(invalid("ublk_queues", format!("{queues} is outside 1..=64")));
+    }
+    let queue_depth = f.ublk_queue_depth.unwrap_or(DEFAULT_UBLK_QUEUE_DEPTH);
+    if !(1..=1024).contains(&queue_depth) {
+        return Err(invalid(
+            "ublk_queue_depth",
+            format!("{queue_depth} is outside 1..=1024 (each request slot holds a 512 KiB buffer)"),
+        ));
+    }
+    Ok(Some(crate::ublk::UblkOptions { id: f.ublk_id, queues, queue_depth, read_only: f.read_only.unwrap_or(false) }))
 }
 
 /// The cache devices, and the mirror's metadata period.
@@ -639,6 +686,7 @@ impl ServeConfig {
         let (cache, metadata_interval_ms) = cache_keys(&f, &backing)?;
         let (allow, unix_owner, unix_group) = access(&f)?;
         let cfg = ServeConfig {
+            ublk: ublk(&f)?,
             zero_copy_reads: zero_copy_reads(&f)?,
             tls: tls(&f)?,
             backing_io: backing_io(&f)?,
@@ -824,6 +872,33 @@ mod tests {
         assert!(e.contains("`backing`"), "{e}");
         let e = parse("backing = \"/x\"\nmax_inflight_bytes_per_connection = \"12Q\"").unwrap_err().to_string();
         assert!(e.contains("max_inflight_bytes_per_connection"), "{e}");
+    }
+
+    #[test]
+    fn ublk_keys() {
+        assert_eq!(parse("backing = \"/x\"").unwrap().ublk, None);
+        let u = parse("backing = \"/x\"\nublk = true\nlisten = \"\"").unwrap().ublk.expect("ublk on");
+        assert_eq!((u.id, u.queue_depth), (None, DEFAULT_UBLK_QUEUE_DEPTH));
+        assert!((1..=MAX_DEFAULT_UBLK_QUEUES as u16).contains(&u.queues));
+        let u = parse(
+            "backing = \"/x\"\nublk = true\nublk_id = 3\nublk_queues = 4\nublk_queue_depth = 128\nread_only = true",
+        )
+        .unwrap()
+        .ublk
+        .unwrap();
+        assert_eq!(u, crate::ublk::UblkOptions { id: Some(3), queues: 4, queue_depth: 128, read_only: true });
+        for (bad, key) in [
+            ("ublk_id = 3", "`ublk_id`"),
+            ("ublk = true\nublk_queues = 0", "`ublk_queues`"),
+            ("ublk = true\nublk_queues = 65", "`ublk_queues`"),
+            ("ublk = true\nublk_queue_depth = 0", "`ublk_queue_depth`"),
+            ("ublk = true\nublk_queue_depth = 4096", "`ublk_queue_depth`"),
+            ("ublk = true\nublk_id = 2000000", "`ublk_id`"),
+            ("listen = \"\"", "`listen`"),
+        ] {
+            let e = parse(&format!("backing = \"/x\"\n{bad}")).unwrap_err().to_string();
+            assert!(e.contains(key), "{bad}: {e}");
+        }
     }
 
     #[test]

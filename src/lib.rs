@@ -10,4 +10,5 @@ pub mod mirror;
 pub mod nbd;
 pub mod server;
 pub mod telemetry;
+pub mod ublk;
 pub mod volume;

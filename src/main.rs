@@ -120,9 +120,11 @@ enum Command {
     /// that dies (a daemon crash, restart or upgrade) is replaced, so the filesystem on the device
     /// sees a pause, not I/O errors. Prints the device; stays in the foreground.
     Attach(cli::attach::AttachArgs),
-    /// Disconnect a kernel NBD device (the kernel finishes its in-flight requests first).
+    /// Disconnect a kernel NBD device (the kernel finishes its in-flight requests first), or
+    /// remove a ublk device no daemon serves.
     Detach {
-        /// The device, /dev/nbdN.
+        /// The device: /dev/nbdN, or /dev/ublkbN that no daemon serves any more (one a stopped
+        /// or crashed daemon left waiting for recovery; its waiting I/O fails).
         device: String,
     },
     /// Print what a running daemon checks before handing over to this binary (JSON).

@@ -294,3 +294,30 @@ fn serves_one_client_on_stdio() {
     run_ok(Command::new("qemu-io").args(["-f", "raw", &d.uri(), "-c", "read -P 0x5a 4096 64k"]));
     assert!(d.stop().success());
 }
+
+/// `ublk = true` where the kernel has no ublk driver (this machine, and CI's): the daemon refuses
+/// to start with one line that says why and what to do, and does not fall back to NBD alone.
+#[test]
+fn serve_ublk_without_the_driver_refuses_to_start_with_one_line() {
+    if std::path::Path::new("/dev/ublk-control").exists() {
+        eprintln!("skipped: this kernel has ublk_drv loaded (scripts/ublk-e2e.sh covers it)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("backing.img");
+    run_ok(Command::new(BIN).args(["create", "--size", "64M", "--backing"]).arg(&img));
+    let port = free_port();
+    let out = Command::new(BIN)
+        .args(["serve", "--ublk", "--listen", &format!("127.0.0.1:{port}"), "--backing"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "served without a ublk driver");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("no ublk driver") && last.contains("/dev/ublk-control") && last.contains("modprobe ublk_drv"),
+        "{err}"
+    );
+    assert!(!err.contains("listening"), "it must refuse before serving NBD: {err}");
+}

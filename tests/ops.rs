@@ -118,6 +118,8 @@ fn every_unit_passes_systemd_analyze_verify() {
             "scylla-server.service.d",
             "superdisk-nbd.env.example",
             "superdisk-nbd@.service",
+            // A drop-in for ublk instances; verified below as superdisk@ublk.service's.
+            "superdisk-ublk.conf",
             // Not a unit: the instance config the package ships; tests/package.rs parses it.
             "superdisk.example.toml",
             "superdisk@.service",
@@ -126,9 +128,16 @@ fn every_unit_passes_systemd_analyze_verify() {
         "systemd/ changed: add the new file to this test"
     );
     let dir = unit_dir_with_repo_units();
-    for unit in
-        ["superdisk@test.service", "superdisk-nbd@test.service", "var-lib-scylla.mount", "scylla-server.service"]
-    {
+    let drop_in = dir.path().join("superdisk@ublk.service.d");
+    std::fs::create_dir_all(&drop_in).unwrap();
+    std::fs::copy(repo("systemd/superdisk-ublk.conf"), drop_in.join("ublk.conf")).unwrap();
+    for unit in [
+        "superdisk@test.service",
+        "superdisk@ublk.service",
+        "superdisk-nbd@test.service",
+        "var-lib-scylla.mount",
+        "scylla-server.service",
+    ] {
         if let Err(e) = analyze_verify(dir.path(), &[unit]) {
             panic!("{e}");
         }

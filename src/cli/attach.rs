@@ -89,6 +89,13 @@ pub fn attach(args: AttachArgs) -> Result<(), AnyError> {
 }
 
 pub fn detach(device: &str) -> Result<(), AnyError> {
+    let name = device.strip_prefix("/dev/").unwrap_or(device);
+    if let Some(n) = name.strip_prefix("ublkb") {
+        let id = n.parse::<u32>().map_err(|_| format!("{device}: not a ublk device (expected /dev/ublkbN)"))?;
+        superdisk::ublk::delete_device(id)?;
+        println!("{device} removed");
+        return Ok(());
+    }
     kernel::detach(device)?;
     println!("{device} detached");
     Ok(())

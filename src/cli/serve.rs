@@ -79,6 +79,13 @@ pub struct ServeArgs {
     // Boxed: `Command` holds ServeArgs inline, and clippy limits how much larger one variant may be.
     #[command(flatten)]
     tls: Box<TlsArgs>,
+    /// Also serve the volume as /dev/ublkbN through the kernel's ublk driver (Linux 6.0+ with
+    /// ublk_drv); the daemon refuses to start if it cannot [config: ublk].
+    #[arg(long, conflicts_with = "stdio")]
+    ublk: bool,
+    /// The ublk device number N (default: the kernel picks) [config: ublk_id].
+    #[arg(long, requires = "ublk")]
+    ublk_id: Option<u32>,
     /// Internal: take over from the running daemon through this socket (`superdisk upgrade`).
     #[arg(long, hide = true, conflicts_with = "stdio")]
     takeover_fd: Option<i32>,
@@ -193,6 +200,12 @@ pub(super) fn merge_flags(mut f: FileConfig, args: &ServeArgs) -> FileConfig {
     }
     if args.metrics.is_some() {
         f.metrics = args.metrics;
+    }
+    if args.ublk {
+        f.ublk = Some(true);
+    }
+    if args.ublk_id.is_some() {
+        f.ublk_id = args.ublk_id;
     }
     let tls = *args.tls;
     if tls.mode.is_some() {

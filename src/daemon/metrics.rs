@@ -62,6 +62,7 @@ pub fn render(node: &Node) -> String {
     render_devices(&mut o, node);
     render_requests(&mut o, node);
     render_server(&mut o, node);
+    render_ublk(&mut o, node);
     render_backing(&mut o, node);
     if let Some(m) = &node.mirror {
         let st = m.stats();
@@ -151,21 +152,59 @@ fn render_devices(o: &mut Out, node: &Node) {
 /// What clients asked for, end to end.
 fn render_requests(o: &mut Out, node: &Node) {
     let reqs: Vec<_> = ReqOp::ALL.iter().map(|op| (op.name(), node.server.request(*op).snapshot())).collect();
-    o.family("superdisk_requests_total", "counter", "NBD requests answered, by kind.");
+    o.family("superdisk_requests_total", "counter", "Client requests answered (NBD and ublk), by kind.");
     for (op, s) in &reqs {
         o.sample("superdisk_requests_total", &[("op", op)], s.ops);
     }
-    o.family("superdisk_request_errors_total", "counter", "NBD requests answered with an error, by kind.");
+    o.family(
+        "superdisk_request_errors_total",
+        "counter",
+        "Client requests (NBD and ublk) answered with an error, by kind.",
+    );
     for (op, s) in &reqs {
         o.sample("superdisk_request_errors_total", &[("op", op)], s.errors);
     }
-    o.family("superdisk_request_bytes_total", "counter", "Bytes NBD clients read, wrote, trimmed or zeroed.");
+    o.family(
+        "superdisk_request_bytes_total",
+        "counter",
+        "Bytes clients (NBD and ublk) read, wrote, trimmed or zeroed.",
+    );
     for (op, s) in &reqs {
         o.sample("superdisk_request_bytes_total", &[("op", op)], s.bytes);
     }
     o.family("superdisk_request_latency_seconds", "histogram", "Time from a request's arrival to its reply, by kind.");
     for (op, s) in &reqs {
         o.histogram("superdisk_request_latency_seconds", &[("op", op)], &s.latency);
+    }
+}
+
+/// The ublk device and its queues, when one is served.
+fn render_ublk(o: &mut Out, node: &Node) {
+    let Some(info) = node.ublk.lock().expect("ublk poisoned").clone() else { return };
+    let id = info.dev_id.to_string();
+    o.family(
+        "superdisk_ublk_device",
+        "gauge",
+        "1 while the ublk device is served; recovered=1 if this process resumed it.",
+    );
+    let recovered = if info.recovered { "1" } else { "0" };
+    o.sample("superdisk_ublk_device", &[("path", &info.path), ("dev_id", &id), ("recovered", recovered)], 1);
+    let queues: Vec<_> = info.queues.iter().map(|q| (q.q_id.to_string(), q.stats())).collect();
+    o.family("superdisk_ublk_in_flight", "gauge", "ublk requests being served now, by queue.");
+    for (q, s) in &queues {
+        o.sample("superdisk_ublk_in_flight", &[("queue", q)], s.in_flight.load(Relaxed));
+    }
+    o.family(
+        "superdisk_ublk_requests_total",
+        "counter",
+        "ublk requests answered, by queue (by kind: superdisk_requests_total).",
+    );
+    for (q, s) in &queues {
+        o.sample("superdisk_ublk_requests_total", &[("queue", q)], s.requests.load(Relaxed));
+    }
+    o.family("superdisk_ublk_errors_total", "counter", "ublk requests answered with an error, by queue.");
+    for (q, s) in &queues {
+        o.sample("superdisk_ublk_errors_total", &[("queue", q)], s.errors.load(Relaxed));
     }
 }
 

@@ -53,6 +53,8 @@ pub struct Node {
     pub(super) reload: Option<Reloader>,
     /// Where an operator's `upgrade` goes: the serving loop, which runs the handover.
     pub(super) upgrades: Mutex<Option<tokio::sync::mpsc::UnboundedSender<super::handover::UpgradeRequest>>>,
+    /// The ublk device while one is served.
+    pub ublk: Mutex<Option<Arc<crate::ublk::UblkInfo>>>,
 }
 /// The volume a node controls.
 pub(super) enum VolumeRef {
@@ -101,6 +103,7 @@ impl Node {
             last_verify: Mutex::new(None),
             reload,
             upgrades: Mutex::new(None),
+            ublk: Mutex::new(None),
         }
     }
 

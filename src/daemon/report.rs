@@ -4,7 +4,7 @@
 use super::node::Node;
 use super::status::{
     op_status, BackingIoStatus, CacheStatus, CacheTimeoutStatus, ConnectionStatus, DeviceStatus, ExportStatus,
-    HedgeStatus, RebuildStatus, Status, VerifyOutcome, VerifyStatus,
+    HedgeStatus, RebuildStatus, Status, UblkQueueStatus, UblkStatus, VerifyOutcome, VerifyStatus,
 };
 use super::Mirror;
 use crate::device::layer::instrumented::DevOp;
@@ -55,7 +55,31 @@ impl Node {
             },
             requests,
             backing_io: self.backing_io_status(),
+            ublk: self.ublk_status(),
         }
+    }
+
+    fn ublk_status(&self) -> Option<UblkStatus> {
+        let info = self.ublk.lock().expect("ublk poisoned").clone()?;
+        let reissue = crate::ublk::sys::F_USER_RECOVERY | crate::ublk::sys::F_USER_RECOVERY_REISSUE;
+        Some(UblkStatus {
+            path: info.path.clone(),
+            dev_id: info.dev_id,
+            flags: info.flags,
+            recovery: info.flags & reissue == reissue,
+            recovered: info.recovered,
+            queue_depth: info.queue_depth,
+            queues: info
+                .queues
+                .iter()
+                .map(|q| UblkQueueStatus {
+                    queue: q.q_id,
+                    in_flight: q.stats().in_flight.load(Relaxed),
+                    requests_total: q.stats().requests.load(Relaxed),
+                    errors_total: q.stats().errors.load(Relaxed),
+                })
+                .collect(),
+        })
     }
 
     /// Each device's rates and latencies since `then`, and its health.

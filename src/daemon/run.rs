@@ -71,9 +71,12 @@ pub(super) async fn run<V: Volume>(
     spawn_monitor(node.clone(), notifier.clone(), stop_rx.clone());
     let (admin_fd, metrics_fd) = spawn_control(cfg, &node, &stop_rx, &handover, inherit.admin, inherit.metrics).await?;
     let ready = |endpoints: &[String]| {
-        // READY only now: recovery (superblock, bitmaps) is done and every listener is bound.
+        let mut endpoints = endpoints.to_vec();
+        endpoints.extend(node.ublk.lock().expect("ublk poisoned").as_ref().map(|u| u.path.clone()));
+        // READY only now: recovery (superblock, bitmaps) is done, every listener is bound and
+        // the ublk device serves.
         notifier.notify(&format!("READY=1\nSTATUS={} on {}", node.service_status(), endpoints.join(", ")));
-        on_ready(endpoints)
+        on_ready(&endpoints)
     };
     if stdio {
         // One client on stdin/stdout (as `nbdkit -s`), then shut down as on SIGTERM.
@@ -88,14 +91,27 @@ pub(super) async fn run<V: Volume>(
         (tcp, unix) => Listeners::from_fds(tcp, unix)?,
     };
     let kept = Kept { nbd: listeners.dup_fds()?, admin: admin_fd, metrics: metrics_fd };
+    // Last: from here on nothing fails before the serving loop, which stops or parks it.
+    let ublk = match &cfg.ublk {
+        Some(opts) => Some(start_ublk(&volume, opts, cfg, rotational, &node).await?),
+        None => None,
+    };
     let (upgrade_tx, upgrade_rx) = mpsc::unbounded_channel();
     *node.upgrades.lock().expect("upgrade channel poisoned") = Some(upgrade_tx);
     let serving = server::run(volume.clone(), server_cfg, listeners, inherit.connections, stop_rx, ready);
     let pending = serve_until_stopped(serving, upgrade_rx, &node, &handover, &stop_tx).await?;
     let Some((standby, reply)) = pending else {
+        if let Some(u) = ublk {
+            stop_ublk(u, &node, &notifier).await;
+        }
         return stop(volume, cfg, &notifier).await;
     };
     let paused_at = handover.requested_at().unwrap_or_else(Instant::now);
+    if let Some(u) = ublk {
+        // Its requests in flight finish here; the rest wait in the kernel for the successor.
+        *node.ublk.lock().expect("ublk poisoned") = None;
+        u.park().await;
+    }
     let drained_ms = paused_at.elapsed().as_millis();
     match park_volume(&*volume, &node).await {
         Ok(()) => {
@@ -115,6 +131,31 @@ pub(super) async fn run<V: Volume>(
             let (reply, _) = oneshot::channel();
             Ok(Outcome::HandOver(Box::new(HandOver { state, standby: None, reply, paused_at, notifier })))
         }
+    }
+}
+
+/// Adds (or recovers) the ublk device; any failure stops the daemon with one line saying why.
+async fn start_ublk<V: Volume>(
+    volume: &Arc<V>,
+    opts: &crate::ublk::UblkOptions,
+    cfg: &ServeConfig,
+    rotational: bool,
+    node: &Node,
+) -> Result<crate::ublk::UblkServer, AnyError> {
+    let cookie = crate::ublk::cookie_for(&cfg.backing);
+    let server = crate::ublk::UblkServer::start(volume.clone(), opts.clone(), cookie, rotational, node.server.clone())
+        .await
+        .map_err(|e| e.to_string())?;
+    *node.ublk.lock().expect("ublk poisoned") = Some(server.info.clone());
+    Ok(server)
+}
+
+/// A stop: the kernel flushes the disk, its requests finish, and the device is removed.
+async fn stop_ublk(u: crate::ublk::UblkServer, node: &Node, notifier: &Notifier) {
+    notifier.notify(&format!("STOPPING=1\nSTATUS=removing {}", u.info.path));
+    *node.ublk.lock().expect("ublk poisoned") = None;
+    if let Err(e) = u.stop().await {
+        tracing::error!(error = %e, "removing the ublk device failed");
     }
 }
 

@@ -26,6 +26,31 @@ pub struct Status {
     /// What clients asked for, end to end (the NBD front end).
     pub requests: Vec<OpStatus>,
     pub backing_io: BackingIoStatus,
+    /// The ublk device, when `ublk = true`.
+    #[serde(default)]
+    pub ublk: Option<UblkStatus>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct UblkStatus {
+    pub path: String,
+    pub dev_id: u32,
+    /// `UBLK_F_*` flags the kernel gave the device.
+    pub flags: u64,
+    /// Whether the daemon re-issues in-flight requests after a crash (USER_RECOVERY_REISSUE).
+    pub recovery: bool,
+    /// This run resumed a device a previous process left (crash or upgrade).
+    pub recovered: bool,
+    pub queue_depth: u16,
+    pub queues: Vec<UblkQueueStatus>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct UblkQueueStatus {
+    pub queue: u16,
+    pub in_flight: u64,
+    pub requests_total: u64,
+    pub errors_total: u64,
 }
 
 /// Stalls of the backing (`backing_*` config keys).
@@ -237,6 +262,9 @@ pub fn render(s: &Status) -> String {
         render_verify(&mut o, v);
     }
     render_backing(&mut o, &s.backing_io);
+    if let Some(u) = &s.ublk {
+        render_ublk(&mut o, u);
+    }
     if let Some(c) = &s.cache {
         render_cache(&mut o, c);
     }
@@ -262,6 +290,24 @@ fn render_head(o: &mut String, s: &Status) {
         s.connections.active,
         s.connections.accepted_total,
         s.connections.refused_total
+    );
+}
+
+fn render_ublk(o: &mut String, u: &UblkStatus) {
+    let in_flight: u64 = u.queues.iter().map(|q| q.in_flight).sum();
+    let requests: u64 = u.queues.iter().map(|q| q.requests_total).sum();
+    let errors: u64 = u.queues.iter().map(|q| q.errors_total).sum();
+    let _ = writeln!(
+        o,
+        "ublk {}: {} queues x depth {}, {} in flight, {} requests, {} errors; crash recovery {}{}",
+        u.path,
+        u.queues.len(),
+        u.queue_depth,
+        in_flight,
+        requests,
+        errors,
+        if u.recovery { "on" } else { "OFF (this kernel cannot re-issue)" },
+        if u.recovered { "; resumed from the previous process" } else { "" }
     );
 }
 

@@ -71,6 +71,22 @@ impl AlignedBuf {
         self.ptr.as_ptr()
     }
 
+    /// Bytes the buffer can hold without reallocating.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Changes the length within the capacity: a buffer kept for requests of varying sizes
+    /// (ublk's per-tag buffers, which the kernel fills in place).
+    ///
+    /// # Safety
+    /// `len` ≤ [`capacity`](Self::capacity), and bytes `[0, len)` must have been initialized
+    /// (true for every byte of a buffer made by [`zeroed`](Self::zeroed)).
+    pub unsafe fn set_len(&mut self, len: usize) {
+        debug_assert!(len <= self.capacity);
+        self.len = len;
+    }
+
     pub fn as_mut_ptr(&mut self) -> *mut u8 {
         self.ptr.as_ptr()
     }

@@ -161,12 +161,7 @@ fn announce(cfg: &ServerConfig, tcp: &Option<TcpListener>) -> io::Result<Vec<Str
     if let Some(p) = &cfg.unix {
         endpoints.push(format!("nbd+unix:///?socket={}", p.display()));
     }
-    if endpoints.is_empty() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "nothing to listen on: give a TCP address or a Unix socket",
-        ));
-    }
+    // No listener at all is valid only beside another front end (`ublk`); the config checks it.
     let tls = cfg.policy.tls_mode != TlsMode::Off;
     if tls {
         // libnbd and qemu name TLS endpoints nbds:// and nbds+unix://.
