@@ -101,6 +101,12 @@ if /usr/bin/setpriv --bounding-set -sys_admin "$SD" serve --backing /tmp/third.i
 	bad "served without CAP_SYS_ADMIN"
 fi
 grep -i "CAP_SYS_ADMIN" /tmp/e4.log || { cat /tmp/e4.log; bad "no CAP_SYS_ADMIN line"; }
+chown 1000:1000 /tmp/third.img
+if /usr/bin/setpriv --reuid 1000 --regid 1000 --clear-groups "$SD" serve --backing /tmp/third.img --listen "" --ublk \
+	>/tmp/e5.log 2>&1; then
+	bad "served as a user who cannot open /dev/ublk-control"
+fi
+grep "/dev/ublk-control cannot be opened" /tmp/e5.log || { cat /tmp/e5.log; bad "no permission line"; }
 kill "$e1"
 wait "$e1" || { cat /tmp/e1.log; bad "the daemon on id 7 did not stop cleanly"; }
 [ ! -e /dev/ublkb7 ] || bad "/dev/ublkb7 still there after the daemon stopped"
@@ -155,6 +161,24 @@ no_io_errors "upgrade"
 "$SD" status --socket "$SOCK" | grep -E "^ublk|pid" || bad "status"
 say "fio: zero errors across the upgrade; longest completion $(longest_pause upgrade) ms"
 
+say "== an upgrade whose successor fails with the state: the daemon takes the device back"
+printf '#!/bin/sh\n[ "$1" = serve ] && export SUPERDISK_INJECT_READ_STALL=nonsense\nexec %s "$@"\n' "$SD" \
+	>/tmp/fails-with-the-state
+chmod +x /tmp/fails-with-the-state
+pid_before=$(pidof superdisk)
+fio_verify failed $RUN >/tmp/fio-failed.out 2>&1 &
+fpid=$!
+sleep 6
+if "$SD" upgrade --socket "$SOCK" --binary /tmp/fails-with-the-state >/tmp/failed-upgrade.out 2>&1; then
+	bad "an upgrade to a failing successor succeeded"
+fi
+cat /tmp/failed-upgrade.out
+wait "$fpid" || { tail -n 30 /tmp/fio-failed.out; bad "fio under a failed upgrade"; }
+no_io_errors "failed upgrade"
+[ "$(pidof superdisk)" = "$pid_before" ] || bad "the old daemon should still serve (was $pid_before, now $(pidof superdisk))"
+"$SD" status --socket "$SOCK" | grep -E "^ublk" || bad "status after the failed upgrade"
+say "fio: zero errors across the failed upgrade; longest completion $(longest_pause failed) ms"
+
 say "== NBD beside ublk: the same fio jobs (relative figures: TCG guest)"
 umount /mnt
 nbd-client 127.0.0.1 10809 /dev/nbd0 -N superdisk -b 4096 >/dev/null 2>&1 || bad "nbd-client"
@@ -182,7 +206,20 @@ mount -t xfs /dev/ublkb0 /mnt || bad "mount after restart"
 seq_file verify
 umount /mnt
 xfs_repair -n /dev/ublkb0 >/tmp/repair.out 2>&1 || { cat /tmp/repair.out; bad "xfs_repair -n"; }
-kill -TERM "$(pidof superdisk)"
-sleep 1
+say "== a crash, then ublk turned off: the daemon names the waiting device; detach removes it"
+kill -9 "$(pidof superdisk)"
+sleep 0.5
+[ -b /dev/ublkb0 ] || bad "after SIGKILL the device must stay, waiting"
+"$SD" serve --backing /tmp/backing.img --cache /tmp/cache.img --listen 127.0.0.1:10810 >/tmp/d4.log 2>&1 &
+dpid=$!
+i=0
+until grep -q "listening" /tmp/d4.log || [ "$i" -ge 600 ]; do i=$((i + 1)); sleep 0.1; done
+grep "waits for a daemon with .ublk = true." /tmp/d4.log || { cat /tmp/d4.log; bad "no warning about the waiting device"; }
+kill -TERM "$dpid"
+wait "$dpid" || bad "the daemon without ublk did not stop cleanly"
+"$SD" detach /dev/ublkb0 || bad "detach /dev/ublkb0"
+[ ! -e /dev/ublkb0 ] || bad "/dev/ublkb0 still there after detach"
+if "$SD" detach /dev/ublkb0 >/tmp/e6.log 2>&1; then bad "detach of a missing device succeeded"; fi
+cat /tmp/e6.log
 no_io_errors "end"
-say "PASS: xfs_repair -n clean, data intact after SIGKILL, upgrade and stop/start"
+say "PASS: xfs_repair -n clean, data intact after SIGKILL, upgrade and stop/start; a left device named and removed"

@@ -84,7 +84,7 @@ pub struct ServeArgs {
     #[arg(long, conflicts_with = "stdio")]
     ublk: bool,
     /// The ublk device number N (default: the kernel picks) [config: ublk_id].
-    #[arg(long, requires = "ublk")]
+    #[arg(long)]
     ublk_id: Option<u32>,
     /// Internal: take over from the running daemon through this socket (`superdisk upgrade`).
     #[arg(long, hide = true, conflicts_with = "stdio")]

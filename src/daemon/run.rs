@@ -94,7 +94,11 @@ pub(super) async fn run<V: Volume>(
     // Last: from here on nothing fails before the serving loop, which stops or parks it.
     let ublk = match &cfg.ublk {
         Some(opts) => Some(start_ublk(&volume, opts, cfg, rotational, &node).await?),
-        None => None,
+        None => {
+            let cookie = crate::ublk::cookie_for(&cfg.backing);
+            let _ = tokio::task::spawn_blocking(move || crate::ublk::warn_if_left_waiting(cookie)).await;
+            None
+        }
     };
     let (upgrade_tx, upgrade_rx) = mpsc::unbounded_channel();
     *node.upgrades.lock().expect("upgrade channel poisoned") = Some(upgrade_tx);

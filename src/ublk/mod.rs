@@ -37,7 +37,7 @@ use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Requests up to this size arrive whole; the kernel splits larger ones.
 pub const MAX_IO_BYTES: usize = 512 << 10;
@@ -65,10 +65,10 @@ pub struct QueueStats {
 }
 
 impl QueueStats {
-    fn started(&self, _op: u8) {
+    fn started(&self) {
         self.in_flight.fetch_add(1, Relaxed);
     }
-    fn finished(&self, _op: u8, result: i32, _took: Duration) {
+    fn finished(&self, result: i32) {
         self.in_flight.fetch_sub(1, Relaxed);
         self.requests.fetch_add(1, Relaxed);
         if result < 0 {
@@ -232,4 +232,7 @@ fn params_for(size_bytes: u64, rotational: bool, read_only: bool) -> sys::Params
 }
 
 mod start;
-pub use start::{delete_device, StartError};
+pub use start::{delete_device, warn_if_left_waiting, StartError};
+
+#[cfg(test)]
+mod tests;

@@ -312,14 +312,21 @@ impl Queue {
         };
         self.tags[t] = Tag::Serving;
         self.serving += 1;
-        shared.stats.started(desc.op_flags as u8);
+        shared.stats.started();
         let (volume, shared) = (volume.clone(), shared.clone());
         rt.spawn(async move {
-            let started = std::time::Instant::now();
             let (buf, result) = super::serve_request(&*volume, desc, buf, &shared.requests).await;
-            shared.stats.finished(desc.op_flags as u8, result, started.elapsed());
-            super::lock(&shared.done).push(Done { tag, result, buf });
-            shared.wake();
+            shared.stats.finished(result);
+            // One wake-up per batch: a list that already holds results has a wake-up pending,
+            // and the queue thread takes the whole list when it sees that one.
+            let was_empty = {
+                let mut done = super::lock(&shared.done);
+                done.push(Done { tag, result, buf });
+                done.len() == 1
+            };
+            if was_empty {
+                shared.wake();
+            }
         });
     }
 

@@ -123,7 +123,7 @@ fn start_blocking<V: Volume>(volume: Arc<V>, args: StartArgs) -> Result<UblkServ
         None => (add_device(&mut ctrl, &args, features, size_bytes)?, false),
     };
     let id = info.dev_id;
-    let mut server = match spawn_queues(volume, &info, &args) {
+    let server = match spawn_queues(volume, &info, &args, recovered) {
         Ok(s) => s,
         Err(e) => {
             if !recovered {
@@ -142,7 +142,6 @@ fn start_blocking<V: Volume>(volume: Arc<V>, args: StartArgs) -> Result<UblkServ
         let what = if recovered { "END_USER_RECOVERY" } else { "START_DEV" };
         return Err(StartError::Device { id, what, err });
     }
-    server.info = Arc::new(UblkInfo { recovered, ..clone_info(&server.info) });
     tracing::info!(
         dev_id = id,
         path = %server.info.path,
@@ -154,17 +153,6 @@ fn start_blocking<V: Volume>(volume: Arc<V>, args: StartArgs) -> Result<UblkServ
         "ublk device serving"
     );
     Ok(server)
-}
-
-fn clone_info(i: &UblkInfo) -> UblkInfo {
-    UblkInfo {
-        dev_id: i.dev_id,
-        path: i.path.clone(),
-        queue_depth: i.queue_depth,
-        flags: i.flags,
-        recovered: i.recovered,
-        queues: i.queues.clone(),
-    }
 }
 
 /// The device an earlier process of this backing left, if it can be recovered; refuses what
@@ -268,7 +256,12 @@ fn add_device(
 
 /// Opens `/dev/ublkcN` (udev may take a moment to make it) and starts one thread per queue;
 /// returns once every queue has fetched all its tags.
-fn spawn_queues<V: Volume>(volume: Arc<V>, info: &sys::DevInfo, args: &StartArgs) -> Result<UblkServer, StartError> {
+fn spawn_queues<V: Volume>(
+    volume: Arc<V>,
+    info: &sys::DevInfo,
+    args: &StartArgs,
+    recovered: bool,
+) -> Result<UblkServer, StartError> {
     let id = info.dev_id;
     let cdev =
         Arc::new(open_cdev(id).map_err(|err| StartError::Device { id, what: "opening its char device", err })?);
@@ -278,7 +271,7 @@ fn spawn_queues<V: Volume>(volume: Arc<V>, info: &sys::DevInfo, args: &StartArgs
             path: format!("/dev/ublkb{id}"),
             queue_depth: info.queue_depth,
             flags: info.flags,
-            recovered: false,
+            recovered,
             queues: Vec::new(),
         }),
         threads: Vec::new(),
@@ -335,11 +328,51 @@ fn open_cdev(id: u32) -> io::Result<std::fs::File> {
 /// or stopped daemon left quiesced). A device still served is refused.
 pub fn delete_device(id: u32) -> Result<(), StartError> {
     let mut ctrl = Control::open()?;
-    let info = ctrl.info(id).map_err(|err| StartError::Device { id, what: "GET_DEV_INFO", err })?;
+    let info = ctrl.info(id).map_err(|err| match err.raw_os_error() {
+        Some(libc::ENODEV) => StartError::Control(ControlError::command(
+            format!("/dev/ublkb{id}"),
+            io::Error::other("no such ublk device"),
+        )),
+        _ => StartError::Device { id, what: "GET_DEV_INFO", err },
+    })?;
     if info.state == sys::S_DEV_LIVE && pid_alive_elsewhere(info.ublksrv_pid) {
         return Err(StartError::Busy { id, pid: info.ublksrv_pid });
     }
     // STOP_DEV fails the requests waiting on a quiesced device and removes the disk.
     let _ = ctrl.stop(id);
     ctrl.delete(id).map_err(|err| StartError::Device { id, what: "DEL_DEV", err })
+}
+
+impl Drop for UblkServer {
+    /// Dropped without `stop` or `park` (a serving run that ended in an error): the queues finish
+    /// what they started and let go, leaving the device for the next start to recover. Not
+    /// joined here (this may be an async context). The threads then free their buffers before
+    /// they have fully exited, which `join` otherwise avoids (module doc of `queue.rs`); this path
+    /// only precedes the process's exit.
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            tracing::warn!(dev_id = self.info.dev_id, "ublk device left for the next start to recover");
+            self.shared.iter().for_each(|s| s.request_park());
+        }
+    }
+}
+
+/// With `ublk` off: a device of this backing that an earlier run left waiting for recovery (a
+/// crash, then the config changed) would hang its filesystem's I/O forever; say so, and how to
+/// remove it. Quiet where there is no ublk driver or the control device cannot be opened.
+pub fn warn_if_left_waiting(cookie: u64) {
+    if !std::path::Path::new(super::ctrl::CONTROL_PATH).exists() {
+        return;
+    }
+    let Ok(mut ctrl) = Control::open() else { return };
+    for id in existing_ids() {
+        match ctrl.info(id) {
+            Ok(info) if info.ublksrv_flags == cookie && info.state != sys::S_DEV_LIVE => tracing::warn!(
+                dev_id = id,
+                "ublk device /dev/ublkb{id} of this backing waits for a daemon with `ublk = true`; its I/O hangs \
+                 until then. Turn ublk back on, or remove it with `superdisk detach /dev/ublkb{id}`"
+            ),
+            _ => {}
+        }
+    }
 }
