@@ -11,8 +11,8 @@ Usage: scripts/ublk-guest.sh [OPTIONS] [--] [COMMAND...]
 
 Boots the Debian 6.12 kernel under qemu-system-x86_64, loads ublk_drv, checks /dev/ublk-control
 and runs COMMAND in the guest with busybox sh (default: a smoke check: kernel version,
-`ls -l /dev/ublk-control`, ublk_drv's parameters and, when the guest has `ublk-spike`, the
-driver's features). The host prints `ublk-guest: PASS ...` or `ublk-guest: FAIL ...`.
+`ls -l /dev/ublk-control`, ublk_drv's and nbd's parameters; scripts/ublk-e2e.sh runs superdisk's
+test with it). The host prints `ublk-guest: PASS ...` or `ublk-guest: FAIL ...`.
 
   --program P[=PATH]  copy host program P (a name on PATH, or a path) with its shared libraries
                       into the guest; at PATH when given (e.g. target/release/superdisk=/usr/bin/superdisk),
@@ -148,11 +148,6 @@ ls -l /dev/ublk-control
 echo "ublk_drv: ublks_max=$(cat /sys/module/ublk_drv/parameters/ublks_max)"
 echo "nbd: nbds_max=$(cat /sys/module/nbd/parameters/nbds_max), $(ls -d /sys/block/nbd* | wc -l) devices"
 echo "char/block majors: $(grep -E 'ublk|nbd' /proc/devices | tr -s ' \n' ' ')"
-if command -v ublk-spike >/dev/null; then
-  ublk-spike features
-else
-  echo "features: no ublk-spike in the guest (GET_FEATURES is an io_uring command; see docs/UBLK.md)"
-fi
 EOF
 }
 
