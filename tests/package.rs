@@ -211,6 +211,10 @@ fn serve_man_page_gives_every_flag_its_config_key() {
     for line in rendered.lines() {
         if let Some(header) = line.strip_prefix("       ").filter(|h| h.starts_with('-')) {
             current = header.split([' ', ',']).find(|w| w.starts_with("--")).map(str::to_string);
+            // A flag shorter than the indent (`--ublk`) gets its description on the same line.
+            if let Some(flag) = &current {
+                entries.entry(flag.clone()).or_default().push_str(header);
+            }
         } else if let Some(flag) = &current {
             let e = entries.entry(flag.clone()).or_default();
             e.push(' ');
