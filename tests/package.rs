@@ -113,6 +113,7 @@ fn package_holds_every_file_in_its_place() {
         "/etc/superdisk/example.toml",
         "/etc/superdisk/example.nbd.env",
         "/usr/share/doc/superdisk/examples/var-lib-scylla.mount",
+        "/usr/share/doc/superdisk/examples/superdisk@.service.d/ublk.conf",
         "/usr/share/doc/superdisk/examples/scylla-server.service.d/superdisk.conf",
         "/usr/share/doc/superdisk/README.md",
         "/usr/share/doc/superdisk/copyright",
