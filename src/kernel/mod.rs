@@ -80,16 +80,22 @@ pub fn open_netlink() -> Result<NbdNetlink, AttachError> {
     if let Some(nl) = open()? {
         return Ok(nl);
     }
-    let probe = std::process::Command::new("modprobe").arg("nbd").output();
+    let probe = modprobe("nbd");
     if let Some(nl) = open()? {
         return Ok(nl);
     }
-    let why = match probe {
-        Ok(o) if !o.status.success() => String::from_utf8_lossy(&o.stderr).trim().to_owned(),
-        Ok(_) => "modprobe succeeded, yet the family is missing".to_owned(),
-        Err(e) => format!("cannot run modprobe: {e}"),
-    };
+    let why = probe.unwrap_or_else(|| "modprobe succeeded, yet the family is missing".to_owned());
     Err(AttachError::NoModule(format!("the kernel has no NBD driver (the nbd module is not loaded: {why})")))
+}
+
+/// Loads a kernel module; what modprobe said when it failed (None: it succeeded). Used where a
+/// missing driver is likely only unloaded (`nbd`, `ublk_drv`).
+pub fn modprobe(module: &str) -> Option<String> {
+    match std::process::Command::new("modprobe").arg(module).output() {
+        Ok(o) if o.status.success() => None,
+        Ok(o) => Some(String::from_utf8_lossy(&o.stderr).trim().to_owned()),
+        Err(e) => Some(format!("cannot run modprobe: {e}")),
+    }
 }
 
 /// `superdisk detach /dev/nbdN`.

@@ -57,7 +57,7 @@ impl Control {
             match File::options().read(true).write(true).open(CONTROL_PATH) {
                 Ok(f) => f,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    let why = load_module();
+                    let why = crate::kernel::modprobe("ublk_drv");
                     File::options().read(true).write(true).open(CONTROL_PATH).map_err(|_| {
                         ControlError::NoDriver(why.map(|w| format!("; modprobe: {w}")).unwrap_or_default())
                     })?
@@ -178,15 +178,6 @@ fn from_bytes<T: Copy + Default>(b: &[u8]) -> T {
     // least size_of::<T>() bytes.
     unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), (&mut v as *mut T).cast::<u8>(), std::mem::size_of::<T>()) };
     v
-}
-
-/// Tries `modprobe ublk_drv`; what it said when it did not help.
-fn load_module() -> Option<String> {
-    match std::process::Command::new("modprobe").arg("ublk_drv").output() {
-        Ok(o) if o.status.success() => None,
-        Ok(o) => Some(String::from_utf8_lossy(&o.stderr).trim().to_owned()),
-        Err(e) => Some(format!("cannot run modprobe: {e}")),
-    }
 }
 
 /// The ids of the ublk devices that exist now (`/sys/class/ublk-char/ublkcN`).

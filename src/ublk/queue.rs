@@ -94,18 +94,6 @@ pub(super) struct QueueSpec {
     pub cdev: Arc<File>,
 }
 
-#[derive(Clone, Copy, PartialEq)]
-enum Tag {
-    /// Fetch (or commit-and-fetch) outstanding: the kernel may deliver a request.
-    Armed,
-    /// Delivered, being served by the volume.
-    Serving,
-    /// Delivered while parking: left for the next server.
-    Held,
-    /// Aborted by the kernel or failed: never used again.
-    Gone,
-}
-
 /// The descriptor array the kernel fills for this queue, mapped read-only.
 struct Descs {
     ptr: *const IoDesc,
@@ -186,7 +174,10 @@ struct Queue {
     // descriptor mapping and the char device.
     ring: IoUring,
     descs: Descs,
-    tags: Vec<Tag>,
+    depth: usize,
+    /// Tags the kernel aborted (or whose fetch failed): never delivered again. All of them
+    /// gone means the device was stopped.
+    gone: usize,
     q_id: u16,
     cdev_fd: i32,
     /// The eventfd read's 8-byte target, leaked: the kernel owns it while the read is armed.
@@ -201,7 +192,8 @@ impl Queue {
         let mut q = Queue {
             ring,
             descs,
-            tags: vec![Tag::Armed; spec.depth as usize],
+            depth: spec.depth as usize,
+            gone: 0,
             q_id: shared.q_id,
             cdev_fd: spec.cdev.as_raw_fd(),
             event_buf: Box::leak(Box::new([0u8; 8])),
@@ -248,7 +240,7 @@ impl Queue {
         volume: &Arc<V>,
         rt: &tokio::runtime::Handle,
     ) -> io::Result<bool> {
-        let mut cqes: Vec<(u64, i32)> = Vec::with_capacity(self.tags.len() + 1);
+        let mut cqes: Vec<(u64, i32)> = Vec::with_capacity(self.depth + 1);
         loop {
             match self.ring.submit_and_wait(1) {
                 Ok(_) => {}
@@ -266,17 +258,16 @@ impl Queue {
                     self.delivered(user_data as u16, result, slots, shared, volume, rt);
                 }
             }
-            if self.tags.iter().all(|t| *t == Tag::Gone) {
+            if self.gone == self.depth {
                 return Ok(true);
             }
+            // `serving` counts requests until their commit is queued, so at 0 nothing is left
+            // to commit.
             if shared.park.load(Ordering::Acquire) && self.serving == 0 {
-                self.commit_done(slots, shared)?;
-                if self.serving == 0 {
-                    // The last commits must reach the kernel before the ring goes, or their
-                    // requests would be re-issued to the successor and run twice.
-                    self.ring.submit()?;
-                    return Ok(false);
-                }
+                // The last commits must reach the kernel before the ring goes, or their
+                // requests would be re-issued to the successor and run twice.
+                self.ring.submit()?;
+                return Ok(false);
             }
         }
     }
@@ -293,16 +284,16 @@ impl Queue {
     ) {
         let t = tag as usize;
         if result == sys::IO_RES_ABORT {
-            self.tags[t] = Tag::Gone;
+            self.gone += 1;
             return;
         }
         if result != 0 {
             tracing::error!(queue = self.q_id, tag, errno = -result, "ublk fetch failed; the tag is lost");
-            self.tags[t] = Tag::Gone;
+            self.gone += 1;
             return;
         }
         if shared.park.load(Ordering::Acquire) {
-            self.tags[t] = Tag::Held;
+            // Left unanswered: the kernel re-issues it to the next server.
             return;
         }
         let desc = self.descs.get(tag);
@@ -310,7 +301,6 @@ impl Queue {
             tracing::error!(queue = self.q_id, tag, "ublk delivered a tag already being served");
             return;
         };
-        self.tags[t] = Tag::Serving;
         self.serving += 1;
         shared.stats.started();
         let (volume, shared) = (volume.clone(), shared.clone());
@@ -336,7 +326,6 @@ impl Queue {
         for d in done {
             let sqe = self.io_cmd(sys::IO_COMMIT_AND_FETCH_REQ, d.tag, d.result, &d.buf);
             slots[d.tag as usize] = Some(d.buf);
-            self.tags[d.tag as usize] = Tag::Armed;
             self.serving -= 1;
             self.push(sqe)?;
         }
